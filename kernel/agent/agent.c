@@ -1,0 +1,732 @@
+/* pyrunv guest agent: PID 1 of the VM. Mounts the guest's file systems and the virtio-fs share,
+ * then serves the host over one virtio-serial port: it prepares, starts, signals and reaps the
+ * container's processes and multiplexes their stdio with per-stream credit (docs/protocol.md). */
+#define _GNU_SOURCE
+#include "agent.h"
+#include "protocol.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_PROCS 64
+#define SETUP_TIMEOUT_MS 30000
+
+struct buf { char *data; size_t len, cap; };
+
+struct proc {
+    int used;
+    uint32_t id;
+    pid_t pid;
+    int is_init, started, terminal;
+    int sync;          /* to the child until it has exec'd */
+    int in_fd;         /* stdin pipe (or a dup of the tty master) */
+    int out_fd[3];     /* [S_STDOUT], [S_STDERR]: read ends, or the tty master */
+    int watching[3];
+    uint32_t credit[3];
+    struct buf in_pending;
+    int in_eof;
+    int exited, code, sig;
+};
+
+static int chan = -1, epfd = -1, sigfd = -1, root_pidns = -1;
+static struct buf chan_out, chan_in;
+static int chan_watching_out;
+static struct proc procs[MAX_PROCS];
+
+enum role { R_CHAN = 0, R_SIGNAL = 1, R_OUT = 2, R_ERR = 3, R_IN = 4 };
+#define TAG(slot, role) (((uint64_t)(slot) << 8) | (role))
+
+static void die(const char *what)
+{
+    fprintf(stderr, "pyrunv-agent: %s: %s\n", what, strerror(errno));
+    sync();
+    reboot(RB_AUTOBOOT); /* -no-reboot on the host turns this into QEMU's exit */
+    _exit(1);
+}
+
+static void buf_append(struct buf *b, const void *data, size_t len)
+{
+    if (b->len + len > b->cap) {
+        size_t cap = b->cap ? b->cap : 4096;
+        while (cap < b->len + len) cap *= 2;
+        b->data = realloc(b->data, cap);
+        if (!b->data) die("realloc");
+        b->cap = cap;
+    }
+    memcpy(b->data + b->len, data, len);
+    b->len += len;
+}
+
+static void buf_consume(struct buf *b, size_t n)
+{
+    memmove(b->data, b->data + n, b->len - n);
+    b->len -= n;
+}
+
+static void epoll_set(int fd, uint64_t tag, uint32_t events, int *watching)
+{
+    struct epoll_event ev = { .events = events, .data.u64 = tag };
+    int op = *watching ? (events ? EPOLL_CTL_MOD : EPOLL_CTL_DEL) : EPOLL_CTL_ADD;
+    if (!*watching && !events) return;
+    if (epoll_ctl(epfd, op, fd, &ev) < 0 && errno != ENOENT) die("epoll_ctl");
+    *watching = events != 0;
+}
+
+static void flush_channel(void)
+{
+    while (chan_out.len) {
+        ssize_t n = write(chan, chan_out.data, chan_out.len);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN) break;
+            die("write to host");
+        }
+        buf_consume(&chan_out, (size_t)n);
+    }
+    epoll_set(chan, TAG(0, R_CHAN), EPOLLIN | (chan_out.len ? EPOLLOUT : 0), &chan_watching_out);
+}
+
+static void send_frame(uint32_t type, uint32_t id, const void *payload, uint32_t len)
+{
+    struct frame_header h = { type, id, len };
+    buf_append(&chan_out, &h, sizeof h);
+    if (len) buf_append(&chan_out, payload, len);
+    flush_channel();
+}
+
+static void send_text(uint32_t type, uint32_t id, const char *text)
+{
+    send_frame(type, id, text, (uint32_t)strlen(text));
+}
+
+static struct proc *find_proc(uint32_t id)
+{
+    for (int i = 0; i < MAX_PROCS; i++)
+        if (procs[i].used && procs[i].id == id) return &procs[i];
+    return NULL;
+}
+
+static struct proc *init_proc(void)
+{
+    for (int i = 0; i < MAX_PROCS; i++)
+        if (procs[i].used && procs[i].is_init) return &procs[i];
+    return NULL;
+}
+
+static int slot_of(struct proc *p) { return (int)(p - procs); }
+
+static void set_nonblock(int fd)
+{
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+}
+
+static void watch_output(struct proc *p, int s)
+{
+    if (p->out_fd[s] < 0) return;
+    epoll_set(p->out_fd[s], TAG(slot_of(p), s == S_STDOUT ? R_OUT : R_ERR),
+              p->credit[s] ? EPOLLIN : 0, &p->watching[s]);
+}
+
+static void close_output(struct proc *p, int s)
+{
+    epoll_set(p->out_fd[s], 0, 0, &p->watching[s]);
+    close(p->out_fd[s]);
+    p->out_fd[s] = -1;
+    send_frame(s == S_STDOUT ? FR_STDOUT : FR_STDERR, p->id, NULL, 0);
+}
+
+static void close_input(struct proc *p)
+{
+    if (p->in_fd < 0) return;
+    epoll_set(p->in_fd, 0, 0, &p->watching[S_STDIN]);
+    close(p->in_fd);
+    p->in_fd = -1;
+}
+
+static void release(struct proc *p)
+{
+    close_input(p);
+    if (p->sync >= 0) close(p->sync);
+    free(p->in_pending.data);
+    memset(p, 0, sizeof *p);
+}
+
+/* The exit status goes out only after the last byte of output: nothing written before exit is lost. */
+static void maybe_finish(struct proc *p)
+{
+    if (!p->exited || p->out_fd[S_STDOUT] >= 0 || p->out_fd[S_STDERR] >= 0) return;
+    int32_t payload[2] = { p->code, p->sig };
+    send_frame(FR_EXIT, p->id, payload, sizeof payload);
+    release(p);
+}
+
+static void pump_output(struct proc *p, int s)
+{
+    static char chunk[DATA_CHUNK];
+    while (p->out_fd[s] >= 0 && p->credit[s]) {
+        size_t want = p->credit[s] < DATA_CHUNK ? p->credit[s] : DATA_CHUNK;
+        ssize_t n = read(p->out_fd[s], chunk, want);
+        if (n > 0) {
+            send_frame(s == S_STDOUT ? FR_STDOUT : FR_STDERR, p->id, chunk, (uint32_t)n);
+            p->credit[s] -= (uint32_t)n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR) continue;
+        /* EAGAIN after exit: drained; the pipe may live on in an orphan, which is not ours to wait for. */
+        if (n < 0 && errno == EAGAIN && !p->exited) break;
+        close_output(p, s);
+    }
+    if (p->out_fd[s] >= 0) watch_output(p, s);
+    maybe_finish(p);
+}
+
+static void pump_input(struct proc *p)
+{
+    size_t done = 0;
+    while (p->in_fd >= 0 && done < p->in_pending.len) {
+        ssize_t n = write(p->in_fd, p->in_pending.data + done, p->in_pending.len - done);
+        if (n > 0) { done += (size_t)n; continue; }
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && errno == EAGAIN) break;
+        close_input(p); /* reader gone: the rest is dropped, as a pipe would */
+        done = p->in_pending.len;
+    }
+    if (done) {
+        uint32_t credit[2] = { S_STDIN, (uint32_t)done };
+        buf_consume(&p->in_pending, done);
+        send_frame(FR_CREDIT, p->id, credit, sizeof credit);
+    }
+    if (p->in_fd < 0) return;
+    if (!p->in_pending.len && p->in_eof) {
+        close_input(p); /* for a tty only our dup of the master closes */
+        return;
+    }
+    epoll_set(p->in_fd, TAG(slot_of(p), R_IN), p->in_pending.len ? EPOLLOUT : 0, &p->watching[S_STDIN]);
+}
+
+static void reap(void)
+{
+    int status;
+    pid_t pid;
+    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+        for (int i = 0; i < MAX_PROCS; i++) {
+            struct proc *p = &procs[i];
+            if (!p->used || p->pid != pid) continue;
+            p->exited = 1;
+            p->sig = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
+            p->code = p->sig ? 128 + p->sig : WEXITSTATUS(status);
+            pump_output(p, S_STDOUT);
+            if (p->used) pump_output(p, S_STDERR);
+        }
+    }
+}
+
+static int wait_readable(int fd, int timeout_ms)
+{
+    struct pollfd pfd = { .fd = fd, .events = POLLIN };
+    int r;
+    do r = poll(&pfd, 1, timeout_ms); while (r < 0 && errno == EINTR);
+    return r;
+}
+
+/* Reads one sync message from the child: 'K' (+ tty master), 'E' + error, or EOF (exec happened). */
+static int read_sync(int sync, char *msg, size_t msglen, int *fd)
+{
+    char data[1024];
+    union { struct cmsghdr h; char buf[CMSG_SPACE(sizeof(int))]; } u;
+    struct iovec iov = { .iov_base = data, .iov_len = sizeof data - 1 };
+    struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof u.buf };
+    if (wait_readable(sync, SETUP_TIMEOUT_MS) <= 0) {
+        snprintf(msg, msglen, "process set-up timed out");
+        return 'E';
+    }
+    ssize_t n = recvmsg(sync, &m, MSG_CMSG_CLOEXEC);
+    if (n <= 0) return 0;
+    data[n] = 0;
+    struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+    if (fd && c && c->cmsg_type == SCM_RIGHTS) memcpy(fd, CMSG_DATA(c), sizeof(int));
+    if (data[0] == 'E') snprintf(msg, msglen, "%s", data + 1);
+    return data[0];
+}
+
+struct stdio_pipes { int child[3]; int parent[3]; };
+
+static int make_stdio(struct stdio_pipes *sp, int terminal)
+{
+    for (int i = 0; i < 3; i++) sp->child[i] = sp->parent[i] = -1;
+    if (terminal) return 0;
+    for (int i = 0; i < 3; i++) {
+        int fds[2];
+        if (pipe2(fds, O_CLOEXEC) < 0) return -1;
+        sp->child[i] = i == 0 ? fds[0] : fds[1];
+        sp->parent[i] = i == 0 ? fds[1] : fds[0];
+        set_nonblock(sp->parent[i]);
+    }
+    return 0;
+}
+
+static void close_all(int *fds, int n)
+{
+    for (int i = 0; i < n; i++) if (fds[i] >= 0) { close(fds[i]); fds[i] = -1; }
+}
+
+/* In the child: stdio in place, sync socket at fd 3, nothing else inherited, default signals. */
+static void child_fds(struct stdio_pipes *sp, int sync)
+{
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    signal(SIGPIPE, SIG_DFL);
+    setsid();
+    if (!(sp->child[0] < 0)) for (int i = 0; i < 3; i++) dup2(sp->child[i], i);
+    else {
+        int null = open("/dev/null", O_RDWR);
+        for (int i = 0; i < 3; i++) dup2(null, i);
+    }
+    dup2(sync, 3);
+    syscall(SYS_close_range, 4, ~0U, 0);
+    fcntl(3, F_SETFD, FD_CLOEXEC);
+}
+
+static struct proc *new_proc(uint32_t id)
+{
+    for (int i = 0; i < MAX_PROCS; i++) {
+        if (procs[i].used) continue;
+        struct proc *p = &procs[i];
+        memset(p, 0, sizeof *p);
+        p->used = 1;
+        p->id = id;
+        p->sync = p->in_fd = p->out_fd[0] = p->out_fd[1] = p->out_fd[2] = -1;
+        p->credit[S_STDOUT] = p->credit[S_STDERR] = WINDOW;
+        return p;
+    }
+    return NULL;
+}
+
+/* Fork the process (into new namespaces for the init), wait for its set-up report. */
+static void spawn(uint32_t type, uint32_t id, char *payload, uint32_t len)
+{
+    char err[1024];
+    struct spec s;
+    struct proc *init = init_proc();
+    if (find_proc(id)) { send_text(FR_ERROR, id, "process id in use"); return; }
+    if (type == FR_CREATE && init) { send_text(FR_ERROR, id, "container already created"); return; }
+    if (type == FR_EXEC && (!init || init->exited)) { send_text(FR_ERROR, id, "container is not running"); return; }
+    if (spec_parse(&s, payload, len, err, sizeof err) < 0) { send_text(FR_ERROR, id, err); return; }
+    struct proc *p = new_proc(id);
+    if (!p) { send_text(FR_ERROR, id, "too many processes"); return; }
+
+    struct stdio_pipes sp;
+    int sv[2];
+    if (make_stdio(&sp, s.terminal) < 0 || socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) {
+        snprintf(err, sizeof err, "stdio: %s", strerror(errno));
+        goto fail;
+    }
+    pid_t pid;
+    if (type == FR_CREATE) {
+        pid = (pid_t)syscall(SYS_clone, CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID | SIGCHLD, 0, 0, 0, 0);
+    } else {
+        char path[64];
+        snprintf(path, sizeof path, "/proc/%d/ns/pid", init->pid);
+        int nsfd = open(path, O_RDONLY | O_CLOEXEC);
+        if (nsfd < 0 || setns(nsfd, CLONE_NEWPID) < 0) {
+            snprintf(err, sizeof err, "join pid namespace: %s", strerror(errno));
+            if (nsfd >= 0) close(nsfd);
+            close_all(sv, 2);
+            goto fail_pipes;
+        }
+        close(nsfd);
+        pid = fork();
+        if (pid != 0 && setns(root_pidns, CLONE_NEWPID) < 0) die("return to the root pid namespace");
+    }
+    if (pid == 0) {
+        child_fds(&sp, sv[1]);
+        if (type == FR_CREATE) {
+            prepare_container(&s, 3);
+            char go;
+            if (read(3, &go, 1) != 1) _exit(127);
+        } else {
+            prepare_exec(&s, init->pid, 3);
+        }
+        become_process(&s, 3);
+    }
+    close(sv[1]);
+    close_all(sp.child, 3);
+    if (pid < 0) {
+        snprintf(err, sizeof err, "fork: %s", strerror(errno));
+        close(sv[0]);
+        goto fail_pipes;
+    }
+    p->pid = pid;
+    p->sync = sv[0];
+    p->is_init = type == FR_CREATE;
+    p->terminal = s.terminal;
+    int master = -1;
+    int r = read_sync(p->sync, err, sizeof err, &master);
+    if (r == 'K' && type == FR_EXEC) {
+        r = read_sync(p->sync, err, sizeof err, NULL); /* EOF once it has exec'd */
+        if (r == 0) { close(p->sync); p->sync = -1; p->started = 1; }
+    }
+    if (r == 'E' || (r == 0 && type == FR_CREATE)) {
+        if (r == 0) snprintf(err, sizeof err, "process set-up failed");
+        kill(pid, SIGKILL);
+        waitpid(pid, NULL, 0);
+        if (master >= 0) close(master);
+        goto fail_pipes;
+    }
+    if (s.terminal) {
+        set_nonblock(master);
+        p->out_fd[S_STDOUT] = master;
+        p->in_fd = fcntl(master, F_DUPFD_CLOEXEC, 0);
+    } else {
+        p->in_fd = sp.parent[0];
+        p->out_fd[S_STDOUT] = sp.parent[1];
+        p->out_fd[S_STDERR] = sp.parent[2];
+    }
+    watch_output(p, S_STDOUT);
+    watch_output(p, S_STDERR);
+    send_frame(FR_OK, id, NULL, 0);
+    return;
+fail_pipes:
+    close_all(sp.parent, 3);
+    close_all(sp.child, 3);
+fail:
+    release(p);
+    send_text(FR_ERROR, id, err);
+}
+
+static void start(uint32_t id)
+{
+    struct proc *p = find_proc(id);
+    char err[1024];
+    if (!p || !p->is_init || p->started || p->sync < 0) { send_text(FR_ERROR, id, "no created process to start"); return; }
+    if (write(p->sync, "g", 1) != 1) { send_text(FR_ERROR, id, "process is gone"); return; }
+    int r = read_sync(p->sync, err, sizeof err, NULL);
+    close(p->sync);
+    p->sync = -1;
+    p->started = 1;
+    if (r == 'E') send_text(FR_ERROR, id, err);
+    else send_frame(FR_OK, id, NULL, 0);
+}
+
+static ino_t pidns_of(pid_t pid)
+{
+    char path[64];
+    struct stat st;
+    snprintf(path, sizeof path, "/proc/%d/ns/pid", pid);
+    return stat(path, &st) == 0 ? st.st_ino : 0;
+}
+
+/* Calls fn for every process in the container's pid namespace. */
+static void for_each_container_pid(pid_t init_pid, void (*fn)(pid_t, void *), void *arg)
+{
+    ino_t ns = pidns_of(init_pid);
+    DIR *d = opendir("/proc");
+    struct dirent *e;
+    if (!d || !ns) { if (d) closedir(d); return; }
+    while ((e = readdir(d))) {
+        pid_t pid = (pid_t)atoi(e->d_name);
+        if (pid > 0 && pidns_of(pid) == ns) fn(pid, arg);
+    }
+    closedir(d);
+}
+
+static void kill_one(pid_t pid, void *sig) { kill(pid, *(int *)sig); }
+
+static void signal_proc(uint32_t id, const uint32_t *payload, uint32_t len)
+{
+    struct proc *p = find_proc(id);
+    if (len < 8) { send_text(FR_ERROR, id, "bad signal frame"); return; }
+    int sig = (int)payload[0];
+    if (!p || p->exited) { send_text(FR_ERROR, id, "process is not running"); return; }
+    if (payload[1]) for_each_container_pid(p->pid, kill_one, &sig);
+    if (kill(p->pid, sig) < 0 && errno != ESRCH) { send_text(FR_ERROR, id, strerror(errno)); return; }
+    send_frame(FR_OK, id, NULL, 0);
+}
+
+static void describe_one(pid_t pid, void *out)
+{
+    char path[64], line[512], comm[64] = "?";
+    long nspid = pid, ppid = 0, uid = 0;
+    snprintf(path, sizeof path, "/proc/%d/status", pid);
+    FILE *f = fopen(path, "re");
+    if (!f) return;
+    while (fgets(line, sizeof line, f)) {
+        if (!strncmp(line, "Name:", 5)) sscanf(line + 5, "%63s", comm);
+        else if (!strncmp(line, "PPid:", 5)) ppid = atol(line + 5);
+        else if (!strncmp(line, "Uid:", 4)) uid = atol(line + 4);
+        else if (!strncmp(line, "NSpid:", 6)) { char *last = strrchr(line, '\t'); nspid = atol(last ? last : line + 6); }
+    }
+    fclose(f);
+    char row[256];
+    int n = snprintf(row, sizeof row, "%ld %ld %ld %s\n", nspid, ppid, uid, comm);
+    buf_append(out, row, (size_t)n);
+}
+
+static void reply_ps(uint32_t id)
+{
+    struct proc *init = init_proc();
+    struct buf out = {0};
+    if (init && !init->exited) for_each_container_pid(init->pid, describe_one, &out);
+    send_frame(FR_REPLY, id, out.data, (uint32_t)out.len);
+    free(out.data);
+}
+
+static void count_one(pid_t pid, void *n) { (void)pid; ++*(long *)n; }
+
+static void reply_stats(uint32_t id)
+{
+    char line[256], out[1024];
+    long mem_total = 0, mem_avail = 0, pids = 0;
+    unsigned long long user = 0, nice = 0, system = 0;
+    FILE *f = fopen("/proc/meminfo", "re");
+    while (f && fgets(line, sizeof line, f)) {
+        sscanf(line, "MemTotal: %ld", &mem_total);
+        sscanf(line, "MemAvailable: %ld", &mem_avail);
+    }
+    if (f) fclose(f);
+    f = fopen("/proc/stat", "re");
+    if (f && fgets(line, sizeof line, f)) sscanf(line, "cpu %llu %llu %llu", &user, &nice, &system);
+    if (f) fclose(f);
+    struct proc *init = init_proc();
+    if (init && !init->exited) for_each_container_pid(init->pid, count_one, &pids);
+    long hz = sysconf(_SC_CLK_TCK);
+    snprintf(out, sizeof out,
+             "memory_total %ld\nmemory_used %ld\ncpu_user_ns %llu\ncpu_system_ns %llu\npids %ld\n",
+             mem_total * 1024, (mem_total - mem_avail) * 1024,
+             (user + nice) * (1000000000ULL / hz), system * (1000000000ULL / hz), pids);
+    send_text(FR_REPLY, id, out);
+}
+
+static void handle_frame(const struct frame_header *h, char *payload)
+{
+    struct proc *p = find_proc(h->id);
+    switch (h->type) {
+    case FR_CREATE:
+    case FR_EXEC: spawn(h->type, h->id, payload, h->len); break;
+    case FR_START: start(h->id); break;
+    case FR_SIGNAL: signal_proc(h->id, (const uint32_t *)payload, h->len); break;
+    case FR_STDIN:
+        if (!p || p->in_fd < 0) break;
+        if (h->len) buf_append(&p->in_pending, payload, h->len);
+        else p->in_eof = 1;
+        pump_input(p);
+        break;
+    case FR_WINSIZE:
+        if (p && p->terminal && p->out_fd[S_STDOUT] >= 0 && h->len >= 4) {
+            uint16_t rc[2];
+            memcpy(rc, payload, 4);
+            struct winsize ws = { .ws_row = rc[0], .ws_col = rc[1] };
+            ioctl(p->out_fd[S_STDOUT], TIOCSWINSZ, &ws);
+        }
+        break;
+    case FR_CREDIT:
+        if (p && h->len >= 8) {
+            uint32_t c[2];
+            memcpy(c, payload, 8);
+            if (c[0] == S_STDOUT || c[0] == S_STDERR) {
+                p->credit[c[0]] += c[1];
+                pump_output(p, (int)c[0]);
+            }
+        }
+        break;
+    case FR_PS: reply_ps(h->id); break;
+    case FR_STATS: reply_stats(h->id); break;
+    case FR_POWEROFF:
+        sync();
+        reboot(RB_AUTOBOOT);
+        break;
+    default: send_text(FR_ERROR, h->id, "unknown frame type");
+    }
+}
+
+static void read_channel(void)
+{
+    char tmp[65536];
+    for (;;) {
+        ssize_t n = read(chan, tmp, sizeof tmp);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && errno == EAGAIN) break;
+        if (n <= 0) { usleep(10000); break; } /* host not connected yet */
+        buf_append(&chan_in, tmp, (size_t)n);
+    }
+    while (chan_in.len >= sizeof(struct frame_header)) {
+        struct frame_header h;
+        memcpy(&h, chan_in.data, sizeof h);
+        if (h.len > MAX_PAYLOAD) { errno = EPROTO; die("frame too large"); }
+        if (chan_in.len < sizeof h + h.len) break;
+        char *payload = malloc(h.len + 1);
+        memcpy(payload, chan_in.data + sizeof h, h.len);
+        payload[h.len] = 0;
+        buf_consume(&chan_in, sizeof h + h.len);
+        handle_frame(&h, payload);
+        free(payload);
+    }
+}
+
+static void mount_or_die(const char *src, const char *dst, const char *type, unsigned long flags, const char *data)
+{
+    mkdir(dst, 0755);
+    if (mount(src, dst, type, flags, data) < 0) die(dst);
+}
+
+static int open_agent_port(void)
+{
+    for (int tries = 0; tries < 500; tries++) {
+        DIR *d = opendir("/sys/class/virtio-ports");
+        struct dirent *e;
+        while (d && (e = readdir(d))) {
+            char path[300], name[64] = "";
+            snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", e->d_name);
+            FILE *f = fopen(path, "re");
+            if (!f) continue;
+            if (fgets(name, sizeof name, f)) name[strcspn(name, "\n")] = 0;
+            fclose(f);
+            if (strcmp(name, AGENT_PORT_NAME)) continue;
+            snprintf(path, sizeof path, "/dev/%s", e->d_name);
+            closedir(d);
+            int fd = open(path, O_RDWR | O_NONBLOCK | O_CLOEXEC);
+            if (fd < 0) die(path);
+            return fd;
+        }
+        if (d) closedir(d);
+        usleep(10000);
+    }
+    errno = ENODEV;
+    die("no " AGENT_PORT_NAME " port");
+    return -1;
+}
+
+static void loopback_up(void)
+{
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    struct ifreq ifr = {0};
+    strcpy(ifr.ifr_name, "lo");
+    if (s >= 0 && ioctl(s, SIOCGIFFLAGS, &ifr) == 0) {
+        ifr.ifr_flags |= IFF_UP;
+        ioctl(s, SIOCSIFFLAGS, &ifr);
+    }
+    if (s >= 0) close(s);
+}
+
+static int probe_only(void)
+{
+    char cmdline[4096] = "";
+    FILE *f = fopen("/proc/cmdline", "re");
+    if (f) { if (!fgets(cmdline, sizeof cmdline, f)) cmdline[0] = 0; fclose(f); }
+    return strstr(cmdline, "pyrunv.probe") != NULL;
+}
+
+/* pivot_root(2) cannot leave the initramfs, so the container could not pivot out of it either:
+ * copy ourselves to a tmpfs, make that the root, and start again from there. */
+static void leave_initramfs(char **argv)
+{
+    if (argv[1] && !strcmp(argv[1], "switched")) return;
+    mount_or_die("tmpfs", "/newroot", "tmpfs", 0, "mode=0755");
+    int in = open("/init", O_RDONLY | O_CLOEXEC);
+    int out = open("/newroot/init", O_WRONLY | O_CREAT | O_CLOEXEC, 0755);
+    char block[65536];
+    ssize_t n;
+    if (in < 0 || out < 0) die("copy /init");
+    while ((n = read(in, block, sizeof block)) > 0)
+        if (write(out, block, (size_t)n) != n) die("copy /init");
+    close(in);
+    close(out);
+    static const char *dirs[] = {"dev", "proc", "sys", "share", "run", "tmp"};
+    for (size_t i = 0; i < sizeof dirs / sizeof dirs[0]; i++) {
+        char path[64];
+        snprintf(path, sizeof path, "/newroot/%s", dirs[i]);
+        mkdir(path, 0755);
+    }
+    if (chdir("/newroot") < 0 || mount(".", "/", NULL, MS_MOVE, NULL) < 0 || chroot(".") < 0 || chdir("/") < 0)
+        die("switch root");
+    char *args[] = {"/init", "switched", NULL};
+    execv("/init", args);
+    die("exec /init");
+}
+
+static void boot(void)
+{
+    mount_or_die("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+    int console = open("/dev/console", O_RDWR | O_NOCTTY);
+    if (console < 0) console = open("/dev/null", O_RDWR);
+    for (int i = 0; i < 3; i++) dup2(console, i);
+    if (console > 2) close(console);
+    mount_or_die("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    mount_or_die("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    if (probe_only()) {
+        /* The host's accelerator probe: the guest got this far, which is all it asks. */
+        fprintf(stderr, "pyrunv-agent: probe ok\n");
+        reboot(RB_AUTOBOOT);
+    }
+    mount_or_die("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620");
+    mount_or_die("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
+    mount_or_die(SHARE_TAG, SHARE_DIR, "virtiofs", 0, NULL);
+    loopback_up();
+}
+
+int main(int argc, char **argv)
+{
+    if (getpid() != 1 || argc < 1) { fprintf(stderr, "pyrunv-agent must run as PID 1 of the guest\n"); return 1; }
+    leave_initramfs(argv);
+    boot();
+    signal(SIGPIPE, SIG_IGN);
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &mask, NULL);
+    sigfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
+    root_pidns = open("/proc/self/ns/pid", O_RDONLY | O_CLOEXEC);
+    epfd = epoll_create1(EPOLL_CLOEXEC);
+    chan = open_agent_port();
+    if (sigfd < 0 || root_pidns < 0 || epfd < 0) die("agent set-up");
+    int sig_watching = 0;
+    epoll_set(sigfd, TAG(0, R_SIGNAL), EPOLLIN, &sig_watching);
+    send_text(FR_READY, 0, PROTOCOL_VERSION);
+
+    for (;;) {
+        struct epoll_event events[32];
+        int n = epoll_wait(epfd, events, 32, -1);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) die("epoll_wait");
+        for (int i = 0; i < n; i++) {
+            int slot = (int)(events[i].data.u64 >> 8);
+            struct proc *p = &procs[slot];
+            switch (events[i].data.u64 & 0xff) {
+            case R_CHAN:
+                if (events[i].events & EPOLLOUT) flush_channel();
+                if (events[i].events & (EPOLLIN | EPOLLHUP)) read_channel();
+                break;
+            case R_SIGNAL: {
+                struct signalfd_siginfo si;
+                while (read(sigfd, &si, sizeof si) == sizeof si) {}
+                reap();
+                break;
+            }
+            case R_OUT: if (p->used) pump_output(p, S_STDOUT); break;
+            case R_ERR: if (p->used) pump_output(p, S_STDERR); break;
+            case R_IN: if (p->used) pump_input(p); break;
+            }
+        }
+    }
+}

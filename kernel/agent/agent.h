@@ -1,0 +1,54 @@
+#ifndef PYRUNV_AGENT_H
+#define PYRUNV_AGENT_H
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#define MAX_LIST 256
+
+/* A process as the host describes it: NUL-terminated "key=value" records (docs/protocol.md). */
+struct spec {
+    char *args[MAX_LIST + 1];
+    int nargs;
+    char *env[MAX_LIST + 1];
+    int nenv;
+    const char *cwd;
+    uid_t uid;
+    gid_t gid;
+    gid_t groups[MAX_LIST];
+    int ngroups;
+    int umask;
+    struct { int resource; uint64_t soft, hard; } rlimits[32];
+    int nrlimits;
+    uint64_t caps[5]; /* bounding, effective, permitted, inheritable, ambient */
+    int have_caps;
+    int no_new_privs;
+    int terminal;
+    int oom_score_adj;
+    int have_oom_score_adj;
+    /* container-only */
+    const char *hostname;
+    const char *root;
+    int root_readonly;
+    char *mounts[MAX_LIST]; /* "flags\tpropagation\ttype\tsource\tdest\tdata" */
+    int nmounts;
+    const char *masked[MAX_LIST];
+    int nmasked;
+    const char *readonly[MAX_LIST];
+    int nreadonly;
+    const char *sysctls[MAX_LIST];
+    int nsysctls;
+};
+
+int spec_parse(struct spec *s, char *buf, size_t len, char *err, size_t errlen);
+
+/* Set-up run in the child, before it waits for the start byte. On failure it writes a message to sync_fd and exits. */
+void prepare_container(const struct spec *s, int sync_fd);
+void prepare_exec(const struct spec *s, pid_t init_pid, int sync_fd);
+/* Called in the child once started: credentials, then execve. Never returns. */
+void become_process(const struct spec *s, int sync_fd);
+
+void fail(int sync_fd, const char *fmt, ...) __attribute__((noreturn, format(printf, 2, 3)));
+int send_fd(int sock, int fd);
+int recv_fd(int sock);
+#endif

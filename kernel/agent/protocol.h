@@ -1,0 +1,45 @@
+/* Host <-> agent framing over one virtio-serial port. See docs/protocol.md. */
+#ifndef PYRUNV_PROTOCOL_H
+#define PYRUNV_PROTOCOL_H
+#include <stdint.h>
+
+#define PROTOCOL_VERSION "pyrunv-agent/1"
+#define AGENT_PORT_NAME "pyrunv.agent"
+#define SHARE_TAG "pyrunv"
+#define SHARE_DIR "/share"
+
+/* Every frame: little-endian header, then `len` bytes of payload. */
+struct frame_header {
+    uint32_t type;
+    uint32_t id;
+    uint32_t len;
+};
+#define MAX_PAYLOAD (1u << 20)
+#define DATA_CHUNK (64u << 10)
+#define WINDOW (256u << 10) /* initial credit of every stream, in bytes */
+
+enum frame_type {
+    /* host -> guest */
+    FR_CREATE = 1,   /* payload: records; prepares the init process, which waits for START */
+    FR_EXEC = 2,     /* payload: records; runs a process in the init's namespaces at once */
+    FR_START = 3,
+    FR_SIGNAL = 4,   /* payload: u32 signal, u32 all */
+    FR_STDIN = 5,    /* payload: data; empty = EOF */
+    FR_WINSIZE = 6,  /* payload: u16 rows, u16 cols */
+    FR_CREDIT = 7,   /* both ways; payload: u32 stream, u32 bytes */
+    FR_PS = 8,
+    FR_STATS = 9,
+    FR_POWEROFF = 10,
+    /* guest -> host */
+    FR_READY = 64,   /* payload: version text */
+    FR_OK = 65,
+    FR_ERROR = 66,   /* payload: message */
+    FR_STDOUT = 67,  /* payload: data; empty = EOF */
+    FR_STDERR = 68,
+    FR_EXIT = 69,    /* payload: i32 exit code (128+N for signal N), u32 signal */
+    FR_REPLY = 70,   /* payload: text answer to PS / STATS */
+};
+
+enum stream { S_STDIN = 0, S_STDOUT = 1, S_STDERR = 2 };
+
+#endif

@@ -1,0 +1,406 @@
+/* What runs in a new container process between fork and execve: namespaces, rootfs, mounts, limits, credentials. */
+#define _GNU_SOURCE
+#include "agent.h"
+#include "protocol.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/capability.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
+#include <grp.h>
+
+static char resolved_path[PATH_MAX];
+
+void fail(int sync_fd, const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+    msg[0] = 'E';
+    va_start(ap, fmt);
+    vsnprintf(msg + 1, sizeof msg - 1, fmt, ap);
+    va_end(ap);
+    if (write(sync_fd, msg, strlen(msg)) < 0) { /* nobody left to tell */ }
+    _exit(127);
+}
+
+int send_fd(int sock, int fd)
+{
+    char byte = 'K';
+    struct iovec iov = { .iov_base = &byte, .iov_len = 1 };
+    union { struct cmsghdr h; char buf[CMSG_SPACE(sizeof(int))]; } u;
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
+    if (fd >= 0) {
+        msg.msg_control = u.buf;
+        msg.msg_controllen = sizeof u.buf;
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(c), &fd, sizeof(int));
+    }
+    return sendmsg(sock, &msg, MSG_NOSIGNAL) == 1 ? 0 : -1;
+}
+
+static long parse_num(const char *v, int base)
+{
+    return strtol(v, NULL, base);
+}
+
+int spec_parse(struct spec *s, char *buf, size_t len, char *err, size_t errlen)
+{
+    memset(s, 0, sizeof *s);
+    s->cwd = "/";
+    s->umask = 022;
+    for (char *p = buf, *next; p < buf + len; p = next) {
+        next = p + strnlen(p, buf + len - p) + 1;
+        char *v = strchr(p, '=');
+        if (!v || next > buf + len + 1) {
+            snprintf(err, errlen, "malformed record");
+            return -1;
+        }
+        *v++ = 0;
+#define LIST(arr, n) do { if ((n) >= MAX_LIST) { snprintf(err, errlen, "too many %s records", p); return -1; } (arr)[(n)++] = v; } while (0)
+        if (!strcmp(p, "arg")) LIST(s->args, s->nargs);
+        else if (!strcmp(p, "env")) LIST(s->env, s->nenv);
+        else if (!strcmp(p, "mount")) LIST(s->mounts, s->nmounts);
+        else if (!strcmp(p, "masked")) LIST(s->masked, s->nmasked);
+        else if (!strcmp(p, "readonly")) LIST(s->readonly, s->nreadonly);
+        else if (!strcmp(p, "sysctl")) LIST(s->sysctls, s->nsysctls);
+        else if (!strcmp(p, "group")) {
+            if (s->ngroups >= MAX_LIST) { snprintf(err, errlen, "too many groups"); return -1; }
+            s->groups[s->ngroups++] = (gid_t)strtoul(v, NULL, 10);
+        }
+        else if (!strcmp(p, "cwd")) s->cwd = v;
+        else if (!strcmp(p, "uid")) s->uid = (uid_t)strtoul(v, NULL, 10);
+        else if (!strcmp(p, "gid")) s->gid = (gid_t)strtoul(v, NULL, 10);
+        else if (!strcmp(p, "umask")) s->umask = (int)parse_num(v, 8);
+        else if (!strcmp(p, "rlimit")) {
+            if (s->nrlimits >= 32) { snprintf(err, errlen, "too many rlimits"); return -1; }
+            int r = s->nrlimits++;
+            unsigned long long soft, hard;
+            if (sscanf(v, "%d %llu %llu", &s->rlimits[r].resource, &soft, &hard) != 3) {
+                snprintf(err, errlen, "bad rlimit %s", v);
+                return -1;
+            }
+            s->rlimits[r].soft = soft;
+            s->rlimits[r].hard = hard;
+        }
+        else if (!strcmp(p, "caps")) {
+            unsigned long long c[5];
+            if (sscanf(v, "%llx %llx %llx %llx %llx", &c[0], &c[1], &c[2], &c[3], &c[4]) != 5) {
+                snprintf(err, errlen, "bad caps %s", v);
+                return -1;
+            }
+            for (int i = 0; i < 5; i++) s->caps[i] = c[i];
+            s->have_caps = 1;
+        }
+        else if (!strcmp(p, "nnp")) s->no_new_privs = atoi(v);
+        else if (!strcmp(p, "terminal")) s->terminal = atoi(v);
+        else if (!strcmp(p, "oom_score_adj")) { s->oom_score_adj = atoi(v); s->have_oom_score_adj = 1; }
+        else if (!strcmp(p, "hostname")) s->hostname = v;
+        else if (!strcmp(p, "root")) s->root = v;
+        else if (!strcmp(p, "root_readonly")) s->root_readonly = atoi(v);
+        /* unknown keys are ignored so that a newer host can talk to an older agent */
+#undef LIST
+    }
+    if (s->nargs == 0) {
+        snprintf(err, errlen, "process has no args");
+        return -1;
+    }
+    return 0;
+}
+
+static int mkdir_p(const char *path, mode_t mode)
+{
+    char tmp[PATH_MAX];
+    if (snprintf(tmp, sizeof tmp, "%s", path) >= (int)sizeof tmp) return -1;
+    for (char *p = tmp + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = 0;
+        if (mkdir(tmp, mode) < 0 && errno != EEXIST) return -1;
+        *p = '/';
+    }
+    if (mkdir(tmp, mode) < 0 && errno != EEXIST) return -1;
+    return 0;
+}
+
+static int touch_p(const char *path)
+{
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash && slash != dir) {
+        *slash = 0;
+        if (mkdir_p(dir, 0755) < 0) return -1;
+    }
+    int fd = open(path, O_CREAT | O_WRONLY | O_CLOEXEC, 0644);
+    if (fd < 0) return errno == EISDIR ? 0 : -1;
+    close(fd);
+    return 0;
+}
+
+static void do_mount(const char *root, char *record, int sync_fd)
+{
+    char *field[6];
+    char *p = record;
+    for (int i = 0; i < 6; i++) {
+        field[i] = p;
+        p = i < 5 ? strchr(p, '\t') : NULL;
+        if (i < 5) {
+            if (!p) fail(sync_fd, "malformed mount record");
+            *p++ = 0;
+        }
+    }
+    unsigned long flags = strtoul(field[0], NULL, 16);
+    unsigned long propagation = strtoul(field[1], NULL, 16);
+    const char *type = field[2], *source = field[3], *data = field[5];
+    char dest[PATH_MAX];
+    snprintf(dest, sizeof dest, "%s%s", root, field[4]);
+
+    if (!strcmp(type, "bind")) {
+        char src[PATH_MAX];
+        struct stat st;
+        snprintf(src, sizeof src, "%s/%s", SHARE_DIR, source);
+        if (stat(src, &st) < 0) fail(sync_fd, "mount %s: source: %s", field[4], strerror(errno));
+        if ((S_ISDIR(st.st_mode) ? mkdir_p(dest, 0755) : touch_p(dest)) < 0)
+            fail(sync_fd, "mount %s: create mount point: %s", field[4], strerror(errno));
+        if (mount(src, dest, NULL, MS_BIND | (flags & MS_REC), NULL) < 0)
+            fail(sync_fd, "mount %s: bind: %s", field[4], strerror(errno));
+        unsigned long extra = flags & ~(MS_BIND | MS_REC);
+        if (extra && mount(NULL, dest, NULL, MS_REMOUNT | MS_BIND | extra, NULL) < 0)
+            fail(sync_fd, "mount %s: remount: %s", field[4], strerror(errno));
+    } else {
+        if (mkdir_p(dest, 0755) < 0) fail(sync_fd, "mount %s: create mount point: %s", field[4], strerror(errno));
+        if (!strcmp(type, "cgroup")) {
+            /* The guest has one unified hierarchy; the VM is the container's. */
+            if (mount("cgroup2", dest, "cgroup2", flags, NULL) < 0)
+                fprintf(stderr, "agent: mount cgroup2 on %s: %s\n", field[4], strerror(errno));
+            return;
+        }
+        if (mount(source, dest, type, flags, *data ? data : NULL) < 0)
+            fail(sync_fd, "mount %s (%s): %s", field[4], type, strerror(errno));
+    }
+    if (propagation && mount(NULL, dest, NULL, propagation, NULL) < 0)
+        fail(sync_fd, "mount %s: propagation: %s", field[4], strerror(errno));
+}
+
+static void make_default_devices(int sync_fd)
+{
+    static const struct { const char *name; int major, minor; } devs[] = {
+        {"/dev/null", 1, 3}, {"/dev/zero", 1, 5}, {"/dev/full", 1, 7},
+        {"/dev/random", 1, 8}, {"/dev/urandom", 1, 9}, {"/dev/tty", 5, 0},
+    };
+    static const char *links[][2] = {
+        {"/proc/self/fd", "/dev/fd"}, {"/proc/self/fd/0", "/dev/stdin"},
+        {"/proc/self/fd/1", "/dev/stdout"}, {"/proc/self/fd/2", "/dev/stderr"},
+        {"pts/ptmx", "/dev/ptmx"},
+    };
+    mode_t old = umask(0);
+    for (size_t i = 0; i < sizeof devs / sizeof devs[0]; i++) {
+        unlink(devs[i].name);
+        if (mknod(devs[i].name, S_IFCHR | 0666, makedev(devs[i].major, devs[i].minor)) < 0)
+            fail(sync_fd, "mknod %s: %s", devs[i].name, strerror(errno));
+    }
+    for (size_t i = 0; i < sizeof links / sizeof links[0]; i++) {
+        if (!strcmp(links[i][1], "/dev/ptmx")) unlink(links[i][1]);
+        if (symlink(links[i][0], links[i][1]) < 0 && errno != EEXIST)
+            fail(sync_fd, "symlink %s: %s", links[i][1], strerror(errno));
+    }
+    umask(old);
+}
+
+static void mask_path(const char *path, int sync_fd)
+{
+    struct stat st;
+    if (stat(path, &st) < 0) return;
+    int r = S_ISDIR(st.st_mode) ? mount("tmpfs", path, "tmpfs", MS_RDONLY, "size=0")
+                                : mount("/dev/null", path, NULL, MS_BIND, NULL);
+    if (r < 0 && errno != ENOENT) fail(sync_fd, "mask %s: %s", path, strerror(errno));
+}
+
+static void readonly_path(const char *path, int sync_fd)
+{
+    if (mount(path, path, NULL, MS_BIND | MS_REC, NULL) < 0) {
+        if (errno == ENOENT) return;
+        fail(sync_fd, "readonly %s: %s", path, strerror(errno));
+    }
+    if (mount(NULL, path, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+        fail(sync_fd, "readonly %s: %s", path, strerror(errno));
+}
+
+static void write_file(const char *path, const char *value, int sync_fd)
+{
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0 || write(fd, value, strlen(value)) < 0)
+        fail(sync_fd, "write %s: %s", path, strerror(errno));
+    close(fd);
+}
+
+static void apply_sysctl(const char *kv, int sync_fd)
+{
+    char path[PATH_MAX] = "/proc/sys/";
+    const char *eq = strchr(kv, '=');
+    if (!eq) fail(sync_fd, "bad sysctl %s", kv);
+    size_t n = strlen(path);
+    for (const char *k = kv; k < eq && n < sizeof path - 1; k++) path[n++] = *k == '.' ? '/' : *k;
+    path[n] = 0;
+    write_file(path, eq + 1, sync_fd);
+}
+
+static const char *getenv_from(const struct spec *s, const char *name)
+{
+    size_t n = strlen(name);
+    for (int i = 0; i < s->nenv; i++)
+        if (!strncmp(s->env[i], name, n) && s->env[i][n] == '=') return s->env[i] + n + 1;
+    return NULL;
+}
+
+static int is_executable(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISREG(st.st_mode) && access(path, X_OK) == 0;
+}
+
+/* Like runc: resolve the executable in the container's PATH before start, so that create reports a missing one. */
+static void resolve_executable(const struct spec *s, int sync_fd)
+{
+    const char *name = s->args[0];
+    if (strchr(name, '/')) {
+        if (!is_executable(name)) fail(sync_fd, "exec: \"%s\": %s", name, strerror(errno ? errno : ENOENT));
+        snprintf(resolved_path, sizeof resolved_path, "%s", name);
+        return;
+    }
+    const char *path = getenv_from(s, "PATH");
+    if (!path) path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    while (*path) {
+        size_t len = strcspn(path, ":");
+        snprintf(resolved_path, sizeof resolved_path, "%.*s/%s", (int)len, path, name);
+        if (len && is_executable(resolved_path)) return;
+        path += len + (path[len] == ':');
+    }
+    fail(sync_fd, "exec: \"%s\": executable file not found in $PATH", name);
+}
+
+/* A tty is allocated from the container's own devpts, as runc does, so that `tty` names it. */
+static void open_terminal(int sync_fd)
+{
+    int master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (master < 0 || grantpt(master) < 0 || unlockpt(master) < 0)
+        fail(sync_fd, "open pty: %s", strerror(errno));
+    char *name = ptsname(master);
+    int slave = name ? open(name, O_RDWR | O_NOCTTY) : -1;
+    if (slave < 0) fail(sync_fd, "open pty slave: %s", strerror(errno));
+    if (ioctl(slave, TIOCSCTTY, 0) < 0) fail(sync_fd, "set controlling tty: %s", strerror(errno));
+    for (int i = 0; i < 3; i++) dup2(slave, i);
+    if (slave > 2) close(slave);
+    if (send_fd(sync_fd, master) < 0) fail(sync_fd, "send pty: %s", strerror(errno));
+    close(master);
+}
+
+static void common_setup(const struct spec *s, int sync_fd)
+{
+    for (int i = 0; i < s->nrlimits; i++) {
+        struct rlimit rl = { s->rlimits[i].soft, s->rlimits[i].hard };
+        if (setrlimit(s->rlimits[i].resource, &rl) < 0)
+            fail(sync_fd, "setrlimit %d: %s", s->rlimits[i].resource, strerror(errno));
+    }
+    if (s->have_oom_score_adj) {
+        char v[16];
+        snprintf(v, sizeof v, "%d", s->oom_score_adj);
+        write_file("/proc/self/oom_score_adj", v, sync_fd);
+    }
+    umask(s->umask);
+    if (mkdir_p(s->cwd, 0755) < 0 || chdir(s->cwd) < 0) fail(sync_fd, "chdir %s: %s", s->cwd, strerror(errno));
+    resolve_executable(s, sync_fd);
+    if (s->terminal) open_terminal(sync_fd);
+    else if (send_fd(sync_fd, -1) < 0) _exit(127);
+}
+
+void prepare_container(const struct spec *s, int sync_fd)
+{
+    char root[PATH_MAX];
+    if (!s->root) fail(sync_fd, "no root");
+    snprintf(root, sizeof root, "%s/%s", SHARE_DIR, s->root);
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) fail(sync_fd, "make / private: %s", strerror(errno));
+    if (mount(root, root, NULL, MS_BIND | MS_REC, NULL) < 0) fail(sync_fd, "bind rootfs: %s", strerror(errno));
+    int dev_is_tmpfs = 0;
+    for (int i = 0; i < s->nmounts; i++) {
+        if (strstr(s->mounts[i], "\ttmpfs\t") && strstr(s->mounts[i], "\t/dev\t")) dev_is_tmpfs = 1;
+        do_mount(root, s->mounts[i], sync_fd);
+    }
+    if (s->hostname && sethostname(s->hostname, strlen(s->hostname)) < 0)
+        fail(sync_fd, "sethostname: %s", strerror(errno));
+    if (chdir(root) < 0 || syscall(SYS_pivot_root, ".", ".") < 0 || umount2(".", MNT_DETACH) < 0 || chdir("/") < 0)
+        fail(sync_fd, "pivot_root: %s", strerror(errno));
+    if (dev_is_tmpfs) make_default_devices(sync_fd);
+    for (int i = 0; i < s->nmasked; i++) mask_path(s->masked[i], sync_fd);
+    for (int i = 0; i < s->nreadonly; i++) readonly_path(s->readonly[i], sync_fd);
+    if (s->root_readonly && mount(NULL, "/", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) < 0)
+        fail(sync_fd, "read-only root: %s", strerror(errno));
+    for (int i = 0; i < s->nsysctls; i++) apply_sysctl(s->sysctls[i], sync_fd);
+    common_setup(s, sync_fd);
+}
+
+void prepare_exec(const struct spec *s, pid_t init_pid, int sync_fd)
+{
+    static const char *kinds[] = {"ipc", "uts", "mnt"};
+    int fds[3];
+    for (int i = 0; i < 3; i++) {
+        char path[64];
+        snprintf(path, sizeof path, "/proc/%d/ns/%s", init_pid, kinds[i]);
+        fds[i] = open(path, O_RDONLY | O_CLOEXEC);
+        if (fds[i] < 0) fail(sync_fd, "open %s: %s", path, strerror(errno));
+    }
+    for (int i = 0; i < 3; i++)
+        if (setns(fds[i], 0) < 0) fail(sync_fd, "setns %s: %s", kinds[i], strerror(errno));
+    for (int i = 0; i < 3; i++) close(fds[i]);
+    common_setup(s, sync_fd);
+}
+
+static void set_capabilities(const struct spec *s, int sync_fd)
+{
+    struct __user_cap_header_struct hdr = { _LINUX_CAPABILITY_VERSION_3, 0 };
+    struct __user_cap_data_struct data[2];
+    for (int i = 0; i < 2; i++) {
+        data[i].effective = (uint32_t)(s->caps[1] >> (32 * i));
+        data[i].permitted = (uint32_t)(s->caps[2] >> (32 * i));
+        data[i].inheritable = (uint32_t)(s->caps[3] >> (32 * i));
+    }
+    if (syscall(SYS_capset, &hdr, data) < 0) fail(sync_fd, "capset: %s", strerror(errno));
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+    for (int c = 0; c < 64; c++)
+        if (s->caps[4] & (1ULL << c)) prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, c, 0, 0);
+}
+
+void become_process(const struct spec *s, int sync_fd)
+{
+    if (s->have_caps) {
+        for (int c = 0; c < 64; c++)
+            if (!(s->caps[0] & (1ULL << c)) && prctl(PR_CAPBSET_DROP, c, 0, 0, 0) < 0 && errno != EINVAL)
+                fail(sync_fd, "drop bounding capability %d: %s", c, strerror(errno));
+        prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0);
+    }
+    if (setgroups(s->ngroups, s->groups) < 0) fail(sync_fd, "setgroups: %s", strerror(errno));
+    if (setresgid(s->gid, s->gid, s->gid) < 0) fail(sync_fd, "setgid %u: %s", s->gid, strerror(errno));
+    if (setresuid(s->uid, s->uid, s->uid) < 0) fail(sync_fd, "setuid %u: %s", s->uid, strerror(errno));
+    if (s->have_caps) set_capabilities(s, sync_fd);
+    if (s->no_new_privs && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+        fail(sync_fd, "no_new_privs: %s", strerror(errno));
+    execve(resolved_path, s->args, s->env);
+    fail(sync_fd, "exec %s: %s", resolved_path, strerror(errno));
+}

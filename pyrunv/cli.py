@@ -1,0 +1,430 @@
+"""The command line, verb for verb and flag for flag as runc has it. Each verb is one small function."""
+import json
+import os
+import signal as signals
+import sys
+import time
+
+import click
+
+from . import __version__, lifecycle, logs, state
+from .errors import PyrunvError
+from .lifecycle import Status
+
+log = logs.log
+
+
+class Context:
+    def __init__(self, root: str, debug: bool):
+        self.store = state.Store(root)
+        self.debug = debug
+
+    def container(self, container_id: str) -> tuple:
+        record = self.store.load(container_id)
+        return record, self.store.status(record)
+
+    def state_dir(self, container_id: str) -> str:
+        return self.store.path(container_id)
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--root", default=state.DEFAULT_ROOT, show_default=True, help="root directory for container state")
+@click.option("--log", "log_path", default=None, help="log file (default: stderr)")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", help="log format")
+@click.option("--debug", is_flag=True, help="enable debug logging and tracebacks")
+@click.option("--systemd-cgroup", is_flag=True, help="accepted for compatibility; the VM is the cgroup")
+@click.option("--criu", default="criu", hidden=True)
+@click.option("--rootless", default="auto", hidden=True)
+@click.version_option(__version__, "-v", "--version", prog_name="pyrunv",
+                      message="%(prog)s version %(version)s\nspec: 1.0.2")
+@click.pass_context
+def cli(ctx, root, log_path, log_format, debug, systemd_cgroup, criu, rootless):
+    """pyrunv: an OCI runtime that runs each container in its own QEMU virtual machine."""
+    logs.configure(log_path, log_format, debug)
+    ctx.obj = Context(root, debug)
+
+
+def parse_signal(text: str) -> int:
+    if text.isdigit():
+        number = int(text)
+        if 0 < number < signals.NSIG:
+            return number
+    else:
+        name = text.upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        if isinstance(getattr(signals, name, None), signals.Signals):
+            return int(getattr(signals, name))
+    raise PyrunvError(f"invalid signal: {text}")
+
+
+def write_pid_file(path: str | None, pid: int) -> None:
+    if not path:
+        return
+    path = os.path.abspath(path)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(str(pid))
+        os.rename(tmp, path)
+    except OSError as e:
+        raise PyrunvError(f"cannot write pid file {path}: {e.strerror}") from None
+
+
+def create_container(obj: Context, container_id: str, bundle: str, pid_file, console_socket) -> int:
+    from . import config as config_mod, hooks, monitor, plan as plan_mod, spec as spec_mod
+    state.validate_id(container_id)
+    spec = spec_mod.load(bundle)
+    if spec.process.terminal and not console_socket and not os.isatty(0):
+        raise PyrunvError("cannot allocate tty if runc will detach without setting console socket")
+    config = config_mod.load()
+    plan = plan_mod.make(spec, config)
+    store = obj.store
+    store.make(container_id)
+    record = state.Record(id=container_id, bundle=spec.bundle, rootfs=spec.rootfs, status=Status.CREATING.value,
+                          created=time.strftime("%Y-%m-%dT%H:%M:%S.000000000Z", time.gmtime()),
+                          owner="root" if os.getuid() == 0 else str(os.getuid()), annotations=spec.annotations)
+    try:
+        with store.lock(container_id):
+            store.save(record)
+            pid, accel = monitor.launch(store, record, plan, config, terminal=spec.process.terminal,
+                                        console_socket=console_socket, console_size=spec.process.console_size)
+            record.pid, record.pid_start, record.accel = pid, state.process_start_time(pid), accel
+            record.status = Status.CREATED.value
+            store.save(record)
+            for kind in ("prestart", "createRuntime", "createContainer"):
+                hooks.run(kind, spec.hooks[kind], record.oci_state(Status.CREATED))
+            write_pid_file(pid_file, pid)
+    except BaseException:
+        stop_monitor(store, record)
+        store.remove(container_id)
+        raise
+    log.info("created %s (monitor pid %d, accel %s)", container_id, record.pid, record.accel)
+    return record.pid
+
+
+def stop_monitor(store: state.Store, record: state.Record, timeout: float = 10.0) -> None:
+    """Ends the container's monitor and with it the VM; kills it if it does not go in time."""
+    if not record.pid or state.process_start_time(record.pid) != record.pid_start:
+        return
+    from . import control
+    try:
+        control.call(store.path(record.id), "shutdown", timeout=timeout)
+    except PyrunvError:
+        pass
+    deadline = time.monotonic() + timeout
+    while state.process_start_time(record.pid) == record.pid_start:
+        if time.monotonic() > deadline:
+            os.kill(record.pid, signals.SIGKILL)  # QEMU and virtiofsd die with it (PDEATHSIG)
+            deadline = float("inf")
+        time.sleep(0.01)
+
+
+@cli.command()
+@click.option("-b", "--bundle", default=".", help="path to the bundle directory")
+@click.option("--pid-file", help="file to write the monitor's pid to")
+@click.option("--console-socket", help="AF_UNIX socket that receives the pty master")
+@click.option("--no-pivot", is_flag=True, help="accepted; the guest always pivots")
+@click.option("--no-new-keyring", is_flag=True, help="accepted; the guest has its own keyrings")
+@click.option("--preserve-fds", type=int, default=0, help="accepted; fds cannot cross into a VM")
+@click.argument("container_id")
+@pass_ctx
+def create(obj, bundle, pid_file, console_socket, no_pivot, no_new_keyring, preserve_fds, container_id):
+    """Create a container: boot its VM and prepare its process."""
+    create_container(obj, container_id, bundle, pid_file, console_socket)
+
+
+def start_container(obj: Context, container_id: str) -> None:
+    from . import control, hooks, spec as spec_mod
+    with obj.store.lock(container_id):
+        record, status = obj.container(container_id)
+        after = lifecycle.check("start", container_id, status)
+        spec = spec_mod.load(record.bundle) if os.path.exists(os.path.join(record.bundle, "config.json")) else None
+        if spec:
+            hooks.run("startContainer", spec.hooks["startContainer"], record.oci_state(status))
+        control.call(obj.state_dir(container_id), "start")
+        record.status = after.value
+        obj.store.save(record)
+    if spec:
+        hooks.run("poststart", spec.hooks["poststart"], record.oci_state(after))
+
+
+@cli.command()
+@click.argument("container_id")
+@pass_ctx
+def start(obj, container_id):
+    """Start the created container's process."""
+    start_container(obj, container_id)
+
+
+@cli.command("state")
+@click.argument("container_id")
+@pass_ctx
+def state_(obj, container_id):
+    """Output the state of a container."""
+    record, status = obj.container(container_id)
+    click.echo(json.dumps(record.oci_state(status), indent=2))
+
+
+@cli.command()
+@click.option("-a", "--all", "everyone", is_flag=True, help="signal every process of the container")
+@click.argument("container_id")
+@click.argument("signal", default="SIGTERM")
+@pass_ctx
+def kill(obj, everyone, container_id, signal):
+    """Send a signal to the container's init process (default SIGTERM)."""
+    from . import control
+    number = parse_signal(signal)
+    record, status = obj.container(container_id)
+    lifecycle.check("kill", container_id, status)
+    control.call(obj.state_dir(container_id), "signal", signal=number, all=everyone)
+
+
+def delete_container(obj: Context, container_id: str, force: bool) -> None:
+    from . import hooks
+    with obj.store.lock(container_id):
+        record, status = obj.container(container_id)
+        lifecycle.check("delete --force" if force else "delete", container_id, status)
+        stop_monitor(obj.store, record)
+        kill_helpers(obj.store.path(container_id))
+        if os.path.exists(os.path.join(record.bundle, "config.json")):
+            from . import spec as spec_mod
+            try:
+                spec = spec_mod.load(record.bundle)
+                hooks.run("poststop", spec.hooks["poststop"], record.oci_state(Status.STOPPED))
+            except PyrunvError as e:
+                log.warning("poststop hooks skipped: %s", e)
+        obj.store.remove(container_id)
+
+
+def kill_helpers(state_dir: str) -> None:
+    """QEMU and virtiofsd die with the monitor; this makes sure of it before the state goes."""
+    try:
+        with open(os.path.join(state_dir, "helpers.json")) as f:
+            helpers = json.load(f)
+    except (OSError, ValueError):
+        return
+    for pid, start_time in helpers:
+        if state.process_start_time(pid) == start_time:
+            os.kill(pid, signals.SIGKILL)
+            while state.process_start_time(pid) == start_time:
+                time.sleep(0.01)
+
+
+@cli.command()
+@click.option("-f", "--force", is_flag=True, help="delete even a running container (SIGKILL)")
+@click.argument("container_id")
+@pass_ctx
+def delete(obj, force, container_id):
+    """Delete a container: power its VM off and remove its state."""
+    delete_container(obj, container_id, force)
+
+
+@cli.command()
+@click.option("-b", "--bundle", default=".", help="path to the bundle directory")
+@click.option("--console-socket", help="AF_UNIX socket that receives the pty master")
+@click.option("-d", "--detach", is_flag=True, help="detach from the container's process")
+@click.option("--keep", is_flag=True, help="do not delete the container after it exits")
+@click.option("--pid-file", help="file to write the monitor's pid to")
+@click.option("--no-subreaper", is_flag=True, help="accepted for compatibility")
+@click.option("--no-pivot", is_flag=True, help="accepted; the guest always pivots")
+@click.option("--no-new-keyring", is_flag=True, help="accepted; the guest has its own keyrings")
+@click.option("--preserve-fds", type=int, default=0, help="accepted; fds cannot cross into a VM")
+@click.argument("container_id")
+@pass_ctx
+def run(obj, bundle, console_socket, detach, keep, pid_file, no_subreaper, no_pivot, no_new_keyring,
+        preserve_fds, container_id):
+    """Create and start a container, and wait for it unless detached."""
+    pid = create_container(obj, container_id, bundle, pid_file, console_socket)
+    try:
+        start_container(obj, container_id)
+    except BaseException:
+        delete_container(obj, container_id, force=True)
+        raise
+    if detach:
+        return
+    for sig in (signals.SIGHUP, signals.SIGINT, signals.SIGQUIT, signals.SIGTERM, signals.SIGUSR1, signals.SIGUSR2):
+        signals.signal(sig, lambda number, frame: os.kill(pid, number))
+    _, status = os.waitpid(pid, 0)
+    if not keep:
+        delete_container(obj, container_id, force=True)
+    sys.exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+
+
+@cli.command("list")
+@click.option("-f", "--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.option("-q", "--quiet", is_flag=True, help="display only container IDs")
+@pass_ctx
+def list_(obj, fmt, quiet):
+    """List the containers under --root."""
+    rows = []
+    for container_id in obj.store.ids():
+        try:
+            record, status = obj.container(container_id)
+        except PyrunvError:
+            continue  # deleted meanwhile
+        rows.append(record.oci_state(status))
+    if quiet:
+        for row in rows:
+            click.echo(row["id"])
+    elif fmt == "json":
+        click.echo(json.dumps(rows))
+    else:
+        lines = [("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER")]
+        lines += [(r["id"], str(r["pid"]), r["status"], r["bundle"], r["created"], r["owner"]) for r in rows]
+        widths = [max(len(line[i]) for line in lines) for i in range(6)]
+        for line in lines:
+            click.echo("   ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+
+
+def simple_op(verb: str, op: str):
+    def command(obj, container_id):
+        from . import control
+        with obj.store.lock(container_id):
+            record, status = obj.container(container_id)
+            after = lifecycle.check(verb, container_id, status)
+            control.call(obj.state_dir(container_id), op)
+            record.status = after.value
+            obj.store.save(record)
+    command.__doc__ = f"{verb.capitalize()} the container: {'freeze' if verb == 'pause' else 'thaw'} its whole VM."
+    return cli.command(verb)(click.argument("container_id")(pass_ctx(command)))
+
+
+pause = simple_op("pause", "pause")
+resume = simple_op("resume", "resume")
+
+
+@cli.command()
+@click.option("-f", "--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.argument("container_id")
+@click.argument("ps_args", nargs=-1)
+@pass_ctx
+def ps(obj, fmt, container_id, ps_args):
+    """List the processes of a container (their PIDs inside the VM)."""
+    from . import control
+    record, status = obj.container(container_id)
+    lifecycle.check("ps", container_id, status)
+    processes = control.call(obj.state_dir(container_id), "ps")["processes"]
+    if fmt == "json":
+        click.echo(json.dumps([p["pid"] for p in processes]))
+        return
+    click.echo(f"{'UID':<8} {'PID':>7} {'PPID':>7} CMD")
+    for p in processes:
+        click.echo(f"{p['uid']:<8} {p['pid']:>7} {p['ppid']:>7} {p['cmd']}")
+
+
+def stats_event(container_id: str, stats: dict) -> dict:
+    return {"type": "stats", "id": container_id, "data": {
+        "cpu": {"usage": {"total": stats["cpu_user_ns"] + stats["cpu_system_ns"],
+                          "user": stats["cpu_user_ns"], "kernel": stats["cpu_system_ns"]}},
+        "memory": {"usage": {"usage": stats["memory_used"], "limit": stats["memory_total"]}},
+        "pids": {"current": stats["pids"]}}}
+
+
+@cli.command()
+@click.option("--stats", "once", is_flag=True, help="print the container's stats once and exit")
+@click.option("--interval", default="5s", help="stats interval, e.g. 5s or 500ms")
+@click.argument("container_id")
+@pass_ctx
+def events(obj, once, interval, container_id):
+    """Print the container's stats (from the guest) as JSON events."""
+    from . import control
+    seconds = float(interval[:-2]) / 1000 if interval.endswith("ms") else float(interval.rstrip("s"))
+    while True:
+        record, status = obj.container(container_id)
+        lifecycle.check("events", container_id, status)
+        stats = control.call(obj.state_dir(container_id), "stats")["stats"]
+        click.echo(json.dumps(stats_event(container_id, stats)))
+        if once:
+            return
+        time.sleep(seconds)
+
+
+@cli.command("exec")
+@click.option("--console-socket", help="AF_UNIX socket that receives the pty master")
+@click.option("--cwd", help="working directory in the container")
+@click.option("-e", "--env", multiple=True, help="set an environment variable")
+@click.option("-t", "--tty", is_flag=True, help="allocate a pseudo-TTY")
+@click.option("-u", "--user", help="UID[:GID]")
+@click.option("-g", "--additional-gids", multiple=True, type=int, help="additional gids")
+@click.option("-p", "--process", "process_file", help="path to a process.json")
+@click.option("-d", "--detach", is_flag=True, help="detach from the process")
+@click.option("--pid-file", help="file to write the waiter's pid to")
+@click.option("--process-label", hidden=True)
+@click.option("--apparmor", hidden=True)
+@click.option("--no-new-privs", is_flag=True, help="set no_new_privileges for the process")
+@click.option("-c", "--cap", multiple=True, help="add a capability")
+@click.option("--preserve-fds", type=int, default=0, help="accepted; fds cannot cross into a VM")
+@click.option("--cgroup", hidden=True)
+@click.option("--ignore-paused", is_flag=True, help="accepted for compatibility")
+@click.argument("container_id")
+@click.argument("command", nargs=-1)
+@pass_ctx
+def exec_(obj, console_socket, cwd, env, tty, user, additional_gids, process_file, detach, pid_file,
+          process_label, apparmor, no_new_privs, cap, preserve_fds, cgroup, ignore_paused, container_id, command):
+    """Run another process in the container's VM."""
+    from . import execution
+    record, status = obj.container(container_id)
+    lifecycle.check("exec", container_id, status)
+    process = execution.build_process(record, process_file, command, cwd=cwd, env=env, tty=tty, user=user,
+                                      additional_gids=additional_gids, no_new_privs=no_new_privs, caps=cap)
+    sys.exit(execution.run(obj.state_dir(container_id), process, console_socket, detach, pid_file))
+
+
+@cli.command()
+@click.option("-b", "--bundle", default=".", help="where to write config.json")
+@click.option("--rootless", is_flag=True, help="a configuration for a rootless container")
+def spec(bundle, rootless):
+    """Write a default config.json into the bundle."""
+    from . import defaults
+    path = os.path.join(bundle, "config.json")
+    if os.path.exists(path):
+        raise PyrunvError("File config.json exists. Remove it first")
+    try:
+        with open(path, "w") as f:
+            json.dump(defaults.spec(rootless), f, indent="\t")
+    except OSError as e:
+        raise PyrunvError(f"cannot write {path}: {e.strerror}") from None
+
+
+@cli.command()
+def features():
+    """Print the runtime-spec features document, with pyrunv's annotations."""
+    from . import defaults
+    click.echo(json.dumps(defaults.features(), indent=4))
+
+
+def _ensure_stdio() -> None:
+    # With a closed fd 0-2, the next pipe or socket would take its number and be mistaken for stdio.
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)
+
+
+def main() -> None:
+    _ensure_stdio()
+    debug = "--debug" in sys.argv[1:]
+    try:
+        cli.main(prog_name="pyrunv", standalone_mode=False)
+    except PyrunvError as e:
+        log.error(e.message)
+        click.echo(f"pyrunv: {e.message}", err=True)
+        if debug:
+            raise
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        click.echo(f"pyrunv: {e.format_message()}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        sys.exit(1)
+    except OSError as e:
+        if debug:
+            raise
+        click.echo(f"pyrunv: {e.strerror}" + (f": {e.filename}" if e.filename else ""), err=True)
+        sys.exit(1)

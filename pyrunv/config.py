@@ -1,0 +1,63 @@
+"""Runtime settings: /etc/pyrunv/config.toml (or $PYRUNV_CONFIG), then $PYRUNV_ACCEL; see docs/configuration.md."""
+import dataclasses
+import os
+
+from .errors import PyrunvError
+
+DEFAULT_PATH = "/etc/pyrunv/config.toml"
+GUEST_DIR = os.environ.get("PYRUNV_GUEST_DIR", "/var/lib/pyrunv/guest")
+ANNOTATION_PREFIX = "io.pyrunv.vm."
+MACHINES = ("microvm", "q35")
+ACCELS = ("auto", "kvm", "tcg")
+
+
+@dataclasses.dataclass
+class Config:
+    qemu: str = "/usr/bin/qemu-system-x86_64"
+    virtiofsd: str = "/usr/lib/qemu/virtiofsd"
+    kernel: str = os.path.join(GUEST_DIR, "vmlinux")
+    initrd: str = os.path.join(GUEST_DIR, "initrd.img")
+    vcpus: int = 1
+    memory_mib: int = 128          # guest memory when the spec sets no limit
+    guest_overhead_mib: int = 32   # added to a spec's memory limit: the guest kernel and agent
+    machine: str = "microvm"
+    accel: str = "auto"
+    boot_timeout: float = 30.0
+    tcg_tb_size_mib: int = 64
+    kernel_params: str = ""
+    qemu_user: str = ""            # run QEMU as this unprivileged user
+    # Annotations may come from untrusted pod specs: only these keys (after the prefix) are honoured.
+    annotations_allowed: list = dataclasses.field(
+        default_factory=lambda: ["memory_mib", "vcpus", "kernel_params", "machine", "accel"])
+
+
+def load(path: str | None = None) -> Config:
+    path = path or os.environ.get("PYRUNV_CONFIG") or DEFAULT_PATH
+    values: dict = {}
+    if os.path.exists(path):
+        import tomllib
+        try:
+            with open(path, "rb") as f:
+                values = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise PyrunvError(f"config file {path}: {e}") from None
+    known = {f.name: f for f in dataclasses.fields(Config)}
+    for key, value in values.items():
+        if key not in known:
+            raise PyrunvError(f"config file {path}: unknown setting {key!r}")
+    config = Config(**values)
+    if os.environ.get("PYRUNV_ACCEL"):
+        config.accel = os.environ["PYRUNV_ACCEL"]
+    check(config, f"config file {path}")
+    return config
+
+
+def check(config: Config, where: str) -> None:
+    if config.machine not in MACHINES:
+        raise PyrunvError(f"{where}: machine must be one of {', '.join(MACHINES)}, not {config.machine!r}")
+    if config.accel not in ACCELS:
+        raise PyrunvError(f"{where}: accel must be one of {', '.join(ACCELS)}, not {config.accel!r}")
+    if not 1 <= int(config.vcpus) <= 16:
+        raise PyrunvError(f"{where}: vcpus must be between 1 and 16, not {config.vcpus}")
+    if not 32 <= int(config.memory_mib) <= 65536:
+        raise PyrunvError(f"{where}: memory_mib must be between 32 and 65536, not {config.memory_mib}")

@@ -1,0 +1,93 @@
+"""`exec`: the process description, and the waiter that stands for the process on the host.
+
+The waiter hands its stdio (or a pty slave) to the monitor over the control socket, forwards the
+signals it receives, and exits with the process's status."""
+import json
+import os
+import signal
+
+from . import control, monitor, spec as spec_mod, state
+from .errors import PyrunvError
+
+FORWARDED = monitor.FORWARDED
+
+
+def build_process(record: state.Record, process_file, command, *, cwd, env, tty, user, additional_gids,
+                  no_new_privs, caps) -> dict:
+    """As runc does: --process, or the container's own process with the given args and overrides."""
+    if process_file:
+        process = spec_mod.read_json(process_file, "process.json")
+    else:
+        if not command:
+            raise PyrunvError("exec: no command given: pass args or --process")
+        config = spec_mod.read_json(os.path.join(record.bundle, "config.json"), "config.json")
+        process = dict(config.get("process", {}), args=list(command), terminal=tty)
+        process["env"] = list(process.get("env", [])) + list(env)
+        if cwd:
+            process["cwd"] = cwd
+        if user:
+            uid, _, gid = user.partition(":")
+            try:
+                process["user"] = dict(process.get("user", {}), uid=int(uid), gid=int(gid or 0))
+            except ValueError:
+                raise PyrunvError(f"exec: invalid --user {user!r}: expected UID[:GID]") from None
+        if additional_gids:
+            process.setdefault("user", {})["additionalGids"] = list(additional_gids)
+        if no_new_privs:
+            process["noNewPrivileges"] = True
+        if caps:
+            process["capabilities"] = {k: sorted(set(v) | set(caps))
+                                       for k, v in process.get("capabilities", {}).items()}
+    if not isinstance(process, dict):
+        raise PyrunvError("invalid process.json: not an object")
+    spec_mod.validate({"ociVersion": "1.0.2", "root": {"path": "rootfs"}, "process": process}, "process")
+    if not process.get("args"):
+        raise PyrunvError("invalid process: args must not be empty")
+    spec_mod.parse_process(process)
+    return process
+
+
+def _stdio(process: dict, console_socket) -> list:
+    if not process.get("terminal"):
+        return [0, 1, 2]
+    if not console_socket:
+        raise PyrunvError("exec --tty needs --console-socket")
+    size = process.get("consoleSize")
+    return [monitor.open_console(console_socket, (size["height"], size["width"]) if size else None)]
+
+
+def run(state_dir: str, process: dict, console_socket, detach: bool, pid_file) -> int:
+    fds = _stdio(process, console_socket)
+    conn = control.Connection(state_dir, timeout=None)
+    conn.send({"op": "exec", "process": process}, fds)
+    conn.receive()  # raises the agent's error, e.g. an executable that is not there
+    if process.get("terminal"):
+        os.close(fds[0])
+    from .cli import write_pid_file
+    if detach:
+        pid = os.fork()
+        if pid:
+            write_pid_file(pid_file, pid)
+            return 0
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)  # the monitor has the real ones: the engine's pipes close with the process
+    else:
+        write_pid_file(pid_file, os.getpid())
+    monitor._exit_like(_wait(conn))
+
+
+def _wait(conn: control.Connection) -> tuple:
+    def forward(number, frame):
+        try:
+            conn.sock.sendall(json.dumps({"signal": number}).encode() + b"\n")
+        except OSError:
+            pass
+    for sig in FORWARDED:
+        signal.signal(sig, forward)
+    try:
+        reply = conn.receive()
+    except PyrunvError:
+        return (128 + signal.SIGKILL, signal.SIGKILL)  # the monitor (and so the VM) died
+    return reply["exit"], reply["signal"]

@@ -1,0 +1,28 @@
+"""OCI hooks, run on the host with the container's state on stdin at the points the runtime spec names."""
+import json
+import subprocess
+
+from . import logs
+from .errors import PyrunvError
+
+FATAL = ("prestart", "createRuntime", "createContainer", "startContainer")  # poststart/poststop only warn
+
+
+def run(kind: str, hooks, state: dict) -> None:
+    for hook in hooks:
+        argv = hook.get("args") or [hook["path"]]
+        env = dict(e.split("=", 1) for e in hook.get("env", ()))
+        try:
+            result = subprocess.run(argv, executable=hook["path"], input=json.dumps(state).encode(), env=env,
+                                    capture_output=True, timeout=hook.get("timeout"))
+            problem = f"exit status {result.returncode}: {result.stderr.decode(errors='replace').strip()}" \
+                if result.returncode else None
+        except subprocess.TimeoutExpired:
+            problem = f"timed out after {hook['timeout']}s"
+        except OSError as e:
+            problem = e.strerror
+        if problem:
+            message = f"{kind} hook {hook['path']} failed: {problem}"
+            if kind in FATAL:
+                raise PyrunvError(message)
+            logs.log.warning(message)

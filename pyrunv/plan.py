@@ -1,0 +1,134 @@
+"""From a validated Spec and the runtime Config to a VM plan: VM size, shared paths, and the agent's records."""
+import dataclasses
+import math
+
+from . import config as config_mod
+from .errors import PyrunvError
+from .spec import CAP_SETS, CAPABILITIES, RLIMITS, Mount, Process, Spec
+
+ROOTFS_NAME = "rootfs"  # the rootfs's name inside the share
+MIB = 1 << 20
+
+_FLAGS = {"ro": 0x1, "nosuid": 0x2, "nodev": 0x4, "noexec": 0x8, "sync": 0x10, "mand": 0x40,
+          "dirsync": 0x80, "noatime": 0x400, "nodiratime": 0x800, "relatime": 1 << 21,
+          "strictatime": 1 << 24, "bind": 0x1000, "rbind": 0x1000 | 0x4000}
+_CLEARS = {"rw", "suid", "dev", "exec", "async", "nomand", "atime", "diratime", "norelatime", "nostrictatime"}
+_PROPAGATION = {"private": 1 << 18, "rprivate": 1 << 18 | 0x4000, "slave": 1 << 19, "rslave": 1 << 19 | 0x4000,
+                "shared": 1 << 20, "rshared": 1 << 20 | 0x4000, "unbindable": 1 << 17,
+                "runbindable": 1 << 17 | 0x4000}
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedPath:
+    source: str     # host path
+    name: str       # its name inside the share directory
+    readonly: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class VmPlan:
+    machine: str
+    accel: str
+    vcpus: int
+    memory_mib: int
+    kernel: str
+    initrd: str
+    kernel_params: str
+    shared: tuple           # SharedPath, the rootfs first
+    init_records: bytes     # the agent's CREATE payload
+
+
+def records(pairs) -> bytes:
+    """The agent's wire form: NUL-terminated key=value records (docs/protocol.md)."""
+    out = bytearray()
+    for key, value in pairs:
+        text = f"{key}={value}"
+        if "\0" in text:
+            raise PyrunvError(f"{key}: value contains a NUL byte")
+        out += text.encode() + b"\0"
+    return bytes(out)
+
+
+def process_pairs(p: Process) -> list:
+    pairs = [("arg", a) for a in p.args] + [("env", e) for e in p.env]
+    pairs += [("cwd", p.cwd), ("uid", p.uid), ("gid", p.gid)] + [("group", g) for g in p.additional_gids]
+    if p.umask is not None:
+        pairs.append(("umask", f"{p.umask:o}"))
+    pairs += [("rlimit", f"{RLIMITS[name]} {soft} {hard}") for name, soft, hard in p.rlimits]
+    if p.capabilities is not None:
+        masks = [sum(1 << CAPABILITIES[c] for c in p.capabilities[s]) for s in CAP_SETS]
+        pairs.append(("caps", " ".join(f"{m:x}" for m in masks)))
+    if p.no_new_privileges:
+        pairs.append(("nnp", 1))
+    if p.terminal:
+        pairs.append(("terminal", 1))
+    if p.oom_score_adj is not None:
+        pairs.append(("oom_score_adj", p.oom_score_adj))
+    return pairs
+
+
+def mount_record(m: Mount, shared_name: str | None) -> str:
+    flags = propagation = 0
+    data = []
+    for option in m.options:
+        if option in _FLAGS:
+            flags |= _FLAGS[option]
+        elif option in _CLEARS:
+            pass
+        elif option in _PROPAGATION:
+            propagation |= _PROPAGATION[option]
+        else:
+            data.append(option)
+    kind, source = ("bind", shared_name) if m.is_bind else (m.type, m.source or m.type)
+    fields = (f"{flags:x}", f"{propagation:x}", kind, source, m.destination, ",".join(data))
+    if any("\t" in f for f in fields):
+        raise PyrunvError(f"invalid config.json: mount {m.destination}: tab in a mount field")
+    return "\t".join(fields)
+
+
+def _annotation(spec: Spec, config: config_mod.Config, key: str, default, convert):
+    name = config_mod.ANNOTATION_PREFIX + key
+    if name not in spec.annotations or key not in config.annotations_allowed:
+        return default
+    try:
+        return convert(spec.annotations[name])
+    except ValueError:
+        raise PyrunvError(f"annotation {name}: invalid value {spec.annotations[name]!r}") from None
+
+
+def make(spec: Spec, config: config_mod.Config) -> VmPlan:
+    vcpus = config.vcpus
+    if spec.cpu_quota > 0 and spec.cpu_period > 0:
+        vcpus = min(16, math.ceil(spec.cpu_quota / spec.cpu_period))
+    memory = config.memory_mib
+    if spec.memory_limit > 0:
+        memory = math.ceil(spec.memory_limit / MIB) + config.guest_overhead_mib
+    sized = dataclasses.replace(
+        config,
+        vcpus=_annotation(spec, config, "vcpus", vcpus, int),
+        memory_mib=_annotation(spec, config, "memory_mib", memory, int),
+        machine=_annotation(spec, config, "machine", config.machine, str),
+        accel=_annotation(spec, config, "accel", config.accel, str),
+        kernel=_annotation(spec, config, "kernel", config.kernel, str))
+    config_mod.check(sized, "annotations")
+    extra_params = _annotation(spec, config, "kernel_params", "", str)
+
+    shared = [SharedPath(spec.rootfs, ROOTFS_NAME, False)]
+    pairs = [("root", ROOTFS_NAME)] + process_pairs(spec.process)
+    if spec.root_readonly:
+        pairs.append(("root_readonly", 1))
+    if spec.hostname:
+        pairs.append(("hostname", spec.hostname))
+    for m in spec.mounts:
+        name = None
+        if m.is_bind:
+            name = f"m{len(shared)}"
+            shared.append(SharedPath(m.source, name, "ro" in m.options))
+        pairs.append(("mount", mount_record(m, name)))
+    pairs += [("masked", p) for p in spec.masked_paths] + [("readonly", p) for p in spec.readonly_paths]
+    pairs += [("sysctl", f"{k}={v}") for k, v in spec.sysctl]
+    return VmPlan(
+        machine=sized.machine, accel=sized.accel, vcpus=int(sized.vcpus), memory_mib=int(sized.memory_mib),
+        kernel=sized.kernel, initrd=config.initrd,
+        kernel_params=" ".join(p for p in (config.kernel_params, extra_params) if p),
+        shared=tuple(shared), init_records=records(pairs))

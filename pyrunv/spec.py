@@ -1,0 +1,162 @@
+"""The OCI spec model: config.json is read, validated against the fields pyrunv honours, and turned into a Spec."""
+import dataclasses
+import json
+import os
+
+from .errors import PyrunvError
+
+CAPABILITIES = {name: number for number, name in enumerate((
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_RESOURCE", "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE", "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE"))}
+RLIMITS = {name: number for number, name in enumerate((
+    "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_DATA", "RLIMIT_STACK", "RLIMIT_CORE", "RLIMIT_RSS",
+    "RLIMIT_NPROC", "RLIMIT_NOFILE", "RLIMIT_MEMLOCK", "RLIMIT_AS", "RLIMIT_LOCKS",
+    "RLIMIT_SIGPENDING", "RLIMIT_MSGQUEUE", "RLIMIT_NICE", "RLIMIT_RTPRIO", "RLIMIT_RTTIME"))}
+HOOK_KINDS = ("prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop")
+CAP_SETS = ("bounding", "effective", "permitted", "inheritable", "ambient")
+
+
+@dataclasses.dataclass(frozen=True)
+class Process:
+    args: tuple
+    env: tuple = ()
+    cwd: str = "/"
+    uid: int = 0
+    gid: int = 0
+    additional_gids: tuple = ()
+    umask: int | None = None
+    terminal: bool = False
+    console_size: tuple | None = None
+    capabilities: dict | None = None  # set name -> tuple of CAP_ names
+    rlimits: tuple = ()              # (RLIMIT_ name, soft, hard)
+    no_new_privileges: bool = False
+    oom_score_adj: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Mount:
+    destination: str
+    type: str
+    source: str
+    options: tuple
+
+    @property
+    def is_bind(self) -> bool:
+        return self.type == "bind" or "bind" in self.options or "rbind" in self.options
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    bundle: str
+    rootfs: str
+    root_readonly: bool
+    process: Process
+    hostname: str = ""
+    mounts: tuple = ()
+    masked_paths: tuple = ()
+    readonly_paths: tuple = ()
+    sysctl: tuple = ()               # (key, value)
+    hooks: dict = dataclasses.field(default_factory=dict)
+    annotations: dict = dataclasses.field(default_factory=dict)
+    memory_limit: int = 0
+    cpu_quota: int = 0
+    cpu_period: int = 0
+
+
+_schema = None
+
+
+def validate(document, what: str = "config.json") -> None:
+    """Raises a one-line error naming the field path and the problem."""
+    global _schema
+    import jsonschema
+    if _schema is None:
+        with open(os.path.join(os.path.dirname(__file__), "oci-schema.json")) as f:
+            _schema = json.load(f)
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(_schema).iter_errors(document))
+    if error is not None:
+        where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        message = " ".join(error.message.split())
+        if len(message) > 200:
+            message = message[:200] + "..."
+        raise PyrunvError(f"invalid {what}: {where}: {message}")
+
+
+def parse_process(p: dict) -> Process:
+    user = p.get("user", {})
+    caps = p.get("capabilities")
+    for names in (caps or {}).values():
+        for name in names:
+            if name not in CAPABILITIES:
+                raise PyrunvError(f"invalid config.json: process.capabilities: unknown capability {name}")
+    rlimits = []
+    for r in p.get("rlimits", []):
+        if r["type"] not in RLIMITS:
+            raise PyrunvError(f"invalid config.json: process.rlimits: unknown rlimit type {r['type']}")
+        if r["soft"] > r["hard"]:
+            raise PyrunvError(f"invalid config.json: process.rlimits: {r['type']} soft limit is above the hard limit")
+        rlimits.append((r["type"], r["soft"], r["hard"]))
+    size = p.get("consoleSize")
+    return Process(
+        args=tuple(p["args"]), env=tuple(p.get("env", ())), cwd=p["cwd"],
+        uid=user.get("uid", 0), gid=user.get("gid", 0),
+        additional_gids=tuple(user.get("additionalGids", ())), umask=user.get("umask"),
+        terminal=p.get("terminal", False),
+        console_size=(size.get("height", 0), size.get("width", 0)) if size else None,
+        capabilities={k: tuple(caps.get(k, ())) for k in CAP_SETS} if caps is not None else None,
+        rlimits=tuple(rlimits), no_new_privileges=p.get("noNewPrivileges", False),
+        oom_score_adj=p.get("oomScoreAdj"))
+
+
+def read_json(path: str, what: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise PyrunvError(f"{what} ({path}) does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PyrunvError(f"cannot read {what} ({path}): {getattr(e, 'strerror', None) or e}") from None
+    except ValueError as e:
+        raise PyrunvError(f"invalid {what}: not JSON: {e}") from None
+
+
+def load(bundle: str) -> Spec:
+    bundle = os.path.abspath(bundle)
+    document = read_json(os.path.join(bundle, "config.json"), "config.json")
+    validate(document)
+    if "args" not in document["process"]:
+        raise PyrunvError("invalid config.json: process.args: args must not be empty")
+    rootfs = os.path.join(bundle, document["root"]["path"])
+    if not os.path.isdir(rootfs):
+        raise PyrunvError(f"rootfs ({rootfs}) does not exist")
+    mounts = []
+    for m in document.get("mounts", []):
+        mount = Mount(m["destination"], m.get("type", ""), m.get("source", ""), tuple(m.get("options", ())))
+        if mount.is_bind:
+            source = os.path.join(bundle, mount.source)
+            if not os.path.exists(source):
+                raise PyrunvError(f"invalid config.json: mount {mount.destination}: source {source} does not exist")
+            mount = dataclasses.replace(mount, source=source)
+        elif not mount.type:
+            raise PyrunvError(f"invalid config.json: mount {mount.destination}: no type")
+        mounts.append(mount)
+    linux = document.get("linux", {})
+    resources = linux.get("resources", {})
+    hooks = document.get("hooks", {})
+    return Spec(
+        bundle=bundle, rootfs=os.path.realpath(rootfs), root_readonly=document["root"].get("readonly", False),
+        process=parse_process(document["process"]), hostname=document.get("hostname", ""),
+        mounts=tuple(mounts), masked_paths=tuple(linux.get("maskedPaths", ())),
+        readonly_paths=tuple(linux.get("readonlyPaths", ())),
+        sysctl=tuple(sorted(linux.get("sysctl", {}).items())),
+        hooks={k: tuple(hooks.get(k, ())) for k in HOOK_KINDS},
+        annotations=dict(document.get("annotations", {})),
+        memory_limit=max(resources.get("memory", {}).get("limit", 0) or 0, 0),
+        cpu_quota=resources.get("cpu", {}).get("quota", 0) or 0,
+        cpu_period=resources.get("cpu", {}).get("period", 0) or 0)

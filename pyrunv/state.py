@@ -1,0 +1,158 @@
+"""The state store: one 0700 directory per container under --root, an atomic state.json, a lock per container."""
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import re
+import shutil
+import time
+
+from .errors import PyrunvError
+from .lifecycle import Status
+
+DEFAULT_ROOT = "/run/pyrunv"
+_ID = re.compile(r"^[\w+\-.]+$")  # runc's rule; with no '/', no ID can name a path outside --root
+STATE_FILE = "state.json"
+EXIT_FILE = "exit"  # written by the monitor once the container's init has exited
+
+
+@dataclasses.dataclass
+class Record:
+    id: str
+    bundle: str
+    rootfs: str
+    status: str
+    pid: int = 0            # the monitor: what --pid-file names and engines wait for
+    pid_start: int = 0      # its start time, so that a reused pid is not taken for it
+    created: str = ""
+    owner: str = ""
+    annotations: dict = dataclasses.field(default_factory=dict)
+    accel: str = ""
+
+    def oci_state(self, status: Status) -> dict:
+        state = {"ociVersion": "1.0.2", "id": self.id, "status": status.value,
+                 "pid": self.pid if status is not Status.STOPPED else 0,
+                 "bundle": self.bundle, "rootfs": self.rootfs, "created": self.created,
+                 "owner": self.owner}
+        if self.annotations:
+            state["annotations"] = self.annotations
+        return state
+
+
+def process_start_time(pid: int) -> int:
+    """The process's start time in clock ticks since boot, 0 if it does not exist (or is a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return 0
+    return 0 if fields[0] == b"Z" else int(fields[19])
+
+
+def validate_id(container_id: str) -> str:
+    if not container_id or len(container_id) > 1024 or not _ID.match(container_id) or container_id in (".", ".."):
+        raise PyrunvError(f"invalid container id format: {container_id!r}")
+    return container_id
+
+
+class Store:
+    def __init__(self, root: str = DEFAULT_ROOT):
+        self.root = os.path.abspath(root)
+
+    def path(self, container_id: str, *parts: str) -> str:
+        return os.path.join(self.root, validate_id(container_id), *parts)
+
+    def ensure_root(self) -> None:
+        try:
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise PyrunvError(f"cannot create root directory {self.root}: {e.strerror}") from None
+
+    def make(self, container_id: str) -> str:
+        """Claims the ID; mkdir is atomic, so of two creates of one ID exactly one wins."""
+        self.ensure_root()
+        path = self.path(container_id)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            raise PyrunvError(f"container with id exists: {container_id}") from None
+        except OSError as e:
+            raise PyrunvError(f"cannot create state directory {path}: {e.strerror}") from None
+        return path
+
+    def exists(self, container_id: str) -> bool:
+        return os.path.isfile(self.path(container_id, STATE_FILE))
+
+    def load(self, container_id: str) -> Record:
+        try:
+            with open(self.path(container_id, STATE_FILE)) as f:
+                return Record(**json.load(f))
+        except FileNotFoundError:
+            raise PyrunvError(f"container {container_id} does not exist") from None
+        except (ValueError, TypeError):
+            raise PyrunvError(f"container {container_id}: state file is corrupt") from None
+
+    def save(self, record: Record) -> None:
+        path = self.path(record.id, STATE_FILE)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(dataclasses.asdict(record), f)
+            os.rename(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise PyrunvError(f"cannot write state of {record.id}: {e.strerror}") from None
+
+    def status(self, record: Record) -> Status:
+        """What is really alive decides: a dead monitor or an exited init means stopped."""
+        recorded = Status(record.status)
+        if recorded is Status.CREATING:
+            return recorded
+        if (not record.pid or process_start_time(record.pid) != record.pid_start
+                or os.path.exists(self.path(record.id, EXIT_FILE))):
+            return Status.STOPPED
+        return recorded
+
+    @contextlib.contextmanager
+    def lock(self, container_id: str, timeout: float = 60.0):
+        """Serialises commands on one container. Fails clearly if the holder does not let go in time."""
+        path = self.path(container_id)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise PyrunvError(f"container {container_id} does not exist") from None
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise PyrunvError(f"container {container_id} is busy: another pyrunv command holds its lock") from None
+                    time.sleep(0.02)
+            # A delete that held the lock before us may have removed the directory.
+            if os.fstat(fd).st_nlink == 0:
+                raise PyrunvError(f"container {container_id} does not exist")
+            yield
+        finally:
+            os.close(fd)
+
+    def remove(self, container_id: str) -> None:
+        path = self.path(container_id)
+        # Rename first so that the ID is free and no reader sees a half-removed directory.
+        grave = os.path.join(self.root, f".deleted-{container_id}-{os.getpid()}")
+        try:
+            os.rename(path, grave)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(grave, ignore_errors=True)
+
+    def ids(self) -> list[str]:
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if not n.startswith(".") and os.path.isfile(os.path.join(self.root, n, STATE_FILE)))

@@ -1,0 +1,188 @@
+"""The VM: the QEMU command line, virtiofsd, the KVM probe, and helper daemons that always get cleaned up."""
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import time
+
+from .config import Config
+from .errors import PyrunvError
+from .plan import VmPlan
+
+log = logging.getLogger("pyrunv")
+
+AGENT_PORT = "pyrunv.agent"
+SHARE_TAG = "pyrunv"
+PR_SET_PDEATHSIG = 1
+BASE_PARAMS = ("console=ttyS0 quiet panic=-1 reboot=t tsc=reliable no_timer_check rdinit=/init "
+               "8250.nr_uarts=1 cryptomgr.notests random.trust_cpu=on")
+
+
+def _die_with_parent() -> None:
+    # A helper outlives nothing: if the monitor is SIGKILLed, the kernel kills QEMU and virtiofsd too.
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class Daemon:
+    """A helper process started from an argv list; `with` guarantees it is gone afterwards."""
+
+    def __init__(self, name: str, argv: list, pass_fds=(), log_path: str | None = None):
+        self.name, self.argv, self.pass_fds, self.log_path = name, list(argv), tuple(pass_fds), log_path
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Daemon":
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        try:
+            self.proc = subprocess.Popen(self.argv, pass_fds=self.pass_fds, stdin=subprocess.DEVNULL,
+                                         stdout=out, stderr=out, preexec_fn=_die_with_parent)
+        except OSError as e:
+            raise PyrunvError(f"cannot start {self.name}: {e.strerror}: {shlex.join(self.argv)}") from None
+        finally:
+            if out is not subprocess.DEVNULL:
+                out.close()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self, grace: float = 1.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def failure(self, what: str) -> str:
+        """A one-line description for the user; the exact command line and output go to the log."""
+        code = self.proc.poll() if self.proc else None
+        tail = ""
+        if self.log_path and os.path.exists(self.log_path):
+            with open(self.log_path, "rb") as f:
+                lines = [line for line in f.read()[-4096:].decode(errors="replace").splitlines() if line.strip()]
+            tail = lines[-1].strip() if lines else ""
+        log.error("%s %s (exit status %s): %s", self.name, what, code, shlex.join(self.argv))
+        return f"{self.name} {what}" + (f": {tail}" if tail else "")
+
+
+def virtiofsd(config: Config, share_dir: str, listen_fd: int, log_path: str) -> Daemon:
+    # C virtiofsd (Debian 12): namespace sandbox by default; it pivots into the share.
+    argv = [config.virtiofsd, f"--fd={listen_fd}", "-o", f"source={share_dir}", "-o", "cache=auto",
+            "-o", "announce_submounts", "--thread-pool-size=1"]
+    return Daemon("virtiofsd", argv, (listen_fd,), log_path)
+
+
+def host_tsc_khz() -> int:
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("cpu MHz"):
+                return int(float(line.split(":")[1]) * 1000)
+    return 0
+
+
+def machine_args(plan: VmPlan, accel: str) -> list:
+    if plan.machine == "microvm":
+        return ["-M", f"microvm,acpi=off,rtc=on,x-option-roms=off",
+                "-global", "virtio-mmio.force-legacy=false"]
+    return ["-M", "q35"]
+
+
+def device(plan: VmPlan, kind: str) -> str:
+    return f"{kind}-{'device' if plan.machine == 'microvm' else 'pci'}"
+
+
+def kernel_cmdline(plan: VmPlan, accel: str, extra: str = "") -> str:
+    params = [BASE_PARAMS]
+    if accel == "tcg":
+        # Under TCG the guest reads the host's TSC; telling it the rate skips a calibration that can hang.
+        params.append(f"tsc_early_khz={host_tsc_khz()}")
+    params += [plan.kernel_params, extra]
+    return " ".join(p for p in params if p)
+
+
+def qemu_argv(config: Config, plan: VmPlan, accel: str, *, agent_fd: int, qmp_fd: int, fs_fd: int | None,
+              console_log: str, extra_params: str = "") -> list:
+    tcg = f"tcg,thread={'multi' if plan.vcpus > 1 else 'single'},tb-size={config.tcg_tb_size_mib}"
+    argv = [config.qemu, *machine_args(plan, accel),
+            "-accel", tcg if accel == "tcg" else "kvm",
+            "-cpu", "max" if accel == "tcg" else "host",
+            "-smp", str(plan.vcpus), "-m", f"{plan.memory_mib}M",
+            "-object", f"memory-backend-memfd,id=mem,size={plan.memory_mib}M,share=on",
+            "-machine", "memory-backend=mem",
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-kernel", plan.kernel, "-initrd", plan.initrd,
+            "-append", kernel_cmdline(plan, accel, extra_params),
+            "-serial", f"file:{console_log}",
+            "-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control",
+            "-device", device(plan, "virtio-serial"),
+            "-chardev", f"socket,id=agent,fd={agent_fd}",
+            "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",
+            "-device", device(plan, "virtio-rng"),
+            "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+    if fs_fd is not None:
+        argv += ["-chardev", f"socket,id=fs,fd={fs_fd}",
+                 "-device", f"{device(plan, 'vhost-user-fs')},chardev=fs,tag={SHARE_TAG}"]
+    if config.qemu_user:
+        argv += ["-runas", config.qemu_user]
+    return argv
+
+
+def probe_kvm(config: Config, plan: VmPlan, deadline: float = 5.0) -> bool:
+    """Opening /dev/kvm proves nothing (a PVM host aborts or hangs a normal guest): boot the guest and see."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="pyrunv-probe-") as tmp:
+        console = os.path.join(tmp, "console.log")
+        agent_host, agent_guest = socket.socketpair()
+        qmp_host, qmp_guest = socket.socketpair()
+        argv = qemu_argv(config, plan, "kvm", agent_fd=agent_guest.fileno(), qmp_fd=qmp_guest.fileno(),
+                         fs_fd=None, console_log=console, extra_params="pyrunv.probe")
+        with agent_host, qmp_host, agent_guest, qmp_guest, Daemon("qemu (kvm probe)", argv,
+                                                                   (agent_guest.fileno(), qmp_guest.fileno()),
+                                                                   os.path.join(tmp, "qemu.log")) as qemu:
+            try:
+                qemu.proc.wait(deadline)
+            except subprocess.TimeoutExpired:
+                return False
+            try:
+                with open(console, "rb") as f:
+                    return b"pyrunv-agent: probe ok" in f.read()
+            except FileNotFoundError:
+                return False  # QEMU refused to start with KVM
+
+
+VERDICT_PATH = "/run/pyrunv-accel.json"  # tmpfs: a reboot or a new kvm module asks again
+
+
+def choose_accel(config: Config, plan: VmPlan) -> str:
+    """KVM if it really boots our guest, else TCG. The verdict is remembered until the host reboots."""
+    if plan.accel != "auto":
+        return plan.accel
+    verdict_path = VERDICT_PATH
+    key = f"{config.qemu} {plan.kernel} {os.stat(plan.kernel).st_mtime_ns if os.path.exists(plan.kernel) else 0}"
+    with contextlib.suppress(OSError, ValueError):
+        with open(verdict_path) as f:
+            saved = json.load(f)
+        if saved.get("key") == key:
+            return saved["accel"]
+    started = time.monotonic()
+    accel = "kvm" if probe_kvm(config, plan) else "tcg"
+    log.info("accel probe: %s in %.2fs", accel, time.monotonic() - started)
+    tmp = f"{verdict_path}.{os.getpid()}"
+    with contextlib.suppress(OSError):
+        with open(tmp, "w") as f:
+            json.dump({"key": key, "accel": accel}, f)
+        os.rename(tmp, verdict_path)
+    return accel
