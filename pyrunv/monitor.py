@@ -36,9 +36,12 @@ def launch(store: state.Store, record: state.Record, plan: VmPlan, config: Confi
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
-        os.close(read_end)
-        monitor = Monitor(store, record, plan, config, terminal, console_socket, console_size)
-        _exit_like(monitor.run(write_end))
+        try:
+            os.close(read_end)
+            monitor = Monitor(store, record, plan, config, terminal, console_socket, console_size)
+            _exit_like(monitor.run(write_end))
+        finally:
+            os._exit(1)  # the monitor never returns into the CLI's code
     os.close(write_end)
     report = b""
     deadline = config.boot_timeout + 30
@@ -62,8 +65,9 @@ def _exit_like(status: tuple) -> None:
     code, sig = status
     if sig and sig not in UNKILLABLE:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+        if sig != signal.SIGKILL:
+            signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
         os.kill(os.getpid(), sig)
     os._exit(code & 0xFF)
 
@@ -109,10 +113,16 @@ class Monitor:
         return status
 
     @staticmethod
-    def _report(report_fd: int, message: str) -> None:
-        with contextlib.suppress(OSError):
+    def _report(report_fd: int, message: str) -> bool:
+        """Tells `create` how the boot went; False if create is gone and nobody will own this container."""
+        try:
             os.write(report_fd, message.encode())
-            os.close(report_fd)
+            return True
+        except OSError:
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(report_fd)
 
     def _path(self, name: str) -> str:
         return os.path.join(self.state_dir, name)
@@ -125,7 +135,8 @@ class Monitor:
             except (PyrunvError, OSError) as e:
                 error = str(e)
             else:
-                self._report(report_fd, f"ok {accel}")
+                if not self._report(report_fd, f"ok {accel}"):
+                    return (1, 0)  # create died before it could record us: tear everything down
                 status = await self._serve()
                 with open(self._path(state.EXIT_FILE), "w") as f:
                     json.dump({"code": status[0], "signal": status[1]}, f)

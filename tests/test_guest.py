@@ -1,0 +1,77 @@
+"""The guest (kernel + agent) seen end to end through a real VM under TCG or KVM."""
+import os
+import subprocess
+
+import pytest
+
+pytestmark = pytest.mark.vm
+
+
+def test_process_sees_its_spec_and_writes_through_a_bind_mount(runtime, bundle, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    script = ("env | sort; id; pwd; hostname; echo pid=$$; umask; ulimit -n; "
+              "echo written-in-vm > /data/out.txt; exit 3")
+
+    def edit(config):
+        config["hostname"] = "guest-one"
+        config["process"]["env"].append("GREETING=hello world")
+        config["process"]["cwd"] = "/tmp"
+        config["process"]["user"] = {"uid": 1000, "gid": 1000, "additionalGids": [10, 20], "umask": 0o27}
+        config["process"]["rlimits"] = [{"type": "RLIMIT_NOFILE", "soft": 4321, "hard": 4321}]
+        config["mounts"].append({"destination": "/data", "type": "bind", "source": str(shared),
+                                 "options": ["rbind", "rw"]})
+    path = bundle("sh", "-c", script, edit=edit)
+    result = runtime("run", "--bundle", path, "guest1")
+    out = result.stdout.decode().splitlines()
+    assert result.returncode == 3, result.stderr
+    assert "GREETING=hello world" in out
+    assert "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" in out
+    assert "uid=1000 gid=1000 groups=10,20" in out
+    assert out[-5:] == ["/tmp", "guest-one", "pid=1", "0027", "4321"]
+    assert (shared / "out.txt").read_text() == "written-in-vm\n"
+    assert runtime.leftovers() == []
+
+
+def test_sigkill_reports_137(runtime, bundle):
+    path = bundle("sh", "-c", "echo started; exec sleep 600")
+    run = subprocess.Popen(runtime.argv("run", "--bundle", path, "killed"), stdout=subprocess.PIPE)
+    assert run.stdout.readline() == b"started\n"
+    runtime("kill", "killed", "KILL", check=True)
+    assert run.wait(60) == 137
+    assert runtime.leftovers() == []
+
+
+def test_a_mebibyte_of_output_from_a_process_that_exits_at_once_arrives_whole(runtime, bundle):
+    path = bundle("sh", "-c", "head -c 1048576 /dev/urandom > /tmp/data; md5sum < /tmp/data >&2; exec cat /tmp/data")
+    result = runtime("run", "--bundle", path, "bulk")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout) == 1 << 20
+    import hashlib
+    assert hashlib.md5(result.stdout).hexdigest() == result.stderr.decode().split()[0]
+
+
+def test_stdin_is_relayed_until_eof(runtime, bundle):
+    path = bundle("sh", "-c", "wc -c; tr a-z A-Z < /dev/null")
+    data = b"x" * 300_000
+    result = runtime("run", "--bundle", path, "stdin", input=data)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().strip() == "300000"
+
+
+def test_missing_executable_is_reported_by_create(runtime, bundle):
+    path = bundle("no-such-program")
+    result = runtime("create", "--bundle", path, "nothere")
+    assert result.returncode == 1
+    assert b"no-such-program" in result.stderr and b"not found" in result.stderr
+    assert result.stderr.count(b"\n") == 1
+    assert runtime.leftovers() == []
+
+
+def test_the_kernel_build_is_cached():
+    """A second run of the build returns at once and installs nothing."""
+    build = os.path.join(os.path.dirname(os.path.dirname(__file__)), "kernel", "build.sh")
+    result = subprocess.run([build], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "installed" not in result.stderr and "building" not in result.stderr
