@@ -20,12 +20,25 @@ class Runtime:
 
     def __init__(self, root):
         self.root = root
+        self._counter = iter(range(1 << 30))
 
     def argv(self, *args):
         return pyrunv_argv(self.root, *args)
 
     def __call__(self, *args, input=None, timeout=120, check=False):
         result = subprocess.run(self.argv(*args), input=input, capture_output=True, timeout=timeout)
+        if check and result.returncode:
+            raise AssertionError(f"pyrunv {' '.join(map(str, args))} failed ({result.returncode}): "
+                                 f"{result.stderr.decode()}")
+        return result
+
+    def detached(self, *args, stdin=subprocess.DEVNULL, timeout=120, check=True):
+        """For create and run --detach: the container keeps their stdout and stderr, so these go to
+        files, as with conmon or the containerd shim, rather than to pipes we would wait on forever."""
+        out = open(self.root.parent / f"out-{next(self._counter)}", "w+b")
+        result = subprocess.run(self.argv(*args), stdin=stdin, stdout=out, stderr=out, timeout=timeout)
+        out.seek(0)
+        result.stderr = out.read()
         if check and result.returncode:
             raise AssertionError(f"pyrunv {' '.join(map(str, args))} failed ({result.returncode}): "
                                  f"{result.stderr.decode()}")
