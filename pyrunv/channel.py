@@ -63,6 +63,9 @@ class Channel:
     def attach(self, proc: "ProcessIO") -> None:
         self._procs[proc.ident] = proc
 
+    def detach(self, ident: int) -> None:
+        self._procs.pop(ident, None)
+
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
@@ -84,7 +87,7 @@ class Channel:
             future = self._pending.get(ident)
             if future and not future.done():
                 if kind == F.ERROR:
-                    future.set_exception(PyrunvError(payload.decode(errors="replace")))
+                    future.set_result(payload)
                 else:
                     future.set_result(payload)
         elif ident in self._procs:

@@ -107,7 +107,8 @@ def create_container(obj: Context, container_id: str, bundle: str, pid_file, con
 
 def stop_monitor(store: state.Store, record: state.Record, timeout: float = 10.0) -> None:
     """Ends the container's monitor and with it the VM; kills it if it does not go in time."""
-    if not record.pid or state.process_start_time(record.pid) != record.pid_start:
+    # A start time of 0 means it was already dead when recorded: waiting for it to change would never end.
+    if not record.pid or not record.pid_start or state.process_start_time(record.pid) != record.pid_start:
         return
     from . import control
     try:
@@ -296,7 +297,7 @@ pause = simple_op("pause", "pause")
 resume = simple_op("resume", "resume")
 
 
-@cli.command()
+@cli.command(context_settings={"allow_interspersed_args": False})
 @click.option("-f", "--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 @click.argument("container_id")
 @click.argument("ps_args", nargs=-1)
@@ -342,7 +343,7 @@ def events(obj, once, interval, container_id):
         time.sleep(seconds)
 
 
-@cli.command("exec")
+@cli.command("exec", context_settings={"allow_interspersed_args": False})
 @click.option("--console-socket", help="AF_UNIX socket that receives the pty master")
 @click.option("--cwd", help="working directory in the container")
 @click.option("-e", "--env", multiple=True, help="set an environment variable")

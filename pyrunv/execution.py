@@ -58,9 +58,10 @@ def _stdio(process: dict, console_socket) -> list:
 
 def run(state_dir: str, process: dict, console_socket, detach: bool, pid_file) -> int:
     fds = _stdio(process, console_socket)
-    conn = control.Connection(state_dir, timeout=None)
+    conn = control.Connection(state_dir, timeout=60)
     conn.send({"op": "exec", "process": process}, fds)
     conn.receive()  # raises the agent's error, e.g. an executable that is not there
+    conn.sock.settimeout(None)  # from here on we wait as long as the process runs
     if process.get("terminal"):
         os.close(fds[0])
     from .cli import write_pid_file

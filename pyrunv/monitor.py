@@ -340,9 +340,8 @@ class Monitor:
         try:
             await self.channel.request(F.EXEC, ident, plan_mod.records(plan_mod.process_pairs(process)))
         except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
+            self.channel.detach(ident)
+            raise  # _handle closes the fds and tells the waiter
         io.start_relay()
         loop = asyncio.get_running_loop()
         await loop.sock_sendall(conn, b'{"ok": true}\n')

@@ -82,7 +82,7 @@ def mount_record(m: Mount, shared_name: str | None) -> str:
     kind, source = ("bind", shared_name) if m.is_bind else (m.type, m.source or m.type)
     fields = (f"{flags:x}", f"{propagation:x}", kind, source, m.destination, ",".join(data))
     if any("\t" in f for f in fields):
-        raise PyrunvError(f"invalid config.json: mount {m.destination}: tab in a mount field")
+        raise PyrunvError(f"invalid config.json: mount {m.destination!r}: tab in a mount field")
     return "\t".join(fields)
 
 

@@ -94,11 +94,11 @@ def parse_process(p: dict) -> Process:
     for names in (caps or {}).values():
         for name in names:
             if name not in CAPABILITIES:
-                raise PyrunvError(f"invalid config.json: process.capabilities: unknown capability {name}")
+                raise PyrunvError(f"invalid config.json: process.capabilities: unknown capability {name!r}")
     rlimits = []
     for r in p.get("rlimits", []):
         if r["type"] not in RLIMITS:
-            raise PyrunvError(f"invalid config.json: process.rlimits: unknown rlimit type {r['type']}")
+            raise PyrunvError(f"invalid config.json: process.rlimits: unknown rlimit type {r['type']!r}")
         if r["soft"] > r["hard"]:
             raise PyrunvError(f"invalid config.json: process.rlimits: {r['type']} soft limit is above the hard limit")
         rlimits.append((r["type"], r["soft"], r["hard"]))
@@ -134,17 +134,17 @@ def load(bundle: str) -> Spec:
         raise PyrunvError("invalid config.json: process.args: args must not be empty")
     rootfs = os.path.join(bundle, document["root"]["path"])
     if not os.path.isdir(rootfs):
-        raise PyrunvError(f"rootfs ({rootfs}) does not exist")
+        raise PyrunvError(f"rootfs {rootfs!r} does not exist")
     mounts = []
     for m in document.get("mounts", []):
         mount = Mount(m["destination"], m.get("type", ""), m.get("source", ""), tuple(m.get("options", ())))
         if mount.is_bind:
             source = os.path.join(bundle, mount.source)
             if not os.path.exists(source):
-                raise PyrunvError(f"invalid config.json: mount {mount.destination}: source {source} does not exist")
+                raise PyrunvError(f"invalid config.json: mount {mount.destination!r}: source {source!r} does not exist")
             mount = dataclasses.replace(mount, source=source)
         elif not mount.type:
-            raise PyrunvError(f"invalid config.json: mount {mount.destination}: no type")
+            raise PyrunvError(f"invalid config.json: mount {mount.destination!r}: no type")
         mounts.append(mount)
     linux = document.get("linux", {})
     resources = linux.get("resources", {})

@@ -110,7 +110,8 @@ class Store:
         recorded = Status(record.status)
         if recorded is Status.CREATING:
             return recorded
-        if (not record.pid or process_start_time(record.pid) != record.pid_start
+        # A start time of 0 was recorded for a monitor that was already dead (or a zombie) then.
+        if (not record.pid or not record.pid_start or process_start_time(record.pid) != record.pid_start
                 or os.path.exists(self.path(record.id, EXIT_FILE))):
             return Status.STOPPED
         return recorded
@@ -142,8 +143,9 @@ class Store:
 
     def remove(self, container_id: str) -> None:
         path = self.path(container_id)
-        # Rename first so that the ID is free and no reader sees a half-removed directory.
-        grave = os.path.join(self.root, f".deleted-{container_id}-{os.getpid()}")
+        # Rename first so that the ID is free and no reader sees a half-removed directory. The ':' is
+        # outside the ID alphabet, so a grave never collides with, nor is listed as, a container.
+        grave = os.path.join(self.root, f".deleted:{container_id}:{os.getpid()}")
         try:
             os.rename(path, grave)
         except FileNotFoundError:
@@ -155,4 +157,4 @@ class Store:
             names = os.listdir(self.root)
         except FileNotFoundError:
             return []
-        return sorted(n for n in names if not n.startswith(".") and os.path.isfile(os.path.join(self.root, n, STATE_FILE)))
+        return sorted(n for n in names if _ID.match(n) and os.path.isfile(os.path.join(self.root, n, STATE_FILE)))

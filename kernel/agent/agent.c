@@ -464,32 +464,48 @@ static void signal_proc(uint32_t id, const uint32_t *payload, uint32_t len)
     send_frame(FR_OK, id, NULL, 0);
 }
 
-static void describe_one(pid_t pid, void *out)
+/* A process's pid as the container sees it (the last NSpid entry); 0 outside the container. */
+static long container_pid(pid_t pid, ino_t ns, long *ppid, long *uid, char *comm)
 {
-    char path[64], line[512], comm[64] = "?";
-    long nspid = pid, ppid = 0, uid = 0;
+    char path[64], line[512];
+    long nspid = 0;
+    if (pidns_of(pid) != ns) return 0;
     snprintf(path, sizeof path, "/proc/%d/status", pid);
     FILE *f = fopen(path, "re");
-    if (!f) return;
+    if (!f) return 0;
     while (fgets(line, sizeof line, f)) {
-        if (!strncmp(line, "Name:", 5)) sscanf(line + 5, "%63s", comm);
-        else if (!strncmp(line, "PPid:", 5)) ppid = atol(line + 5);
-        else if (!strncmp(line, "Uid:", 4)) uid = atol(line + 4);
+        if (comm && !strncmp(line, "Name:", 5)) sscanf(line + 5, "%63s", comm);
+        else if (ppid && !strncmp(line, "PPid:", 5)) *ppid = atol(line + 5);
+        else if (uid && !strncmp(line, "Uid:", 4)) *uid = atol(line + 4);
         else if (!strncmp(line, "NSpid:", 6)) { char *last = strrchr(line, '\t'); nspid = atol(last ? last : line + 6); }
     }
     fclose(f);
-    char row[256];
-    int n = snprintf(row, sizeof row, "%ld %ld %ld %s\n", nspid, ppid, uid, comm);
-    buf_append(out, row, (size_t)n);
+    return nspid;
+}
+
+struct ps_out { struct buf text; ino_t ns; };
+
+static void describe_one(pid_t pid, void *arg)
+{
+    struct ps_out *out = arg;
+    char comm[64] = "?", row[256];
+    long ppid = 0, uid = 0;
+    long nspid = container_pid(pid, out->ns, &ppid, &uid, comm);
+    long nsppid = container_pid((pid_t)ppid, out->ns, NULL, NULL, NULL);
+    int n = snprintf(row, sizeof row, "%ld %ld %ld %s\n", nspid, nsppid, uid, comm);
+    buf_append(&out->text, row, (size_t)n);
 }
 
 static void reply_ps(uint32_t id)
 {
     struct proc *init = init_proc();
-    struct buf out = {0};
-    if (init && !init->exited) for_each_container_pid(init->pid, describe_one, &out);
-    send_frame(FR_REPLY, id, out.data, (uint32_t)out.len);
-    free(out.data);
+    struct ps_out out = {{0}, 0};
+    if (init && !init->exited) {
+        out.ns = pidns_of(init->pid);
+        for_each_container_pid(init->pid, describe_one, &out);
+    }
+    send_frame(FR_REPLY, id, out.text.data, (uint32_t)out.text.len);
+    free(out.text.data);
 }
 
 static void count_one(pid_t pid, void *n) { (void)pid; ++*(long *)n; }

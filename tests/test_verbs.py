@@ -1,0 +1,160 @@
+"""The verbs engines call beyond the core lifecycle: exec, tty, ps, pause/resume, kill --all, events."""
+import fcntl
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import termios
+import time
+
+import pytest
+
+pytestmark = pytest.mark.vm
+
+
+class ConsoleSocket:
+    """The receiving end of --console-socket, as conmon and the containerd shim have it."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(self.path)
+        self.server.listen(1)
+        self.server.settimeout(60)
+
+    def master(self):
+        conn, _ = self.server.accept()
+        with conn:
+            _, fds, _, _ = socket.recv_fds(conn, 1024, 1)
+        return fds[0]
+
+
+def read_until(fd, marker, timeout=30):
+    out = b""
+    deadline = time.monotonic() + timeout
+    while marker not in out and time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    return out
+
+
+@pytest.fixture
+def running(runtime, bundle):
+    """A running container whose init sleeps."""
+    path = bundle("sleep", "600")
+    runtime.detached("run", "--detach", "--bundle", path, "box")
+    return "box"
+
+
+def test_exec_runs_in_the_same_container_and_returns_its_code(runtime, running):
+    result = runtime("exec", running, "sh", "-c", "echo $$ $(hostname); cat /proc/1/comm; exit 5")
+    assert result.returncode == 5
+    pid, hostname = result.stdout.decode().split("\n")[0].split()
+    assert int(pid) > 1 and hostname == "pyrunv"
+    assert result.stdout.decode().split("\n")[1] == "sleep"
+
+
+def test_exec_with_a_process_file_env_cwd_and_user(runtime, running, tmp_path):
+    process = {"args": ["sh", "-c", "echo $FOO; pwd; id -u; read x; echo got $x"], "cwd": "/tmp",
+               "env": ["FOO=bar", "PATH=/bin"], "user": {"uid": 7, "gid": 7}}
+    (tmp_path / "process.json").write_text(json.dumps(process))
+    result = runtime("exec", "--process", tmp_path / "process.json", running, input=b"line\n")
+    assert (result.returncode, result.stdout) == (0, b"bar\n/tmp\n7\ngot line\n"), result.stderr
+
+
+def test_exec_pid_file_process_exits_with_the_code(runtime, running, tmp_path, subreaper):
+    pid_file = tmp_path / "exec.pid"
+    runtime.detached("exec", "--detach", "--pid-file", pid_file, running, "sh", "-c", "sleep 1; exit 9")
+    _, status = os.waitpid(int(pid_file.read_text()), 0)
+    assert os.waitstatus_to_exitcode(status) == 9
+
+
+def test_exec_of_a_missing_program_fails_clearly(runtime, running):
+    result = runtime("exec", running, "/no/such")
+    assert result.returncode == 1 and b"/no/such" in result.stderr and result.stderr.count(b"\n") == 1
+
+
+def test_terminal_create_and_exec_tty(runtime, bundle, tmp_path):
+    path = bundle("sh", edit=lambda c: c["process"].update(terminal=True))
+    console = ConsoleSocket(tmp_path / "console.sock")
+    create = subprocess.Popen(runtime.argv("create", "--bundle", path, "--console-socket", console.path, "tty"))
+    master = console.master()
+    assert create.wait(120) == 0
+    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 111, 0, 0))
+    runtime("start", "tty", check=True)
+    os.write(master, b"tty; stty size; echo do''ne\n")  # the echo of the input does not end the wait
+    out = read_until(master, b"done\r\n")
+    assert b"/dev/pts/0\r\n33 111\r\n" in out
+
+    exec_console = ConsoleSocket(tmp_path / "exec.sock")
+    waiter = subprocess.Popen(runtime.argv("exec", "--tty", "--console-socket", exec_console.path, "tty",
+                                           "sh", "-c", "tty; exit 6"))
+    exec_master = exec_console.master()
+    assert b"/dev/pts/1" in read_until(exec_master, b"/dev/pts/1")
+    assert waiter.wait(60) == 6
+    os.write(master, b"exit 4\n")
+    runtime("delete", "--force", "tty", check=True)
+
+
+def test_ps_lists_container_pids(runtime, running):
+    runtime.detached("exec", "--detach", running, "sleep", "300")
+    pids = json.loads(runtime("ps", "--format", "json", running, check=True).stdout)
+    assert pids[0] == 1 and len(pids) == 2
+    table = runtime("ps", running, check=True).stdout.decode().splitlines()
+    assert table[0].split() == ["UID", "PID", "PPID", "CMD"] and len(table) == 3
+
+
+def test_pause_freezes_the_vm_and_resume_thaws_it(runtime, bundle, tmp_path):
+    out = tmp_path / "ticks"
+    path = bundle("sh", "-c", "while true; do date +%s%N; sleep 0.1; done")
+    with open(out, "wb") as f:
+        subprocess.run(runtime.argv("run", "--detach", "--bundle", path, "ticker"), stdout=f, check=True)
+    time.sleep(1)
+    runtime("pause", "ticker", check=True)
+    assert runtime.state("ticker")["status"] == "paused"
+    time.sleep(0.5)
+    frozen = out.read_bytes()
+    time.sleep(1)
+    assert out.read_bytes() == frozen, "a paused VM prints nothing"
+    runtime("resume", "ticker", check=True)
+    assert runtime.state("ticker")["status"] == "running"
+    time.sleep(1)
+    assert len(out.read_bytes()) > len(frozen)
+    runtime("kill", "ticker", "KILL", check=True)
+
+
+def test_kill_all_reaches_every_process(runtime, bundle):
+    path = bundle("sh", "-c", "trap '' TERM; sleep 600 & wait")
+    runtime.detached("run", "--detach", "--bundle", path, "many")
+    runtime("kill", "--all", "many", "KILL", check=True)
+    deadline = time.monotonic() + 30
+    while runtime.state("many")["status"] != "stopped" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert runtime.state("many")["status"] == "stopped"
+
+
+def test_kill_of_a_paused_container_with_sigkill(runtime, running):
+    runtime("pause", running, check=True)
+    runtime("kill", running, "SIGKILL", check=True)
+    deadline = time.monotonic() + 30
+    while runtime.state(running)["status"] != "stopped" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert runtime.state(running)["status"] == "stopped"
+
+
+def test_events_stats_come_from_the_guest(runtime, running):
+    event = json.loads(runtime("events", "--stats", running, check=True).stdout)
+    assert event["type"] == "stats" and event["id"] == running
+    memory = event["data"]["memory"]["usage"]
+    assert 0 < memory["usage"] < memory["limit"] <= 160 << 20
+    assert event["data"]["pids"]["current"] == 1
+    assert event["data"]["cpu"]["usage"]["total"] > 0
