@@ -87,7 +87,7 @@ class Channel:
             future = self._pending.get(ident)
             if future and not future.done():
                 if kind == F.ERROR:
-                    future.set_result(payload)
+                    future.set_exception(PyrunvError(payload.decode(errors="replace")))
                 else:
                     future.set_result(payload)
         elif ident in self._procs:

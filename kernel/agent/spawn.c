@@ -348,11 +348,12 @@ void prepare_container(const struct spec *s, int sync_fd)
     if (chdir(root) < 0 || syscall(SYS_pivot_root, ".", ".") < 0 || umount2(".", MNT_DETACH) < 0 || chdir("/") < 0)
         fail(sync_fd, "pivot_root: %s", strerror(errno));
     if (dev_is_tmpfs) make_default_devices(sync_fd);
+    /* sysctls go in before readonlyPaths make /proc/sys read-only, as runc does it */
+    for (int i = 0; i < s->nsysctls; i++) apply_sysctl(s->sysctls[i], sync_fd);
     for (int i = 0; i < s->nmasked; i++) mask_path(s->masked[i], sync_fd);
     for (int i = 0; i < s->nreadonly; i++) readonly_path(s->readonly[i], sync_fd);
     if (s->root_readonly && mount(NULL, "/", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) < 0)
         fail(sync_fd, "read-only root: %s", strerror(errno));
-    for (int i = 0; i < s->nsysctls; i++) apply_sysctl(s->sysctls[i], sync_fd);
     common_setup(s, sync_fd);
 }
 

@@ -1,0 +1,142 @@
+"""The CLI verbs that need no VM, run as an engine runs them: `python -m pyrunv --root DIR ...`."""
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from pyrunv import cli, defaults, spec, state
+from pyrunv.errors import PyrunvError
+
+HEADER = "ID   PID   STATUS   BUNDLE   CREATED   OWNER\n"
+
+
+def pyrunv(root, *args):
+    return subprocess.run([sys.executable, "-m", "pyrunv", "--root", str(root), *map(str, args)],
+                          capture_output=True, text=True, timeout=30, cwd=root.parent)
+
+
+@pytest.fixture
+def root(tmp_path):
+    return tmp_path / "root"
+
+
+def test_list_without_containers_prints_the_header_only(root):
+    result = pyrunv(root, "list")
+    assert (result.returncode, result.stdout, result.stderr) == (0, HEADER, "")
+
+
+def test_list_quiet_and_json_without_containers(root):
+    assert pyrunv(root, "list", "--quiet").stdout == ""
+    assert json.loads(pyrunv(root, "list", "--format", "json").stdout) == []
+
+
+def test_list_shows_a_stored_container_as_stopped_once_its_monitor_is_gone(root):
+    store = state.Store(str(root))
+    store.make("c1")
+    store.save(state.Record(id="c1", bundle="/b", rootfs="/b/rootfs", status="running", pid=2 ** 22 + 1,
+                            pid_start=1, created="2024-01-01T00:00:00Z", owner="root"))
+    listed = json.loads(pyrunv(root, "list", "--format", "json").stdout)
+    assert [(c["id"], c["status"], c["pid"]) for c in listed] == [("c1", "stopped", 0)]
+
+
+def test_state_of_an_unknown_container_is_a_one_line_error(root):
+    result = pyrunv(root, "state", "ghost")
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", "pyrunv: container ghost does not exist\n")
+
+
+def test_an_invalid_id_is_refused_before_touching_the_root(root):
+    result = pyrunv(root, "state", "../escape")
+    assert (result.returncode, result.stderr) == (1, "pyrunv: invalid container id format: '../escape'\n")
+    assert not root.exists()
+
+
+# Run in a fresh interpreter: which heavy modules did `list` and `state` import?
+LAZY_IMPORTS = """
+import sys
+from pyrunv import cli
+root = sys.argv[1]
+for args in (["list"], ["state", "ghost"]):
+    sys.argv = ["pyrunv", "--root", root, *args]
+    try:
+        cli.main()
+    except SystemExit:
+        pass
+print(sorted(m for m in ("jsonschema", "qemu.qmp", "asyncio") if m in sys.modules))
+"""
+
+
+def test_list_and_state_import_no_heavy_modules(root):
+    result = subprocess.run([sys.executable, "-c", LAZY_IMPORTS, str(root)], capture_output=True, text=True,
+                            timeout=30)
+    assert result.stdout.startswith(HEADER), result.stderr
+    assert "container ghost does not exist" in result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("rootless", [False, True])
+def test_spec_writes_a_config_that_loads(tmp_path, rootless):
+    result = pyrunv(tmp_path / "root", "spec", "--bundle", tmp_path, *(["--rootless"] if rootless else []))
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    (tmp_path / "rootfs").mkdir()
+    loaded = spec.load(str(tmp_path))
+    assert loaded.process.args == ("sh",) and loaded.root_readonly
+    assert loaded.process.capabilities["bounding"] == tuple(defaults.DEFAULT_CAPS)
+    namespaces = [n["type"] for n in json.loads((tmp_path / "config.json").read_text())["linux"]["namespaces"]]
+    assert ("user" in namespaces) == rootless
+
+
+def test_spec_refuses_to_overwrite_a_config(tmp_path):
+    (tmp_path / "config.json").write_text("mine")
+    result = pyrunv(tmp_path / "root", "spec", "--bundle", tmp_path)
+    assert (result.returncode, result.stderr) == (1, "pyrunv: File config.json exists. Remove it first\n")
+    assert (tmp_path / "config.json").read_text() == "mine"
+
+
+def test_features_lists_pyrunvs_annotations(root):
+    result = pyrunv(root, "features")
+    assert result.returncode == 0
+    features = json.loads(result.stdout)
+    assert {k for k in features["annotations"] if k.startswith("io.pyrunv.vm.")} == {
+        f"io.pyrunv.vm.{k}" for k in ("memory_mib", "vcpus", "kernel_params", "machine", "accel", "kernel")}
+    assert "CAP_SYS_ADMIN" in features["linux"]["capabilities"]
+    assert features["ociVersionMax"] == "1.0.2"
+
+
+@pytest.mark.parametrize("name", ["NOPE", "SIGNOPE", "0", "65", "9.5"])
+def test_kill_with_an_invalid_signal_is_refused(root, name):
+    result = pyrunv(root, "kill", "c1", name)
+    assert (result.returncode, result.stderr) == (1, f"pyrunv: invalid signal: {name}\n")
+
+
+@pytest.mark.parametrize("name,number", [("TERM", 15), ("SIGKILL", 9), ("kill", 9), ("sigusr1", 10), ("9", 9),
+                                         ("64", 64)])
+def test_signals_are_taken_by_name_or_number(name, number):
+    assert cli.parse_signal(name) == number
+
+
+def test_parse_signal_refuses_a_name_that_is_no_signal():
+    with pytest.raises(PyrunvError, match="^invalid signal: SIG_DFL$"):
+        cli.parse_signal("SIG_DFL")
+
+
+def test_stopping_a_monitor_that_was_already_gone_when_recorded_returns_at_once(tmp_path):
+    store = state.Store(str(tmp_path / "root"))
+    store.make("c1")
+    zombie = subprocess.Popen(["true"])
+    while state.process_start_time(zombie.pid):
+        time.sleep(0.01)  # until it has exited; it stays a zombie because nobody waits for it yet
+    record = state.Record(id="c1", bundle="/b", rootfs="/b/rootfs", status="created", pid=zombie.pid, pid_start=0)
+    stopper = threading.Thread(target=cli.stop_monitor, args=(store, record, 0.1), daemon=True)
+    stopper.start()
+    stopper.join(2)
+    alive = stopper.is_alive()
+    zombie.wait()
+    assert not alive, "stop_monitor waits forever for a start time of 0 to change"
+
+
+def test_the_version_names_the_spec(root):
+    result = pyrunv(root, "--version")
+    assert (result.returncode, result.stdout) == (0, "pyrunv version 0.1.0\nspec: 1.0.2\n")

@@ -1,0 +1,187 @@
+"""The VM plan: the agent's records (as kernel/agent/spawn.c parses them), VM sizing, annotations, shares."""
+import resource
+
+import pytest
+
+from pyrunv import plan
+from pyrunv.config import Config
+from pyrunv.errors import PyrunvError
+from pyrunv.spec import CAPABILITIES, RLIMITS, Mount, Process, Spec
+
+MIB = 1 << 20
+
+
+def make_spec(**fields) -> Spec:
+    return Spec(**{"bundle": "/b", "rootfs": "/b/rootfs", "root_readonly": False,
+                   "process": Process(args=("sh",)), **fields})
+
+
+def decoded(records: bytes) -> list:
+    """The records back as (key, value) pairs, the way the agent splits them."""
+    assert records.endswith(b"\0")
+    return [tuple(r.decode().split("=", 1)) for r in records[:-1].split(b"\0")]
+
+
+def test_records_are_nul_terminated_key_value_pairs():
+    assert plan.records([("arg", "sh"), ("uid", 0), ("env", "A=b=c")]) == b"arg=sh\0uid=0\0env=A=b=c\0"
+    assert plan.records([]) == b""
+
+
+def test_records_refuse_a_nul_in_a_value():
+    with pytest.raises(PyrunvError, match="^arg: value contains a NUL byte$"):
+        plan.records([("arg", "a\0b")])
+
+
+def test_process_pairs_carry_every_process_field():
+    process = Process(args=("sh", "-c", "x"), env=("A=1",), cwd="/w", uid=1, gid=2, additional_gids=(3, 4),
+                      umask=0o27, rlimits=(("RLIMIT_NOFILE", 512, 1024),), no_new_privileges=True, terminal=True,
+                      oom_score_adj=-5)
+    assert plan.process_pairs(process) == [
+        ("arg", "sh"), ("arg", "-c"), ("arg", "x"), ("env", "A=1"), ("cwd", "/w"), ("uid", 1), ("gid", 2),
+        ("group", 3), ("group", 4), ("umask", "27"), ("rlimit", "7 512 1024"), ("nnp", 1), ("terminal", 1),
+        ("oom_score_adj", -5)]
+
+
+def test_unset_optional_process_fields_send_no_record():
+    assert plan.process_pairs(Process(args=("sh",))) == [("arg", "sh"), ("cwd", "/"), ("uid", 0), ("gid", 0)]
+
+
+def test_capabilities_are_hex_masks_in_the_agents_set_order():
+    caps = {"bounding": ("CAP_CHOWN", "CAP_KILL"), "effective": ("CAP_KILL",), "permitted": (),
+            "inheritable": ("CAP_SYS_ADMIN",), "ambient": ("CAP_CHOWN",)}
+    pairs = dict(plan.process_pairs(Process(args=("sh",), capabilities=caps)))
+    # bounding effective permitted inheritable ambient; CAP_CHOWN is bit 0, CAP_KILL bit 5, CAP_SYS_ADMIN bit 21
+    assert pairs["caps"] == "21 20 0 200000 1"
+
+
+def test_no_capabilities_at_all_is_five_empty_masks():
+    empty = {name: () for name in ("bounding", "effective", "permitted", "inheritable", "ambient")}
+    assert dict(plan.process_pairs(Process(args=("sh",), capabilities=empty)))["caps"] == "0 0 0 0 0"
+
+
+def test_capability_and_rlimit_numbers_are_the_kernels():
+    assert [CAPABILITIES[name] for name in ("CAP_SYS_ADMIN", "CAP_BPF", "CAP_CHECKPOINT_RESTORE")] == [21, 39, 40]
+    assert {name: number for name, number in RLIMITS.items() if hasattr(resource, name)} == \
+        {name: getattr(resource, name) for name in RLIMITS if hasattr(resource, name)}
+
+
+def mount_fields(options, type="tmpfs", source="tmpfs", destination="/mnt", shared_name=None):
+    return plan.mount_record(Mount(destination, type, source, tuple(options)), shared_name).split("\t")
+
+
+def test_mount_flags_are_hex_ms_flags():
+    assert mount_fields(["ro", "nosuid"])[:2] == ["3", "0"]
+    assert mount_fields(["nosuid", "nodev", "noexec", "relatime"])[0] == f"{0xe | 1 << 21:x}"
+
+
+def test_clearing_options_set_no_flag():
+    assert mount_fields(["rw", "suid", "dev", "exec"])[:2] == ["0", "0"]
+
+
+def test_an_rbind_mount_is_a_recursive_bind_of_its_share():
+    flags, propagation, kind, source, destination, data = mount_fields(
+        ["rbind", "rprivate"], type="bind", source="/host/dir", destination="/data", shared_name="m1")
+    assert int(flags, 16) & 0x5000 == 0x5000
+    assert int(propagation, 16) == 1 << 18 | 0x4000
+    assert (kind, source, destination, data) == ("bind", "m1", "/data", "")
+
+
+def test_unknown_options_become_mount_data():
+    flags, _, kind, source, destination, data = mount_fields(["nosuid", "mode=755", "size=65536k"])
+    assert (flags, kind, source, destination, data) == ("2", "tmpfs", "tmpfs", "/mnt", "mode=755,size=65536k")
+
+
+def test_a_mount_without_source_uses_its_type():
+    assert mount_fields([], type="proc", source="")[2:4] == ["proc", "proc"]
+
+
+def test_a_tab_in_a_mount_field_is_refused_on_one_line():
+    with pytest.raises(PyrunvError, match=r"^invalid config.json: mount '/a\\tb\\n': tab in a mount field$"):
+        mount_fields([], destination="/a\tb\n")
+
+
+def test_without_limits_the_vm_has_the_configured_size():
+    vm = plan.make(make_spec(), Config(vcpus=2, memory_mib=200))
+    assert (vm.vcpus, vm.memory_mib) == (2, 200)
+
+
+def test_the_memory_limit_plus_the_guest_overhead_is_the_vm_memory():
+    config = Config()
+    assert plan.make(make_spec(memory_limit=256 * MIB), config).memory_mib == 256 + config.guest_overhead_mib
+    assert plan.make(make_spec(memory_limit=256 * MIB + 1), config).memory_mib == 257 + config.guest_overhead_mib
+
+
+@pytest.mark.parametrize("quota,period,vcpus", [(150000, 100000, 2), (50000, 100000, 1), (100000, 100000, 1),
+                                                (400000, 100000, 4), (10 ** 7, 100000, 16), (150000, 0, 1)])
+def test_the_cpu_quota_rounds_up_to_whole_vcpus(quota, period, vcpus):
+    assert plan.make(make_spec(cpu_quota=quota, cpu_period=period), Config()).vcpus == vcpus
+
+
+def annotated(**annotations) -> Spec:
+    return make_spec(annotations={f"io.pyrunv.vm.{k}": v for k, v in annotations.items()},
+                     cpu_quota=150000, cpu_period=100000, memory_limit=256 * MIB)
+
+
+def test_allowed_annotations_size_and_shape_the_vm():
+    config = Config(kernel_params="loglevel=3")
+    vm = plan.make(annotated(vcpus="4", memory_mib="512", machine="q35", accel="tcg", kernel_params="foo=1"), config)
+    assert (vm.vcpus, vm.memory_mib, vm.machine, vm.accel) == (4, 512, "q35", "tcg")
+    assert vm.kernel_params == "loglevel=3 foo=1"
+
+
+def test_annotations_not_allowed_by_the_config_are_ignored():
+    vm = plan.make(annotated(vcpus="4", memory_mib="512"), Config(annotations_allowed=[]))
+    assert (vm.vcpus, vm.memory_mib) == (2, 256 + Config().guest_overhead_mib)
+
+
+def test_the_kernel_annotation_is_ignored_unless_the_config_allows_it():
+    spec = annotated(kernel="/evil/vmlinux")
+    assert plan.make(spec, Config(kernel="/guest/vmlinux")).kernel == "/guest/vmlinux"
+    allowed = Config(kernel="/guest/vmlinux", annotations_allowed=["kernel"])
+    assert plan.make(spec, allowed).kernel == "/evil/vmlinux"
+
+
+def test_annotations_of_other_prefixes_are_ignored():
+    spec = make_spec(annotations={"io.other.vcpus": "8", "vcpus": "8"})
+    assert plan.make(spec, Config(vcpus=1)).vcpus == 1
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("vcpus", "two", "^annotation io.pyrunv.vm.vcpus: invalid value 'two'$"),
+    ("memory_mib", "1.5", "^annotation io.pyrunv.vm.memory_mib: invalid value '1.5'$"),
+    ("vcpus", "99", "^annotations: vcpus must be between 1 and 16, not 99$"),
+    ("memory_mib", "8", "^annotations: memory_mib must be between 32 and 65536, not 8$"),
+    ("machine", "pc", "^annotations: machine must be one of microvm, q35, not 'pc'$"),
+    ("accel", "hvf", "^annotations: accel must be one of auto, kvm, tcg, not 'hvf'$"),
+])
+def test_a_bad_annotation_value_is_named(key, value, expected):
+    with pytest.raises(PyrunvError, match=expected):
+        plan.make(annotated(**{key: value}), Config())
+
+
+def test_bind_mounts_are_shared_as_m1_m2_after_the_rootfs():
+    mounts = (Mount("/data", "bind", "/host/data", ("rbind", "ro")),
+              Mount("/tmp", "tmpfs", "tmpfs", ("nosuid",)),
+              Mount("/etc/hosts", "none", "/host/hosts", ("bind", "rw")))
+    vm = plan.make(make_spec(mounts=mounts), Config())
+    assert vm.shared == (plan.SharedPath("/b/rootfs", "rootfs", False), plan.SharedPath("/host/data", "m1", True),
+                         plan.SharedPath("/host/hosts", "m2", False))
+    records = [value.split("\t") for key, value in decoded(vm.init_records) if key == "mount"]
+    assert [(r[2], r[3], r[4]) for r in records] == [("bind", "m1", "/data"), ("tmpfs", "tmpfs", "/tmp"),
+                                                      ("bind", "m2", "/etc/hosts")]
+
+
+def test_the_init_records_describe_the_whole_container():
+    spec = make_spec(root_readonly=True, hostname="box", masked_paths=("/proc/kcore",),
+                     readonly_paths=("/proc/sys",), sysctl=(("net.ipv4.ip_forward", "1"),),
+                     process=Process(args=("sh",), env=("A=1",)))
+    assert decoded(plan.make(spec, Config()).init_records) == [
+        ("root", "rootfs"), ("arg", "sh"), ("env", "A=1"), ("cwd", "/"), ("uid", "0"), ("gid", "0"),
+        ("root_readonly", "1"), ("hostname", "box"), ("masked", "/proc/kcore"), ("readonly", "/proc/sys"),
+        ("sysctl", "net.ipv4.ip_forward=1")]
+
+
+def test_the_plan_carries_the_config_paths():
+    config = Config(kernel="/k", initrd="/i")
+    vm = plan.make(make_spec(), config)
+    assert (vm.kernel, vm.initrd, vm.machine, vm.accel) == ("/k", "/i", "microvm", "auto")
