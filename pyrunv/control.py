@@ -1,6 +1,7 @@
 """The CLI's side of the monitor's control socket: one JSON request (with fds for exec), JSON lines back.
 
 Kept free of asyncio so that the CLI verbs stay cheap to start."""
+import contextlib
 import json
 import os
 import socket
@@ -8,6 +9,22 @@ import socket
 from .errors import PyrunvError
 
 SOCKET_NAME = "monitor.sock"
+SUN_PATH_MAX = 107
+
+
+@contextlib.contextmanager
+def socket_path(directory: str, name: str):
+    """A path for bind/connect even where directory/name is longer than sun_path allows
+    (docker's state directories are): it goes through /proc/self/fd of the opened directory."""
+    full = os.path.join(directory, name)
+    if len(full.encode()) <= SUN_PATH_MAX:
+        yield full
+        return
+    fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{name}"
+    finally:
+        os.close(fd)
 
 
 class Connection:
@@ -15,7 +32,8 @@ class Connection:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
-            self.sock.connect(os.path.join(state_dir, SOCKET_NAME))
+            with socket_path(state_dir, SOCKET_NAME) as path:
+                self.sock.connect(path)
         except OSError:
             self.sock.close()
             raise PyrunvError("container's monitor is not running") from None

@@ -1,7 +1,9 @@
-"""Host-side mounts for a container's share directory, made in the monitor's own mount namespace.
+"""The monitor's own namespaces, and the share directory's bind mounts made in them.
 
 The monitor unshares its mount namespace first, so the share's bind mounts exist only there: when the
-monitor and virtiofsd are gone, so are the mounts, even after a SIGKILL."""
+monitor and virtiofsd are gone, so are the mounts, even after a SIGKILL. It also enters the network
+namespace the spec asks for, so that hooks which plumb "the container's" netns (docker's
+libnetwork-setkey reads /proc/PID/ns/net of the state's pid) touch that one, never the host's."""
 import ctypes
 import os
 
@@ -11,6 +13,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_REC = 0x20, 0x1000, 0x4000
 MS_PRIVATE, MS_SLAVE = 1 << 18, 1 << 19
 CLONE_NEWNS = 0x00020000
+CLONE_NEWNET = 0x40000000
 
 _libc = None
 
@@ -33,6 +36,21 @@ def private_namespace() -> None:
     """A mount namespace of our own that still receives the host's later mounts (slave)."""
     _call("unshare", CLONE_NEWNS)
     mount(None, "/", None, MS_REC | MS_SLAVE)
+
+
+def network_namespace(path: str | None) -> None:
+    """Joins the netns at `path`, or makes a new one when path is empty."""
+    try:
+        if path:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _call("setns", fd, CLONE_NEWNET)
+            finally:
+                os.close(fd)
+        else:
+            _call("unshare", CLONE_NEWNET)
+    except OSError as e:
+        raise PyrunvError(f"network namespace {path or '(new)'}: {e.strerror}") from None
 
 
 def bind(source: str, target: str, readonly: bool) -> None:

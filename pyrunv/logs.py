@@ -1,9 +1,9 @@
 """runc-style logging: --log FILE with --log-format text|json; JSON lines are {"level","msg","time"}."""
 import contextlib
 import json
+import datetime
 import logging
 import sys
-import time
 
 log = logging.getLogger("pyrunv")
 _settings: dict = {}
@@ -13,7 +13,9 @@ class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return json.dumps({"level": record.levelname.lower().replace("warning", "warn"),
                            "msg": record.getMessage(),
-                           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(record.created))})
+                           # RFC 3339, which containerd parses
+                           "time": datetime.datetime.fromtimestamp(record.created).astimezone()
+                           .isoformat(timespec="seconds")})
 
 
 def configure(path: str | None = None, fmt: str = "text", debug: bool = False) -> None:

@@ -5,6 +5,7 @@ It owns the VM (virtiofsd, QEMU, QMP) and the guest channel, relays the stdio it
 the container's status: its exit code, or death by the same signal."""
 import asyncio
 import concurrent.futures
+import ctypes
 import contextlib
 import json
 import os
@@ -24,6 +25,7 @@ from .plan import VmPlan
 
 log = logs.log
 INIT_ID = 1
+PR_SET_NAME = 15
 FORWARDED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
              signal.SIGTERM, signal.SIGALRM, signal.SIGPWR, signal.SIGTSTP, signal.SIGCONT)
 UNKILLABLE = (signal.SIGCHLD, signal.SIGWINCH, signal.SIGURG, signal.SIGCONT, signal.SIGSTOP, signal.SIGTSTP,
@@ -106,7 +108,14 @@ class Monitor:
             os.closerange(3, report_fd)
             os.closerange(report_fd + 1, 1 << 16)
             logs.reopen(os.path.join(self.state_dir, "monitor.log"))
+            ctypes.CDLL(None).prctl(PR_SET_NAME, b"pyrunv-monitor")
+            # Namespaces before asyncio starts any thread: unshare needs a single-threaded process.
+            hostmount.private_namespace()
+            if self.plan.network_namespace is not None:
+                hostmount.network_namespace(self.plan.network_namespace)
             status = asyncio.run(self._run(report_fd))
+        except PyrunvError as e:
+            self._report(report_fd, str(e))
         except BaseException as e:  # the monitor must always report and exit
             log.exception("monitor failed")
             self._report(report_fd, f"monitor failed: {e}")
@@ -146,7 +155,6 @@ class Monitor:
 
     async def _boot(self, stack: contextlib.AsyncExitStack) -> str:
         loop = asyncio.get_running_loop()
-        hostmount.private_namespace()
         share = self._path("share")
         os.mkdir(share, 0o700)
         for shared in self.plan.shared:
@@ -155,11 +163,12 @@ class Monitor:
 
         # Every socket is made here and handed over as an fd: no daemon races us for a path.
         listener = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-        listener.bind(self._path("fs.sock"))
-        listener.listen(1)
         fs_client = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-        fs_client.connect(self._path("fs.sock"))
-        os.unlink(self._path("fs.sock"))
+        with control.socket_path(self.state_dir, "fs.sock") as path:
+            listener.bind(path)
+            listener.listen(1)
+            fs_client.connect(path)
+            os.unlink(path)
         agent_host, agent_guest = socket.socketpair()
         qmp_host, qmp_guest = socket.socketpair()
         for s in (agent_host, agent_guest, qmp_host, qmp_guest):
@@ -198,7 +207,8 @@ class Monitor:
         self.init.start_relay()
 
         control_sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-        control_sock.bind(self._path(control.SOCKET_NAME))
+        with control.socket_path(self.state_dir, control.SOCKET_NAME) as path:
+            control_sock.bind(path)
         control_sock.listen(16)
         control_sock.setblocking(False)
         self.server = loop.create_task(self._accept(control_sock))

@@ -36,6 +36,7 @@ class VmPlan:
     kernel_params: str
     shared: tuple           # SharedPath, the rootfs first
     init_records: bytes     # the agent's CREATE payload
+    network_namespace: str | None = None  # where the monitor and QEMU live (see hostmount)
 
 
 def records(pairs) -> bytes:
@@ -131,4 +132,4 @@ def make(spec: Spec, config: config_mod.Config) -> VmPlan:
         machine=sized.machine, accel=sized.accel, vcpus=int(sized.vcpus), memory_mib=int(sized.memory_mib),
         kernel=sized.kernel, initrd=config.initrd,
         kernel_params=" ".join(p for p in (config.kernel_params, extra_params) if p),
-        shared=tuple(shared), init_records=records(pairs))
+        shared=tuple(shared), init_records=records(pairs), network_namespace=spec.network_namespace)

@@ -67,6 +67,7 @@ class Spec:
     memory_limit: int = 0
     cpu_quota: int = 0
     cpu_period: int = 0
+    network_namespace: str | None = None  # None: the host's; "": a new one; else the path to join
 
 
 _schema = None
@@ -149,6 +150,7 @@ def load(bundle: str) -> Spec:
     linux = document.get("linux", {})
     resources = linux.get("resources", {})
     hooks = document.get("hooks", {})
+    network = [ns.get("path", "") for ns in linux.get("namespaces", ()) if ns["type"] == "network"]
     return Spec(
         bundle=bundle, rootfs=os.path.realpath(rootfs), root_readonly=document["root"].get("readonly", False),
         process=parse_process(document["process"]), hostname=document.get("hostname", ""),
@@ -159,4 +161,5 @@ def load(bundle: str) -> Spec:
         annotations=dict(document.get("annotations", {})),
         memory_limit=max(resources.get("memory", {}).get("limit", 0) or 0, 0),
         cpu_quota=resources.get("cpu", {}).get("quota", 0) or 0,
-        cpu_period=resources.get("cpu", {}).get("period", 0) or 0)
+        cpu_period=resources.get("cpu", {}).get("period", 0) or 0,
+        network_namespace=network[0] if network else None)
