@@ -5,6 +5,7 @@ slow reader of one stream never blocks another stream or the control replies."""
 import asyncio
 import enum
 import fcntl
+import logging
 import os
 import struct
 import termios
@@ -35,6 +36,7 @@ class Channel:
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[int, asyncio.Future] = {}
         self._procs: dict[int, "ProcessIO"] = {}
+        self._locks: dict[int, asyncio.Lock] = {}
         self._next_tag = 1 << 31
         self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -49,16 +51,20 @@ class Channel:
         self._writer.write(HEADER.pack(kind, ident, len(payload)) + payload)
 
     async def request(self, kind: F, ident: int | None = None, payload: bytes = b"") -> bytes:
-        """Sends a request and waits for its OK, ERROR (raised as the user's error) or REPLY."""
+        """Sends a request and waits for its OK, ERROR (raised as the user's error) or REPLY.
+
+        Replies carry only the id, so requests about one process go one at a time."""
         if ident is None:
             ident, self._next_tag = self._next_tag, self._next_tag + 1
-        future = asyncio.get_running_loop().create_future()
-        self._pending[ident] = future
-        try:
-            self.send(kind, ident, payload)
-            return await future
-        finally:
-            self._pending.pop(ident, None)
+        lock = self._locks.setdefault(ident, asyncio.Lock())
+        async with lock:
+            future = asyncio.get_running_loop().create_future()
+            self._pending[ident] = future
+            try:
+                self.send(kind, ident, payload)
+                return await future
+            finally:
+                self._pending.pop(ident, None)
 
     def attach(self, proc: "ProcessIO") -> None:
         self._procs[proc.ident] = proc
@@ -73,6 +79,8 @@ class Channel:
                 self._dispatch(kind, ident, await reader.readexactly(length) if length else b"")
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
+        except Exception:  # a malformed frame: the stream can no longer be trusted
+            logging.getLogger("pyrunv").exception("guest channel")
         self.closed.set_result(None)
         for future in self._pending.values():
             if not future.done():

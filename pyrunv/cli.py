@@ -185,7 +185,12 @@ def kill(obj, everyone, container_id, signal):
 
 def delete_container(obj: Context, container_id: str, force: bool) -> None:
     from . import hooks
+    if force and not os.path.isdir(obj.state_dir(container_id)):
+        return  # runc: forcing the delete of a container that is not there is no error
     with obj.store.lock(container_id):
+        if not obj.store.exists(container_id):
+            obj.store.remove(container_id)  # a create that died before its first state.json
+            raise PyrunvError(f"container {container_id} does not exist")
         record, status = obj.container(container_id)
         lifecycle.check("delete --force" if force else "delete", container_id, status)
         stop_monitor(obj.store, record)
@@ -316,6 +321,20 @@ def ps(obj, fmt, container_id, ps_args):
         click.echo(f"{p['uid']:<8} {p['pid']:>7} {p['ppid']:>7} {p['cmd']}")
 
 
+def parse_duration(text: str) -> float:
+    """Go-style durations as runc takes them: 500ms, 5s, 1m, 1h."""
+    for suffix, scale in (("ms", 0.001), ("s", 1), ("m", 60), ("h", 3600)):
+        if text.endswith(suffix):
+            try:
+                value = float(text[:-len(suffix)]) * scale
+            except ValueError:
+                break
+            if value > 0:
+                return value
+            break
+    raise PyrunvError(f"invalid duration: {text!r}")
+
+
 def stats_event(container_id: str, stats: dict) -> dict:
     return {"type": "stats", "id": container_id, "data": {
         "cpu": {"usage": {"total": stats["cpu_user_ns"] + stats["cpu_system_ns"],
@@ -332,7 +351,7 @@ def stats_event(container_id: str, stats: dict) -> dict:
 def events(obj, once, interval, container_id):
     """Print the container's stats (from the guest) as JSON events."""
     from . import control
-    seconds = float(interval[:-2]) / 1000 if interval.endswith("ms") else float(interval.rstrip("s"))
+    seconds = parse_duration(interval)
     while True:
         record, status = obj.container(container_id)
         lifecycle.check("events", container_id, status)

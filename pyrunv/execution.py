@@ -22,7 +22,8 @@ def build_process(record: state.Record, process_file, command, *, cwd, env, tty,
             raise PyrunvError("exec: no command given: pass args or --process")
         config = spec_mod.read_json(os.path.join(record.bundle, "config.json"), "config.json")
         process = dict(config.get("process", {}), args=list(command), terminal=tty)
-        process["env"] = list(process.get("env", [])) + list(env)
+        overrides = {e.split("=", 1)[0] for e in env}
+        process["env"] = [e for e in process.get("env", []) if e.split("=", 1)[0] not in overrides] + list(env)
         if cwd:
             process["cwd"] = cwd
         if user:
@@ -35,9 +36,9 @@ def build_process(record: state.Record, process_file, command, *, cwd, env, tty,
             process.setdefault("user", {})["additionalGids"] = list(additional_gids)
         if no_new_privs:
             process["noNewPrivileges"] = True
-        if caps:
-            process["capabilities"] = {k: sorted(set(v) | set(caps))
-                                       for k, v in process.get("capabilities", {}).items()}
+        if caps and "capabilities" in process:  # without capabilities the process keeps them all
+            process["capabilities"] = {k: sorted(set(process["capabilities"].get(k, [])) | set(caps))
+                                       for k in spec_mod.CAP_SETS}
     if not isinstance(process, dict):
         raise PyrunvError("invalid process.json: not an object")
     spec_mod.validate({"ociVersion": "1.0.2", "root": {"path": "rootfs"}, "process": process}, "process")

@@ -20,8 +20,9 @@ TRANSITIONS: dict[str, tuple[frozenset[Status], Status | None]] = {
     "resume": (frozenset({S.PAUSED}), S.RUNNING),
     "kill": (frozenset({S.CREATED, S.RUNNING, S.PAUSED}), None),
     "exec": (frozenset({S.CREATED, S.RUNNING}), None),
-    "ps": (frozenset({S.CREATED, S.RUNNING, S.PAUSED}), None),
-    "events": (frozenset({S.CREATED, S.RUNNING, S.PAUSED}), None),
+    # A frozen VM cannot answer: ps and events need it running (or created).
+    "ps": (frozenset({S.CREATED, S.RUNNING}), None),
+    "events": (frozenset({S.CREATED, S.RUNNING}), None),
     "delete": (frozenset({S.CREATED, S.STOPPED}), None),
     "delete --force": (frozenset(Status), None),
 }

@@ -27,10 +27,11 @@ def reopen(fallback_path: str | None = None) -> None:
     """Sets the handler up again, e.g. in the monitor after it has closed every inherited fd.
 
     The monitor's stderr is the container's, so it logs to `fallback_path` when there is no --log."""
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-        with contextlib.suppress(OSError):  # its fd may be closed already
-            handler.close()
+    for logger in (log, logging.getLogger()):
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+            with contextlib.suppress(OSError):  # its fd may be closed already
+                handler.close()
     path = _settings.get("path") or fallback_path
     handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
     if _settings.get("fmt") == "json":
@@ -39,6 +40,8 @@ def reopen(fallback_path: str | None = None) -> None:
         handler.setFormatter(logging.Formatter("time=%(asctime)s level=%(levelname)s msg=%(message)r"))
     if not path and not _settings.get("debug"):
         handler.setLevel(logging.CRITICAL + 1)  # errors reach stderr once, through the CLI's own line
-    log.addHandler(handler)
+    # The root logger gets it too, so asyncio's own messages never reach a container's stderr.
+    for logger in (log, logging.getLogger()):
+        logger.addHandler(handler)
     log.setLevel(logging.DEBUG if _settings.get("debug") else logging.INFO)
     log.propagate = False

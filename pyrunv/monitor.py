@@ -264,8 +264,12 @@ class Monitor:
         return (128 + signal.SIGKILL, signal.SIGKILL)  # the VM (or its file server) died: as if SIGKILLed
 
     def _forward(self, sig: int) -> None:
+        asyncio.get_running_loop().create_task(self._signal(INIT_ID, sig, False))
+
+    async def _signal(self, ident: int, sig: int, everyone: bool) -> None:
+        """A signal that nobody waits for: the process may be gone, or the VM frozen until resume."""
         with contextlib.suppress(PyrunvError):
-            self.channel.send(F.SIGNAL, INIT_ID, PAIR.pack(sig, 0))
+            await self.channel.request(F.SIGNAL, ident, PAIR.pack(sig, int(everyone)))
 
     async def _accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -312,7 +316,7 @@ class Monitor:
         sig, everyone = int(request["signal"]), bool(request.get("all"))
         if self.paused:
             if sig != signal.SIGKILL:
-                self.channel.send(F.SIGNAL, INIT_ID, PAIR.pack(sig, int(everyone)))
+                asyncio.get_running_loop().create_task(self._signal(INIT_ID, sig, everyone))
                 return {"ok": True}  # delivered when the VM thaws, as a frozen cgroup does
             await self._op_resume(request, fds, conn)
         await self.channel.request(F.SIGNAL, INIT_ID, PAIR.pack(sig, int(everyone)))
@@ -373,5 +377,5 @@ class Monitor:
             buffer += chunk
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)
-                with contextlib.suppress(ValueError, KeyError, PyrunvError):
-                    self.channel.send(F.SIGNAL, ident, PAIR.pack(int(json.loads(line)["signal"]), 0))
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    loop.create_task(self._signal(ident, int(json.loads(line)["signal"]), False))

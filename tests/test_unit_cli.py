@@ -140,3 +140,54 @@ def test_stopping_a_monitor_that_was_already_gone_when_recorded_returns_at_once(
 def test_the_version_names_the_spec(root):
     result = pyrunv(root, "--version")
     assert (result.returncode, result.stdout) == (0, "pyrunv version 0.1.0\nspec: 1.0.2\n")
+
+
+@pytest.mark.parametrize("text,seconds", [("500ms", 0.5), ("5s", 5), ("1m", 60), ("2h", 7200)])
+def test_durations_as_runc_takes_them(text, seconds):
+    assert cli.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "5", "-1s", "0s", "fast", "1d"])
+def test_bad_durations_are_one_line_errors(text):
+    with pytest.raises(PyrunvError, match="invalid duration"):
+        cli.parse_duration(text)
+
+
+def test_delete_force_of_a_missing_container_succeeds_as_in_runc(root):
+    result = pyrunv(root, "delete", "--force", "ghost")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert pyrunv(root, "delete", "ghost").returncode == 1
+
+
+def test_delete_frees_the_id_of_a_create_that_died_before_writing_state(root):
+    store = state.Store(str(root))
+    store.make("halfway")
+    assert "does not exist" in pyrunv(root, "delete", "halfway").stderr
+    store.make("halfway")  # the ID is free again
+
+
+def _exec_process(tmp_path, config_process, **flags):
+    from pyrunv import execution
+    bundle = tmp_path / "bundle"
+    (bundle / "rootfs").mkdir(parents=True)
+    (bundle / "config.json").write_text(json.dumps({"ociVersion": "1.0.2", "root": {"path": "rootfs"},
+                                                    "process": config_process}))
+    record = state.Record(id="x", bundle=str(bundle), rootfs=str(bundle / "rootfs"), status="running")
+    options = dict(cwd=None, env=(), tty=False, user=None, additional_gids=(), no_new_privs=False, caps=())
+    options.update(flags)
+    return execution.build_process(record, None, ("sh",), **options)
+
+
+def test_exec_env_replaces_a_variable_of_the_config(tmp_path):
+    process = _exec_process(tmp_path, {"args": ["x"], "cwd": "/", "env": ["TERM=xterm", "A=1"]},
+                            env=("TERM=dumb", "B=2"))
+    assert process["env"] == ["A=1", "TERM=dumb", "B=2"]
+
+
+def test_exec_cap_adds_to_every_set_and_keeps_all_caps_when_the_config_has_none(tmp_path):
+    with_caps = _exec_process(tmp_path, {"args": ["x"], "cwd": "/", "capabilities": {"bounding": ["CAP_KILL"]}},
+                              caps=("CAP_CHOWN",))
+    assert with_caps["capabilities"]["bounding"] == ["CAP_CHOWN", "CAP_KILL"]
+    assert with_caps["capabilities"]["effective"] == ["CAP_CHOWN"]
+    without = _exec_process(tmp_path / "2", {"args": ["x"], "cwd": "/"}, caps=("CAP_CHOWN",))
+    assert "capabilities" not in without
