@@ -7,7 +7,7 @@ import time
 
 import click
 
-from . import __version__, lifecycle, logs, state
+from . import __version__, lifecycle, logs, query, state
 from .errors import PyrunvError
 from .lifecycle import Status
 
@@ -165,8 +165,7 @@ def start(obj, container_id):
 @pass_ctx
 def state_(obj, container_id):
     """Output the state of a container."""
-    record, status = obj.container(container_id)
-    click.echo(json.dumps(record.oci_state(status), indent=2))
+    click.echo(query.render_state(obj.store, container_id))
 
 
 @cli.command()
@@ -265,24 +264,9 @@ def run(obj, bundle, console_socket, detach, keep, pid_file, no_subreaper, no_pi
 @pass_ctx
 def list_(obj, fmt, quiet):
     """List the containers under --root."""
-    rows = []
-    for container_id in obj.store.ids():
-        try:
-            record, status = obj.container(container_id)
-        except PyrunvError:
-            continue  # deleted meanwhile
-        rows.append(record.oci_state(status))
-    if quiet:
-        for row in rows:
-            click.echo(row["id"])
-    elif fmt == "json":
-        click.echo(json.dumps(rows))
-    else:
-        lines = [("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER")]
-        lines += [(r["id"], str(r["pid"]), r["status"], r["bundle"], r["created"], r["owner"]) for r in rows]
-        widths = [max(len(line[i]) for line in lines) for i in range(6)]
-        for line in lines:
-            click.echo("   ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+    text = query.render_list(obj.store, fmt, quiet)
+    if text:
+        click.echo(text)
 
 
 def simple_op(verb: str, op: str):
