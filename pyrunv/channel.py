@@ -17,6 +17,7 @@ PAIR = struct.Struct("<II")
 EXIT = struct.Struct("<ii")
 WINDOW = 256 << 10
 CHUNK = 64 << 10
+MAX_PAYLOAD = 1 << 20  # the agent never sends more; a guest that does is not trusted further
 STDIN, STDOUT, STDERR = 0, 1, 2
 
 
@@ -76,6 +77,8 @@ class Channel:
         try:
             while True:
                 kind, ident, length = HEADER.unpack(await reader.readexactly(HEADER.size))
+                if length > MAX_PAYLOAD:
+                    raise ValueError(f"frame of {length} bytes from the guest")
                 self._dispatch(kind, ident, await reader.readexactly(length) if length else b"")
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
