@@ -93,7 +93,7 @@ def host_tsc_khz() -> int:
 
 def machine_args(plan: VmPlan, accel: str) -> list:
     if plan.machine == "microvm":
-        return ["-M", f"microvm,acpi=off,rtc=on,x-option-roms=off",
+        return ["-M", "microvm,acpi=off,rtc=on,x-option-roms=off",
                 "-global", "virtio-mmio.force-legacy=false"]
     return ["-M", "q35"]
 

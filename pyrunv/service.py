@@ -1,0 +1,246 @@
+"""The monitor's service once its VM is started: the guest channel, the container's stdio, signal
+forwarding, the CLI's control socket, and the wait for the container's end."""
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import os
+import signal
+import socket
+import time
+
+from . import control, plan as plan_mod, spec as spec_mod, state
+from .channel import Channel, F, PAIR, ProcessIO
+from .errors import PyrunvError
+from .logs import log
+from .monitor import FORWARDED, Monitor, open_console
+
+INIT_ID = 1
+
+
+class Service:
+    def __init__(self, monitor: Monitor, accel: str):
+        self.monitor, self.accel = monitor, accel
+        self.config, self.plan = monitor.config, monitor.plan
+        self.qemu, self.virtiofsd = monitor.qemu, monitor.virtiofsd
+        self.paused = False
+        self.next_ident = INIT_ID + 1
+        self._qmp = None
+
+    def _path(self, name: str) -> str:
+        return self.monitor.path(name)
+
+    async def run(self, report_fd: int) -> tuple:
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=64)
+        async with contextlib.AsyncExitStack() as stack:
+            await self._attach(stack)
+            if not self.monitor.report(report_fd, f"ok {self.accel}"):
+                return (1, 0)  # create died before it could record us: tear everything down
+            status = await self._serve()
+            with open(self._path(state.EXIT_FILE), "w") as f:
+                json.dump({"code": status[0], "signal": status[1]}, f)
+            return status
+
+    async def _attach(self, stack: contextlib.AsyncExitStack) -> None:
+        loop = asyncio.get_running_loop()
+        self.boot_deadline = time.monotonic() + self.config.boot_timeout
+        self.qemu_gone = self._exit_of(self.qemu.pid)
+        self.virtiofsd_gone = self._exit_of(self.virtiofsd.pid)
+        self.channel = Channel(self.monitor.agent_socket)
+        await self.channel.open()
+        stack.push_async_callback(self._disconnect_qmp)
+        log.debug("agent ready: %s", await self._booting(self.channel.ready))
+        fds = (0, 1, 2)
+        if self.monitor.terminal:
+            console_socket = self.monitor.console_socket
+            slave = open_console(console_socket, self.monitor.console_size) if console_socket else 0
+            fds = (slave, slave, slave)
+        self.init = ProcessIO(self.channel, INIT_ID, fds, self.executor, tty=self.monitor.terminal)
+        await asyncio.wait_for(self.channel.request(F.CREATE, INIT_ID, self.plan.init_records), 60)
+        self.init.start_relay()
+
+        control_sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        with control.socket_path(self.monitor.state_dir, control.SOCKET_NAME) as path:
+            control_sock.bind(path)
+        control_sock.listen(16)
+        control_sock.setblocking(False)
+        self.server = loop.create_task(self._accept(control_sock))
+        for sig in FORWARDED:
+            loop.add_signal_handler(sig, self._forward, sig)
+        self.shutdown = loop.create_future()
+
+    async def _qmp_client(self):
+        """QMP is only needed for pause and resume, so it connects on first use, off the boot path."""
+        if self._qmp is None:
+            from qemu.qmp import QMPClient
+            client = QMPClient(self.monitor.record.id)
+            await asyncio.wait_for(client.connect(self.monitor.qmp_socket), 10)
+            self._qmp = client
+        return self._qmp
+
+    async def _disconnect_qmp(self) -> None:
+        if self._qmp is not None:
+            await self._qmp.disconnect()
+
+    def _exit_of(self, pid: int) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        pidfd = os.pidfd_open(pid)
+
+        def on_exit():
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            if not future.done():
+                future.set_result(None)
+        loop.add_reader(pidfd, on_exit)
+        return future
+
+    async def _booting(self, awaitable):
+        """Waits for a boot step, unless QEMU or virtiofsd dies or the boot deadline passes first."""
+        step = asyncio.ensure_future(awaitable)
+        await asyncio.wait([step, self.qemu_gone, self.virtiofsd_gone],
+                           timeout=max(0.0, self.boot_deadline - time.monotonic()),
+                           return_when=asyncio.FIRST_COMPLETED)
+        if step.done() and not step.exception():
+            return step.result()
+        step.cancel()
+        if self.qemu_gone.done():
+            raise PyrunvError(self.qemu.failure("exited during boot") + self._console_hint())
+        if self.virtiofsd_gone.done():
+            raise PyrunvError(self.virtiofsd.failure("exited during boot"))
+        if step.done():
+            raise PyrunvError(f"VM boot failed: {step.exception()}")
+        raise PyrunvError(f"VM did not become ready within {self.config.boot_timeout:g}s{self._console_hint()}")
+
+    def _console_hint(self) -> str:
+        try:
+            with open(self._path("console.log"), "rb") as f:
+                lines = [x for x in f.read()[-4096:].decode(errors="replace").splitlines() if x.strip()]
+        except OSError:
+            lines = []
+        log.error("console log tail:\n%s", "\n".join(lines[-20:]))
+        return f" (last console line: {lines[-1].strip()})" if lines else " (the console log is empty)"
+
+    async def _serve(self) -> tuple:
+        init_done = asyncio.ensure_future(self.init.wait())
+        await asyncio.wait([init_done, self.virtiofsd_gone, self.shutdown], return_when=asyncio.FIRST_COMPLETED)
+        if init_done.done():
+            return init_done.result()
+        return (128 + signal.SIGKILL, signal.SIGKILL)  # the VM (or its file server) died: as if SIGKILLed
+
+    def _forward(self, sig: int) -> None:
+        asyncio.get_running_loop().create_task(self._signal(INIT_ID, sig, False))
+
+    async def _signal(self, ident: int, sig: int, everyone: bool) -> None:
+        """A signal that nobody waits for: the process may be gone, or the VM frozen until resume."""
+        with contextlib.suppress(PyrunvError):
+            await self.channel.request(F.SIGNAL, ident, PAIR.pack(sig, int(everyone)))
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            loop.create_task(self._handle(conn))
+
+    async def _handle(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        fds: list = []
+        try:
+            conn.settimeout(10)
+            data, fds, _, _ = await loop.run_in_executor(self.executor, socket.recv_fds, conn, 1 << 20, 3)
+            while data and not data.endswith(b"\n"):
+                more = await loop.run_in_executor(self.executor, conn.recv, 1 << 20)
+                if not more:
+                    break
+                data += more
+            conn.setblocking(False)
+            request = json.loads(data)
+            try:
+                handler = getattr(self, "_op_" + request["op"])
+            except (AttributeError, KeyError, TypeError):
+                raise PyrunvError(f"unknown request {request!r}") from None
+            reply = await handler(request, fds, conn)
+            fds = []
+        except PyrunvError as e:
+            reply = {"error": str(e)}
+        except (OSError, ValueError) as e:
+            log.warning("control connection: %s", e)
+            reply = None
+        for fd in fds:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            if reply is not None:
+                await loop.sock_sendall(conn, json.dumps(reply).encode() + b"\n")
+            conn.close()
+
+    async def _op_start(self, request, fds, conn):
+        await self.channel.request(F.START, INIT_ID)
+        return {"ok": True}
+
+    async def _op_signal(self, request, fds, conn):
+        sig, everyone = int(request["signal"]), bool(request.get("all"))
+        if self.paused:
+            if sig != signal.SIGKILL:
+                asyncio.get_running_loop().create_task(self._signal(INIT_ID, sig, everyone))
+                return {"ok": True}  # delivered when the VM thaws, as a frozen cgroup does
+            await self._op_resume(request, fds, conn)
+        await self.channel.request(F.SIGNAL, INIT_ID, PAIR.pack(sig, int(everyone)))
+        return {"ok": True}
+
+    async def _op_pause(self, request, fds, conn):
+        await (await self._qmp_client()).execute("stop")
+        self.paused = True
+        return {"ok": True}
+
+    async def _op_resume(self, request, fds, conn):
+        await (await self._qmp_client()).execute("cont")
+        self.paused = False
+        return {"ok": True}
+
+    async def _op_ps(self, request, fds, conn):
+        text = (await self.channel.request(F.PS)).decode()
+        rows = [line.split(" ", 3) for line in text.splitlines() if line]
+        return {"processes": [{"pid": int(p), "ppid": int(pp), "uid": int(u), "cmd": c} for p, pp, u, c in rows]}
+
+    async def _op_stats(self, request, fds, conn):
+        text = (await self.channel.request(F.STATS)).decode()
+        return {"stats": {k: int(v) for k, v in (line.split() for line in text.splitlines() if line)}}
+
+    async def _op_shutdown(self, request, fds, conn):
+        if not self.shutdown.done():
+            self.shutdown.set_result(None)
+        return {"ok": True}
+
+    async def _op_exec(self, request, fds, conn):
+        process = spec_mod.parse_process(request["process"])
+        ident, self.next_ident = self.next_ident, self.next_ident + 1
+        stdio = (fds[0], fds[0], fds[0]) if process.terminal else tuple(fds)
+        io = ProcessIO(self.channel, ident, stdio, self.executor, tty=process.terminal)
+        try:
+            await self.channel.request(F.EXEC, ident, plan_mod.records(plan_mod.process_pairs(process)))
+        except BaseException:
+            self.channel.detach(ident)
+            raise  # _handle closes the fds and tells the waiter
+        io.start_relay()
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(conn, b'{"ok": true}\n')
+        relay = loop.create_task(self._exec_signals(conn, ident))
+        code, sig = await io.wait()
+        relay.cancel()
+        for fd in set(fds):
+            os.close(fd)
+        return {"exit": code, "signal": sig}
+
+    async def _exec_signals(self, conn: socket.socket, ident: int) -> None:
+        """The exec's waiter forwards the signals it gets as JSON lines."""
+        loop = asyncio.get_running_loop()
+        buffer = b""
+        while True:
+            chunk = await loop.sock_recv(conn, 4096)
+            if not chunk:
+                return
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    loop.create_task(self._signal(ident, int(json.loads(line)["signal"]), False))
