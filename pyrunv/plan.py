@@ -111,7 +111,7 @@ def make(spec: Spec, config: config_mod.Config) -> VmPlan:
         machine=_annotation(spec, config, "machine", config.machine, str),
         accel=_annotation(spec, config, "accel", config.accel, str),
         kernel=_annotation(spec, config, "kernel", config.kernel, str))
-    config_mod.check(sized, "annotations")
+    config_mod.check(sized, "VM size from the spec and its annotations")
     extra_params = _annotation(spec, config, "kernel_params", "", str)
 
     shared = [SharedPath(spec.rootfs, ROOTFS_NAME, False)]

@@ -49,6 +49,7 @@ class Service:
         self.channel = Channel(self.monitor.agent_socket)
         await self.channel.open()
         stack.push_async_callback(self._disconnect_qmp)
+        stack.push_async_callback(self._power_off)
         log.debug("agent ready: %s", await self._booting(self.channel.ready))
         fds = (0, 1, 2)
         if self.monitor.terminal:
@@ -68,6 +69,15 @@ class Service:
         for sig in FORWARDED:
             loop.add_signal_handler(sig, self._forward, sig)
         self.shutdown = loop.create_future()
+
+    async def _power_off(self) -> None:
+        """Asks the agent to power the VM off; QEMU (-no-reboot) exits. The monitor's exit stack kills
+        whatever is still there after the grace period."""
+        if self.paused or self.qemu_gone.done() or self.channel.closed.done():
+            return
+        with contextlib.suppress(PyrunvError):
+            self.channel.send(F.POWEROFF, 0)
+            await asyncio.wait([self.qemu_gone], timeout=1.0)
 
     async def _qmp_client(self):
         """QMP is only needed for pause and resume, so it connects on first use, off the boot path."""

@@ -75,3 +75,62 @@ def test_the_kernel_build_is_cached():
     result = subprocess.run([build], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "installed" not in result.stderr and "building" not in result.stderr
+
+
+def test_capabilities_no_new_privileges_masked_readonly_paths_and_sysctl(runtime, bundle):
+    script = ("grep -E '^(CapBnd|CapEff|NoNewPrivs)' /proc/self/status; "
+              "cat /proc/kcore | wc -c; "
+              "echo 1 > /proc/sys/kernel/domainname 2>/dev/null && echo sys-writable || echo sys-readonly; "
+              "cat /proc/sys/net/ipv4/ip_forward; "
+              "touch /newfile 2>/dev/null && echo root-writable || echo root-readonly; "
+              "mount | grep -c ' /scratch type tmpfs'")
+
+    def edit(config):
+        config["root"]["readonly"] = True
+        config["linux"]["sysctl"] = {"net.ipv4.ip_forward": "1"}
+        config["mounts"].append({"destination": "/scratch", "type": "tmpfs", "source": "tmpfs",
+                                 "options": ["nosuid", "size=1m"]})
+    result = runtime("run", "--bundle", bundle("sh", "-c", script, edit=edit), "confined")
+    assert result.returncode == 0, result.stderr
+    caps = 1 << 5 | 1 << 10 | 1 << 29  # CAP_KILL, CAP_NET_BIND_SERVICE, CAP_AUDIT_WRITE: the spec's default
+    assert result.stdout.decode().split("\n") == [
+        f"CapEff:\t{caps:016x}", f"CapBnd:\t{caps:016x}", "NoNewPrivs:\t1",
+        "0", "sys-readonly", "1", "root-readonly", "1", ""]
+
+
+def test_the_agent_powers_the_vm_off_when_the_container_ends(runtime, bundle, subreaper, tmp_path):
+    pid_file = tmp_path / "pid"
+    runtime.detached("create", "--bundle", bundle("true"), "--pid-file", pid_file, "quick")
+    runtime("start", "quick", check=True)
+    os.waitpid(int(pid_file.read_text()), 0)
+    qemu_log = (runtime.root / "quick" / "qemu.log").read_text()
+    assert "terminating on signal" not in qemu_log, "QEMU had to be killed instead of powering off"
+    runtime("delete", "quick", check=True)
+
+
+def test_hooks_run_on_the_host_with_the_state_on_stdin(runtime, bundle, tmp_path):
+    record = tmp_path / "hooks"
+    record.mkdir()
+    hook = tmp_path / "hook.sh"
+    hook.write_text(f"#!/bin/sh\ncat > {record}/$1.json\n")
+    hook.chmod(0o755)
+    kinds = ("prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop")
+
+    def edit(config):
+        config["hooks"] = {k: [{"path": str(hook), "args": ["hook.sh", k]}] for k in kinds}
+    path = bundle("true", edit=edit)
+    result = runtime("run", "--bundle", path, "hooked")
+    assert result.returncode == 0, result.stderr
+    import json
+    states = {k: json.loads((record / f"{k}.json").read_text()) for k in kinds}
+    assert {s["id"] for s in states.values()} == {"hooked"}
+    assert states["prestart"]["status"] == "created" and states["prestart"]["pid"] > 0
+    assert states["poststart"]["status"] == "running"
+    assert states["poststop"]["status"] == "stopped"
+
+
+def test_a_failing_prestart_hook_fails_create_and_leaves_nothing(runtime, bundle):
+    path = bundle("true", edit=lambda c: c.update(hooks={"prestart": [{"path": "/bin/false"}]}))
+    result = runtime("create", "--bundle", path, "badhook")
+    assert result.returncode == 1 and b"prestart hook /bin/false failed" in result.stderr
+    assert runtime.leftovers() == []
