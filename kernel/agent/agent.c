@@ -645,12 +645,23 @@ static void loopback_up(void)
     if (s >= 0) close(s);
 }
 
-static int probe_only(void)
+static int cmdline_has(const char *word)
 {
     char cmdline[4096] = "";
     FILE *f = fopen("/proc/cmdline", "re");
     if (f) { if (!fgets(cmdline, sizeof cmdline, f)) cmdline[0] = 0; fclose(f); }
-    return strstr(cmdline, "pyrunv.probe") != NULL;
+    return strstr(cmdline, word) != NULL;
+}
+
+static int tracing;
+
+/* With pyrunv.trace on the kernel command line: boot milestones, timed since the kernel started. */
+static void trace(const char *what)
+{
+    struct timespec ts;
+    if (!tracing) return;
+    clock_gettime(CLOCK_BOOTTIME, &ts);
+    fprintf(stderr, "pyrunv-agent: [%ld.%06ld] %s\n", (long)ts.tv_sec, ts.tv_nsec / 1000, what);
 }
 
 /* pivot_root(2) cannot leave the initramfs, so the container could not pivot out of it either:
@@ -689,15 +700,19 @@ static void boot(void)
     for (int i = 0; i < 3; i++) dup2(console, i);
     if (console > 2) close(console);
     mount_or_die("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    tracing = cmdline_has("pyrunv.trace");
+    trace("boot: /dev and /proc mounted");
     mount_or_die("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
-    if (probe_only()) {
+    if (cmdline_has("pyrunv.probe")) {
         /* The host's accelerator probe: the guest got this far, which is all it asks. */
         fprintf(stderr, "pyrunv-agent: probe ok\n");
         reboot(RB_AUTOBOOT);
     }
     mount_or_die("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620");
     mount_or_die("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
+    trace("boot: mounting the share");
     mount_or_die(SHARE_TAG, SHARE_DIR, "virtiofs", 0, NULL);
+    trace("boot: share mounted");
     loopback_up();
 }
 
@@ -715,10 +730,12 @@ int main(int argc, char **argv)
     root_pidns = open("/proc/self/ns/pid", O_RDONLY | O_CLOEXEC);
     epfd = epoll_create1(EPOLL_CLOEXEC);
     chan = open_agent_port();
+    trace("boot: agent port open");
     if (sigfd < 0 || root_pidns < 0 || epfd < 0) die("agent set-up");
     int sig_watching = 0;
     epoll_set(sigfd, TAG(0, R_SIGNAL), EPOLLIN, &sig_watching);
     send_text(FR_READY, 0, PROTOCOL_VERSION);
+    trace("boot: ready sent");
 
     for (;;) {
         struct epoll_event events[32];
