@@ -18,6 +18,19 @@ from .monitor import FORWARDED, Monitor, open_console
 INIT_ID = 1
 
 
+@contextlib.contextmanager
+def raw_terminal(fd: int):
+    """The guest's tty does the line discipline; the host terminal passes keys through untouched."""
+    import termios
+    import tty
+    saved = termios.tcgetattr(fd)
+    tty.setraw(fd)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
 class Service:
     def __init__(self, monitor: Monitor, accel: str):
         self.monitor, self.accel = monitor, accel
@@ -55,6 +68,8 @@ class Service:
         if self.monitor.terminal:
             console_socket = self.monitor.console_socket
             slave = open_console(console_socket, self.monitor.console_size) if console_socket else 0
+            if not console_socket:
+                stack.enter_context(raw_terminal(0))  # a person's own terminal, as runc run uses it
             fds = (slave, slave, slave)
         self.init = ProcessIO(self.channel, INIT_ID, fds, self.executor, tty=self.monitor.terminal)
         await asyncio.wait_for(self.channel.request(F.CREATE, INIT_ID, self.plan.init_records), 60)
@@ -90,7 +105,8 @@ class Service:
 
     async def _disconnect_qmp(self) -> None:
         if self._qmp is not None:
-            await self._qmp.disconnect()
+            with contextlib.suppress(Exception):  # QEMU may be dead already: its EOF is no news here
+                await self._qmp.disconnect()
 
     def _exit_of(self, pid: int) -> asyncio.Future:
         loop = asyncio.get_running_loop()
