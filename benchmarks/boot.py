@@ -1,11 +1,16 @@
 """Boot to "agent ready": the median time from QEMU's exec to the agent's READY frame.
 
 The VM is the one `create` boots (same kernel, initrd, devices and virtiofsd), driven without the
-rest of the runtime, so this is the floor that pyrunv's own start-up sits on."""
+rest of the runtime, so this is the floor that pyrunv's own start-up sits on. `boot_phases` also
+times the teardown (QEMU and virtiofsd stopped and reaped), which makes it the bare-QEMU floor of a
+whole `pyrunv run` in the suite (`python -m benchmarks`); `probe_once` times the agent's probe mode
+(`pyrunv.probe`: the agent reboots as soon as it runs, QEMU exits with -no-reboot)."""
 import argparse
+import contextlib
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,32 +26,65 @@ def plan_for(config, accel: str) -> VmPlan:
                   shared=(), init_records=b"")
 
 
-def boot_once(config, accel: str, extra_params: str = "", deadline: float = 60.0) -> float:
-    """Seconds from QEMU's exec to READY; the VM is killed right after."""
-    with tempfile.TemporaryDirectory(prefix="pyrunv-boot-") as tmp:
+def boot_phases(config, accel: str, extra_params: str = "", deadline: float = 60.0,
+                tmp_dir: str | None = None) -> dict:
+    """One boot: {"ready": QEMU exec -> READY, "total": virtiofsd exec -> READY -> QEMU and virtiofsd
+    stopped and reaped}, in seconds."""
+    with tempfile.TemporaryDirectory(prefix="pyrunv-boot-", dir=tmp_dir) as tmp, contextlib.ExitStack() as sockets:
         share = os.path.join(tmp, "share")
         os.mkdir(share)
-        listener = socket.socket(socket.AF_UNIX)
+        listener = sockets.enter_context(socket.socket(socket.AF_UNIX))
         listener.bind(os.path.join(tmp, "fs.sock"))
         listener.listen(1)
-        fs_client = socket.socket(socket.AF_UNIX)
+        fs_client = sockets.enter_context(socket.socket(socket.AF_UNIX))
         fs_client.connect(os.path.join(tmp, "fs.sock"))
-        agent_host, agent_guest = socket.socketpair()
-        qmp_host, qmp_guest = socket.socketpair()
+        agent_host, agent_guest = (sockets.enter_context(s) for s in socket.socketpair())
+        qmp_host, qmp_guest = (sockets.enter_context(s) for s in socket.socketpair())
         argv = vm.qemu_argv(config, plan_for(config, accel), accel, agent_fd=agent_guest.fileno(),
                             qmp_fd=qmp_guest.fileno(), fs_fd=fs_client.fileno(),
                             console_log=os.path.join(tmp, "console.log"), extra_params=extra_params)
         fds = (agent_guest.fileno(), qmp_guest.fileno(), fs_client.fileno())
+        started = time.monotonic()
         with vm.virtiofsd(config, share, listener.fileno(), os.path.join(tmp, "virtiofsd.log")):
-            started = time.monotonic()
+            qemu_started = time.monotonic()
             with vm.Daemon("qemu", argv, fds, os.path.join(tmp, "qemu.log")):
                 agent_host.settimeout(deadline)
-                header = agent_host.recv(HEADER.size, socket.MSG_WAITALL)
-                elapsed = time.monotonic() - started
+                try:
+                    header = agent_host.recv(HEADER.size, socket.MSG_WAITALL)
+                except socket.timeout:
+                    header = b""
+                ready = time.monotonic() - qemu_started
                 if len(header) < HEADER.size or HEADER.unpack(header)[0] != F.READY:
                     raise RuntimeError("no READY from the agent")
-        for s in (listener, fs_client, agent_host, agent_guest, qmp_host, qmp_guest):
-            s.close()
+        return {"ready": ready, "total": time.monotonic() - started}
+
+
+def boot_once(config, accel: str, extra_params: str = "", deadline: float = 60.0) -> float:
+    """Seconds from QEMU's exec to READY; the VM is killed right after."""
+    return boot_phases(config, accel, extra_params, deadline)["ready"]
+
+
+def probe_once(config, accel: str, deadline: float = 60.0, tmp_dir: str | None = None) -> float:
+    """Seconds from QEMU's exec to its exit in the agent's probe mode (no virtio-fs: the probe stops
+    before the agent mounts it). Raises if the guest did not print the probe line."""
+    with tempfile.TemporaryDirectory(prefix="pyrunv-probe-", dir=tmp_dir) as tmp, contextlib.ExitStack() as sockets:
+        console = os.path.join(tmp, "console.log")
+        agent_host, agent_guest = (sockets.enter_context(s) for s in socket.socketpair())
+        qmp_host, qmp_guest = (sockets.enter_context(s) for s in socket.socketpair())
+        argv = vm.qemu_argv(config, plan_for(config, accel), accel, agent_fd=agent_guest.fileno(),
+                            qmp_fd=qmp_guest.fileno(), fs_fd=None, console_log=console,
+                            extra_params="pyrunv.probe")
+        started = time.monotonic()
+        with vm.Daemon("qemu (probe)", argv, (agent_guest.fileno(), qmp_guest.fileno()),
+                       os.path.join(tmp, "qemu.log")) as qemu:
+            try:
+                qemu.proc.wait(deadline)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"probe boot did not end within {deadline:g}s") from None
+            elapsed = time.monotonic() - started
+        with open(console, "rb") as f:
+            if b"pyrunv-agent: probe ok" not in f.read():
+                raise RuntimeError("probe boot ended without 'pyrunv-agent: probe ok'")
         return elapsed
 
 
