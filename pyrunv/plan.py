@@ -1,6 +1,5 @@
 """From a validated Spec and the runtime Config to a VM plan: VM size, shared paths, and the agent's records."""
 import dataclasses
-import math
 
 from . import config as config_mod
 from .errors import PyrunvError
@@ -46,7 +45,10 @@ def records(pairs) -> bytes:
         text = f"{key}={value}"
         if "\0" in text:
             raise PyrunvError(f"{key}: value contains a NUL byte")
-        out += text.encode() + b"\0"
+        try:
+            out += text.encode() + b"\0"
+        except UnicodeEncodeError:  # JSON can carry lone surrogates, which no UTF-8 string holds
+            raise PyrunvError(f"{key}: value is not valid Unicode") from None
     return bytes(out)
 
 
@@ -100,10 +102,10 @@ def _annotation(spec: Spec, config: config_mod.Config, key: str, default, conver
 def make(spec: Spec, config: config_mod.Config) -> VmPlan:
     vcpus = config.vcpus
     if spec.cpu_quota > 0 and spec.cpu_period > 0:
-        vcpus = min(16, math.ceil(spec.cpu_quota / spec.cpu_period))
+        vcpus = min(16, -(-spec.cpu_quota // spec.cpu_period))  # exact: JSON integers are unbounded
     memory = config.memory_mib
     if spec.memory_limit > 0:
-        memory = math.ceil(spec.memory_limit / MIB) + config.guest_overhead_mib
+        memory = -(-spec.memory_limit // MIB) + config.guest_overhead_mib
     sized = dataclasses.replace(
         config,
         vcpus=_annotation(spec, config, "vcpus", vcpus, int),
@@ -111,7 +113,8 @@ def make(spec: Spec, config: config_mod.Config) -> VmPlan:
         machine=_annotation(spec, config, "machine", config.machine, str),
         accel=_annotation(spec, config, "accel", config.accel, str),
         kernel=_annotation(spec, config, "kernel", config.kernel, str))
-    config_mod.check(sized, "VM size from the spec and its annotations")
+    from_annotations = any(config_mod.ANNOTATION_PREFIX + k in spec.annotations for k in config.annotations_allowed)
+    config_mod.check(sized, "annotations" if from_annotations else "the spec's resources")
     extra_params = _annotation(spec, config, "kernel_params", "", str)
 
     shared = [SharedPath(spec.rootfs, ROOTFS_NAME, False)]
