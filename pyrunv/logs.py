@@ -7,6 +7,8 @@ import sys
 
 log = logging.getLogger("pyrunv")
 _settings: dict = {}
+# A log file that cannot be written (a full disk) must not print a traceback on a container's stderr.
+logging.raiseExceptions = False
 
 
 class _JsonFormatter(logging.Formatter):
@@ -16,6 +18,11 @@ class _JsonFormatter(logging.Formatter):
                            # RFC 3339, which containerd parses
                            "time": datetime.datetime.fromtimestamp(record.created).astimezone()
                            .isoformat(timespec="seconds")})
+
+
+def settings() -> dict:
+    """What configure() was given, for the monitor's own interpreter."""
+    return dict(_settings)
 
 
 def configure(path: str | None = None, fmt: str = "text", debug: bool = False) -> None:

@@ -8,19 +8,21 @@ This module forks it and starts the VM without asyncio, so that QEMU boots while
 imports the rest (service.py), which attaches to the running VM."""
 import contextlib
 import ctypes
+import dataclasses
 import json
 import os
 import resource
 import select
 import signal
 import socket
+import sys
 import termios
 import tty
 
 from . import control, hostmount, logs, state, vm
 from .config import Config
 from .errors import PyrunvError
-from .plan import VmPlan
+from .plan import SharedPath, VmPlan
 
 log = logs.log
 PR_SET_NAME = 15
@@ -30,19 +32,37 @@ UNKILLABLE = (signal.SIGCHLD, signal.SIGWINCH, signal.SIGURG, signal.SIGCONT, si
               signal.SIGTTIN, signal.SIGTTOU)
 
 
+# The monitor is a fresh interpreter: it lives as long as the container and need not carry the
+# modules the CLI loaded (click, jsonschema) in its memory. -S and the CLI's own sys.path spare it
+# the site-packages scan.
+_BOOTSTRAP = ("import json, os, sys; data = json.load(os.fdopen(int(sys.argv[2]))); sys.path[:] = data['path']; "
+              "from pyrunv.monitor import main; main(data, int(sys.argv[3]))")
+
+
 def launch(store: state.Store, record: state.Record, plan: VmPlan, config: Config, *,
            terminal: bool, console_socket: str | None, console_size: tuple | None) -> tuple:
-    """Forks the monitor and returns (pid, accel) once the container's process is prepared in the VM."""
+    """Starts the monitor and returns (pid, accel) once the container's process is prepared in the VM."""
     read_end, write_end = os.pipe()
+    data_read, data_write = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(read_end)
-            monitor = Monitor(store, record, plan, config, terminal, console_socket, console_size)
-            _exit_like(monitor.run(write_end))
+            os.close(data_write)
+            os.set_inheritable(data_read, True)
+            os.set_inheritable(write_end, True)
+            os.execv(sys.executable, [sys.executable, "-S", "-c", _BOOTSTRAP, f"pyrunv-monitor:{record.id}",
+                                      str(data_read), str(write_end)])
         finally:
             os._exit(1)  # the monitor never returns into the CLI's code
     os.close(write_end)
+    os.close(data_read)
+    plan_data = dataclasses.asdict(plan)
+    plan_data["init_records"] = plan.init_records.hex()
+    with os.fdopen(data_write, "w") as f:
+        json.dump({"path": sys.path, "log": logs.settings(), "root": store.root,
+                   "record": dataclasses.asdict(record), "plan": plan_data, "config": dataclasses.asdict(config),
+                   "terminal": terminal, "console_socket": console_socket, "console_size": console_size}, f)
     report = b""
     deadline = config.boot_timeout + 30
     with os.fdopen(read_end, "rb") as f:
@@ -58,6 +78,21 @@ def launch(store: state.Store, record: state.Record, plan: VmPlan, config: Confi
         os.waitpid(pid, 0)
         raise PyrunvError(text.strip() or "the container's monitor failed; see the log")
     return pid, text.split()[1]
+
+
+def main(data: dict, report_fd: int) -> None:
+    """The monitor process, as `launch` describes it to the new interpreter."""
+    try:
+        logs.configure(**data["log"])
+        plan_data = data["plan"]
+        plan = VmPlan(**dict(plan_data, init_records=bytes.fromhex(plan_data["init_records"]),
+                             shared=tuple(SharedPath(**shared) for shared in plan_data["shared"])))
+        size = data["console_size"]
+        monitor = Monitor(state.Store(data["root"]), state.Record(**data["record"]), plan, Config(**data["config"]),
+                          data["terminal"], data["console_socket"], tuple(size) if size else None)
+        _exit_like(monitor.run(report_fd))
+    finally:
+        os._exit(1)
 
 
 def _exit_like(status: tuple) -> None:
