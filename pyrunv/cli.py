@@ -8,7 +8,7 @@ import time
 import click
 
 from . import __version__, lifecycle, logs, query, state
-from .errors import PyrunvError
+from .errors import PyrunvError, one_line
 from .lifecycle import Status
 
 log = logs.log
@@ -48,7 +48,7 @@ def cli(ctx, root, log_path, log_format, debug, systemd_cgroup, criu, rootless):
 
 
 def parse_signal(text: str) -> int:
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # int() refuses some of str.isdigit()'s digits, such as '²'
         number = int(text)
         if 0 < number < signals.NSIG:
             return number
@@ -57,7 +57,7 @@ def parse_signal(text: str) -> int:
         name = name if name.startswith("SIG") else "SIG" + name
         if isinstance(getattr(signals, name, None), signals.Signals):
             return int(getattr(signals, name))
-    raise PyrunvError(f"invalid signal: {text}")
+    raise PyrunvError(f"invalid signal: {text if text.isprintable() else repr(text)}")  # one line, always
 
 
 def write_pid_file(path: str | None, pid: int) -> None:
@@ -81,6 +81,7 @@ def create_container(obj: Context, container_id: str, bundle: str, pid_file, con
         raise PyrunvError("cannot allocate tty if runc will detach without setting console socket")
     config = config_mod.load()
     plan = plan_mod.make(spec, config)
+    log.debug("create %s: spec validated, VM planned", container_id)
     store = obj.store
     store.make(container_id)
     record = state.Record(id=container_id, bundle=spec.bundle, rootfs=spec.rootfs, status=Status.CREATING.value,
@@ -253,6 +254,7 @@ def run(obj, bundle, console_socket, detach, keep, pid_file, no_subreaper, no_pi
     for sig in (signals.SIGHUP, signals.SIGINT, signals.SIGQUIT, signals.SIGTERM, signals.SIGUSR1, signals.SIGUSR2):
         signals.signal(sig, lambda number, frame: os.kill(pid, number))
     _, status = os.waitpid(pid, 0)
+    log.debug("run %s: the monitor exited", container_id)
     if not keep:
         delete_container(obj, container_id, force=True)
     sys.exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
@@ -416,19 +418,19 @@ def main() -> None:
         cli.main(prog_name="pyrunv", standalone_mode=False)
     except PyrunvError as e:
         log.error(e.message)
-        click.echo(f"pyrunv: {e.message}", err=True)
+        click.echo(f"pyrunv: {one_line(e.message)}", err=True)
         if debug:
             raise
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
-        click.echo(f"pyrunv: {e.format_message()}", err=True)
+        click.echo(f"pyrunv: {one_line(e.format_message())}", err=True)
         sys.exit(1)
     except click.exceptions.Abort:
         sys.exit(1)
     except OSError as e:
         if debug:
             raise
-        click.echo(f"pyrunv: {e.strerror}" + (f": {e.filename}" if e.filename else ""), err=True)
+        click.echo(one_line(f"pyrunv: {e.strerror}" + (f": {e.filename}" if e.filename else "")), err=True)
         sys.exit(1)

@@ -1,5 +1,6 @@
 """The `pyrunv` command. Started with `python -S` by the installed launcher, it answers `state` and
-`list` before site-packages (and click) are even looked at, then sets them up for everything else."""
+`list` before click is even looked at. The launcher puts the venv's site-packages on sys.path
+itself; without it (a plain `python -S`), site is set up here."""
 import sys
 
 
@@ -8,10 +9,12 @@ def main() -> None:
     code = query.quick(sys.argv[1:])
     if code is not None:
         sys.exit(code)
-    if "site" not in sys.modules:
+    try:
+        from .cli import main as full_cli
+    except ImportError:
         import site
         site.main()
-    from .cli import main as full_cli
+        from .cli import main as full_cli
     full_cli()
 
 

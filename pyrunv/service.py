@@ -50,8 +50,9 @@ class Service:
             if not self.monitor.report(report_fd, f"ok {self.accel}"):
                 return (1, 0)  # create died before it could record us: tear everything down
             status = await self._serve()
-            with open(self._path(state.EXIT_FILE), "w") as f:
-                json.dump({"code": status[0], "signal": status[1]}, f)
+            with contextlib.suppress(OSError):  # a full disk must not change the status the engine sees
+                with open(self._path(state.EXIT_FILE), "w") as f:
+                    json.dump({"code": status[0], "signal": status[1]}, f)
             return status
 
     async def _attach(self, stack: contextlib.AsyncExitStack) -> None:
@@ -70,9 +71,17 @@ class Service:
             slave = open_console(console_socket, self.monitor.console_size) if console_socket else 0
             if not console_socket:
                 stack.enter_context(raw_terminal(0))  # a person's own terminal, as runc run uses it
+            else:
+                # As under runc, the container keeps none of create's stdio: the containerd shim (go-runc)
+                # reads create's stdout and stderr until EOF before it goes on.
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
+                os.close(null)
             fds = (slave, slave, slave)
         self.init = ProcessIO(self.channel, INIT_ID, fds, self.executor, tty=self.monitor.terminal)
         await asyncio.wait_for(self.channel.request(F.CREATE, INIT_ID, self.plan.init_records), 60)
+        log.debug("init process prepared")
         self.init.start_relay()
 
         control_sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
@@ -129,13 +138,16 @@ class Service:
                            return_when=asyncio.FIRST_COMPLETED)
         if step.done() and not step.exception():
             return step.result()
+        failure = step.exception() if step.done() else None  # before cancel(), which makes it done
         step.cancel()
+        if self.virtiofsd_gone.done() and not self.qemu_gone.done():
+            await asyncio.wait([self.qemu_gone], timeout=1.0)  # QEMU's exit ends virtiofsd: name the cause
         if self.qemu_gone.done():
             raise PyrunvError(self.qemu.failure("exited during boot") + self._console_hint())
         if self.virtiofsd_gone.done():
             raise PyrunvError(self.virtiofsd.failure("exited during boot"))
-        if step.done():
-            raise PyrunvError(f"VM boot failed: {step.exception()}")
+        if failure is not None:
+            raise PyrunvError(f"VM boot failed: {failure}")
         raise PyrunvError(f"VM did not become ready within {self.config.boot_timeout:g}s{self._console_hint()}")
 
     def _console_hint(self) -> str:
@@ -145,12 +157,16 @@ class Service:
         except OSError:
             lines = []
         log.error("console log tail:\n%s", "\n".join(lines[-20:]))
+        panic = [x for x in lines if "Kernel panic" in x]  # the panic says why; the lines after it do not
+        if panic:
+            return f" (console: {panic[-1].strip()})"
         return f" (last console line: {lines[-1].strip()})" if lines else " (the console log is empty)"
 
     async def _serve(self) -> tuple:
         init_done = asyncio.ensure_future(self.init.wait())
         await asyncio.wait([init_done, self.virtiofsd_gone, self.shutdown], return_when=asyncio.FIRST_COMPLETED)
         if init_done.done():
+            log.debug("init exited: %s", init_done.result())
             return init_done.result()
         return (128 + signal.SIGKILL, signal.SIGKILL)  # the VM (or its file server) died: as if SIGKILLed
 
