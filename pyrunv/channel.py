@@ -214,4 +214,4 @@ class ProcessIO:
                 rows, cols = struct.unpack("HHHH", size)[:2]
                 if not self.channel.closed.done():
                     self.channel.send(F.WINSIZE, self.ident, struct.pack("<HH", rows, cols))
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(0.05)  # engines resize the pty around start; the guest should see it at once
