@@ -100,6 +100,7 @@ def create_container(obj: Context, container_id: str, bundle: str, pid_file, con
             write_pid_file(pid_file, pid)
     except BaseException:
         stop_monitor(store, record)
+        kill_helpers(store.path(container_id))
         store.remove(container_id)
         raise
     log.info("created %s (monitor pid %d, accel %s)", container_id, record.pid, record.accel)
@@ -190,6 +191,8 @@ def delete_container(obj: Context, container_id: str, force: bool) -> None:
     with obj.store.lock(container_id):
         if not obj.store.exists(container_id):
             obj.store.remove(container_id)  # a create that died before its first state.json
+            if force:
+                return
             raise PyrunvError(f"container {container_id} does not exist")
         record, status = obj.container(container_id)
         lifecycle.check("delete --force" if force else "delete", container_id, status)
@@ -243,6 +246,10 @@ def delete(obj, force, container_id):
 def run(obj, bundle, console_socket, detach, keep, pid_file, no_subreaper, no_pivot, no_new_keyring,
         preserve_fds, container_id):
     """Create and start a container, and wait for it unless detached."""
+    terminal_state = None
+    if not detach and not console_socket and os.isatty(0):
+        import termios
+        terminal_state = termios.tcgetattr(0)
     pid = create_container(obj, container_id, bundle, pid_file, console_socket)
     try:
         start_container(obj, container_id)
@@ -254,6 +261,9 @@ def run(obj, bundle, console_socket, detach, keep, pid_file, no_subreaper, no_pi
     for sig in (signals.SIGHUP, signals.SIGINT, signals.SIGQUIT, signals.SIGTERM, signals.SIGUSR1, signals.SIGUSR2):
         signals.signal(sig, lambda number, frame: os.kill(pid, number))
     _, status = os.waitpid(pid, 0)
+    if terminal_state is not None:  # the monitor sets it raw and may not have lived to restore it
+        import termios
+        termios.tcsetattr(0, termios.TCSADRAIN, terminal_state)
     log.debug("run %s: the monitor exited", container_id)
     if not keep:
         delete_container(obj, container_id, force=True)

@@ -64,7 +64,7 @@ def features() -> dict:
                          "private", "rprivate", "shared", "rshared", "slave", "rslave", "noatime", "relatime",
                          "strictatime"],
         "linux": {
-            "namespaces": ["mount", "uts", "ipc", "pid"],
+            "namespaces": ["mount", "uts", "ipc", "pid", "network"],  # network: the monitor's, on the host
             "capabilities": list(CAPABILITIES),
             "cgroup": {"v1": False, "v2": True, "systemd": False, "systemdUser": False},
             "seccomp": {"enabled": False},

@@ -97,7 +97,7 @@ class Service:
     async def _power_off(self) -> None:
         """Asks the agent to power the VM off; QEMU (-no-reboot) exits. The monitor's exit stack kills
         whatever is still there after the grace period."""
-        if self.paused or self.qemu_gone.done() or self.channel.closed.done():
+        if self.paused or not self.channel.ready.done() or self.qemu_gone.done() or self.channel.closed.done():
             return
         with contextlib.suppress(PyrunvError):
             self.channel.send(F.POWEROFF, 0)
