@@ -9,3 +9,8 @@ class PyrunvError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+def one_line(message: str) -> str:
+    """What the user sees on stderr is one line, even where a message quotes input with newlines."""
+    return " ".join(message.splitlines())

@@ -60,7 +60,10 @@ def launch(store: state.Store, record: state.Record, plan: VmPlan, config: Confi
     plan_data = dataclasses.asdict(plan)
     plan_data["init_records"] = plan.init_records.hex()
     with os.fdopen(data_write, "w") as f:
-        json.dump({"path": sys.path, "log": logs.settings(), "root": store.root,
+        # pyrunv's own directory first: an editable install finds it by a meta-path hook, not a path entry,
+        # so the CLI's sys.path has it only when the cwd happens to be the source tree.
+        json.dump({"path": [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] + sys.path,
+                   "log": logs.settings(), "root": store.root,
                    "record": dataclasses.asdict(record), "plan": plan_data, "config": dataclasses.asdict(config),
                    "terminal": terminal, "console_socket": console_socket, "console_size": console_size}, f)
     report = b""

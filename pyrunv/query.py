@@ -6,7 +6,7 @@ import json
 import sys
 
 from . import state
-from .errors import PyrunvError
+from .errors import PyrunvError, one_line
 
 _GLOBAL_VALUES = {"--root", "--log", "--log-format", "--criu", "--rootless"}
 _GLOBAL_FLAGS = {"--debug", "--systemd-cgroup"}
@@ -83,11 +83,13 @@ def quick(argv: list) -> int | None:
             text = render_list(store, *flags)
         else:
             return None
+    except OSError:
+        return None  # e.g. --root is not a directory: the full CLI reports it in one line
     except PyrunvError as e:
         from . import logs
         logs.configure(options.get("--log"), options.get("--log-format", "text"), bool(options.get("--debug")))
         logs.log.error(e.message)
-        sys.stderr.write(f"pyrunv: {e.message}\n")
+        sys.stderr.write(f"pyrunv: {one_line(e.message)}\n")
         return e.exit_code
     if text:
         sys.stdout.write(text + "\n")

@@ -82,7 +82,7 @@ def validate(document, what: str = "config.json") -> None:
             _schema = json.load(f)
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(_schema).iter_errors(document))
     if error is not None:
-        where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        where = shown(".".join(str(p) for p in error.absolute_path)) or "(top level)"  # keys may hold newlines
         message = " ".join(error.message.split())
         if len(message) > 200:
             message = message[:200] + "..."
@@ -92,7 +92,7 @@ def validate(document, what: str = "config.json") -> None:
 def parse_process(p: dict) -> Process:
     user = p.get("user", {})
     caps = p.get("capabilities")
-    for names in (caps or {}).values():
+    for names in ((caps or {}).get(k, ()) for k in CAP_SETS):  # other keys are not read: the schema allows them
         for name in names:
             if name not in CAPABILITIES:
                 raise PyrunvError(f"invalid config.json: process.capabilities: unknown capability {name!r}")
@@ -120,11 +120,16 @@ def read_json(path: str, what: str):
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
-        raise PyrunvError(f"{what} ({path}) does not exist") from None
+        raise PyrunvError(f"{what} ({shown(path)}) does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise PyrunvError(f"cannot read {what} ({path}): {getattr(e, 'strerror', None) or e}") from None
-    except ValueError as e:
+        raise PyrunvError(f"cannot read {what} ({shown(path)}): {getattr(e, 'strerror', None) or e}") from None
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than the parser goes
         raise PyrunvError(f"invalid {what}: not JSON: {e}") from None
+
+
+def shown(text: str) -> str:
+    """User input in an error message, kept to one line."""
+    return text if text.isprintable() else repr(text)
 
 
 def load(bundle: str) -> Spec:

@@ -12,7 +12,8 @@ from .errors import PyrunvError
 from .lifecycle import Status
 
 DEFAULT_ROOT = "/run/pyrunv"
-_ID = re.compile(r"^[\w+\-.]+$")  # runc's rule; with no '/', no ID can name a path outside --root
+_ID = re.compile(r"^[\w+\-.]+\Z")  # runc's rule; with no '/', no ID can name a path outside --root
+# (\Z, not $: Python's $ also matches before a final newline, Go's does not)
 STATE_FILE = "state.json"
 EXIT_FILE = "exit"  # written by the monitor once the container's init has exited
 

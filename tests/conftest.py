@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from faultlib import holders
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAKE_BUNDLE = os.path.join(REPO, "tools", "make-busybox-bundle.sh")
 PR_SET_CHILD_SUBREAPER = 36
@@ -55,7 +57,7 @@ class Runtime:
         with open("/proc/mounts") as f:
             mounts = [line for line in f if str(self.root) in line]
         entries = [e for e in os.listdir(self.root) if not e.startswith(".")] if os.path.isdir(self.root) else []
-        return stray + mounts + entries
+        return stray + mounts + entries + holders(self.root)
 
 
 @pytest.fixture

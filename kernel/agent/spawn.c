@@ -312,17 +312,23 @@ static void open_terminal(int sync_fd)
     close(master);
 }
 
+/* Through the guest's own /proc, before entering the container's root, which may have no /proc
+ * (runc too writes it from outside the container). */
+static void set_oom_score_adj(const struct spec *s, int sync_fd)
+{
+    if (s->have_oom_score_adj) {
+        char v[16];
+        snprintf(v, sizeof v, "%d", s->oom_score_adj);
+        write_file("/proc/self/oom_score_adj", v, sync_fd);
+    }
+}
+
 static void common_setup(const struct spec *s, int sync_fd)
 {
     for (int i = 0; i < s->nrlimits; i++) {
         struct rlimit rl = { s->rlimits[i].soft, s->rlimits[i].hard };
         if (setrlimit(s->rlimits[i].resource, &rl) < 0)
             fail(sync_fd, "setrlimit %d: %s", s->rlimits[i].resource, strerror(errno));
-    }
-    if (s->have_oom_score_adj) {
-        char v[16];
-        snprintf(v, sizeof v, "%d", s->oom_score_adj);
-        write_file("/proc/self/oom_score_adj", v, sync_fd);
     }
     umask(s->umask);
     if (mkdir_p(s->cwd, 0755) < 0 || chdir(s->cwd) < 0) fail(sync_fd, "chdir %s: %s", s->cwd, strerror(errno));
@@ -336,6 +342,7 @@ void prepare_container(const struct spec *s, int sync_fd)
     char root[PATH_MAX];
     if (!s->root) fail(sync_fd, "no root");
     snprintf(root, sizeof root, "%s/%s", SHARE_DIR, s->root);
+    set_oom_score_adj(s, sync_fd);
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) fail(sync_fd, "make / private: %s", strerror(errno));
     if (mount(root, root, NULL, MS_BIND | MS_REC, NULL) < 0) fail(sync_fd, "bind rootfs: %s", strerror(errno));
     int dev_is_tmpfs = 0;
@@ -361,6 +368,7 @@ void prepare_exec(const struct spec *s, pid_t init_pid, int sync_fd)
 {
     static const char *kinds[] = {"ipc", "uts", "mnt"};
     int fds[3];
+    set_oom_score_adj(s, sync_fd);
     for (int i = 0; i < 3; i++) {
         char path[64];
         snprintf(path, sizeof path, "/proc/%d/ns/%s", init_pid, kinds[i]);
