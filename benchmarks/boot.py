@@ -26,6 +26,13 @@ def plan_for(config, accel: str) -> VmPlan:
                   shared=(), init_records=b"")
 
 
+def console_fd(stack: contextlib.ExitStack, path: str) -> int:
+    """QEMU takes its console as an fd (vm.qemu_argv); this one is closed with `stack`."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    stack.callback(os.close, fd)
+    return fd
+
+
 def boot_phases(config, accel: str, extra_params: str = "", deadline: float = 60.0,
                 tmp_dir: str | None = None) -> dict:
     """One boot: {"ready": QEMU exec -> READY, "total": virtiofsd exec -> READY -> QEMU and virtiofsd
@@ -40,10 +47,11 @@ def boot_phases(config, accel: str, extra_params: str = "", deadline: float = 60
         fs_client.connect(os.path.join(tmp, "fs.sock"))
         agent_host, agent_guest = (sockets.enter_context(s) for s in socket.socketpair())
         qmp_host, qmp_guest = (sockets.enter_context(s) for s in socket.socketpair())
+        console = console_fd(sockets, os.path.join(tmp, "console.log"))
         argv = vm.qemu_argv(config, plan_for(config, accel), accel, agent_fd=agent_guest.fileno(),
                             qmp_fd=qmp_guest.fileno(), fs_fd=fs_client.fileno(),
-                            console_log=os.path.join(tmp, "console.log"), extra_params=extra_params)
-        fds = (agent_guest.fileno(), qmp_guest.fileno(), fs_client.fileno())
+                            console_fd=console, extra_params=extra_params)
+        fds = (agent_guest.fileno(), qmp_guest.fileno(), fs_client.fileno(), console)
         started = time.monotonic()
         with vm.virtiofsd(config, share, listener.fileno(), os.path.join(tmp, "virtiofsd.log")):
             qemu_started = time.monotonic()
@@ -71,11 +79,12 @@ def probe_once(config, accel: str, deadline: float = 60.0, tmp_dir: str | None =
         console = os.path.join(tmp, "console.log")
         agent_host, agent_guest = (sockets.enter_context(s) for s in socket.socketpair())
         qmp_host, qmp_guest = (sockets.enter_context(s) for s in socket.socketpair())
+        console_out = console_fd(sockets, console)
         argv = vm.qemu_argv(config, plan_for(config, accel), accel, agent_fd=agent_guest.fileno(),
-                            qmp_fd=qmp_guest.fileno(), fs_fd=None, console_log=console,
+                            qmp_fd=qmp_guest.fileno(), fs_fd=None, console_fd=console_out,
                             extra_params="pyrunv.probe")
         started = time.monotonic()
-        with vm.Daemon("qemu (probe)", argv, (agent_guest.fileno(), qmp_guest.fileno()),
+        with vm.Daemon("qemu (probe)", argv, (agent_guest.fileno(), qmp_guest.fileno(), console_out),
                        os.path.join(tmp, "qemu.log")) as qemu:
             try:
                 qemu.proc.wait(deadline)

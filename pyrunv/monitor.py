@@ -197,12 +197,14 @@ class Monitor:
 
         self.virtiofsd = stack.enter_context(
             vm.virtiofsd(self.config, share, listener.fileno(), self.path("virtiofsd.log")))
+        console = os.open(self.path("console.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        stack.callback(os.close, console)
         argv = vm.qemu_argv(self.config, self.plan, accel, agent_fd=agent_guest.fileno(),
-                            qmp_fd=qmp_guest.fileno(), fs_fd=fs_client.fileno(),
-                            console_log=self.path("console.log"))
+                            qmp_fd=qmp_guest.fileno(), fs_fd=fs_client.fileno(), console_fd=console)
         log.debug("starting %s", " ".join(argv))
         self.qemu = stack.enter_context(vm.Daemon(
-            "qemu", argv, (agent_guest.fileno(), qmp_guest.fileno(), fs_client.fileno()), self.path("qemu.log")))
+            "qemu", argv, (agent_guest.fileno(), qmp_guest.fileno(), fs_client.fileno(), console),
+            self.path("qemu.log"), user=self.config.qemu_user))
         for s in (listener, fs_client, agent_guest, qmp_guest):
             s.close()
         with open(self.path("helpers.json"), "w") as f:

@@ -31,15 +31,19 @@ def _die_with_parent() -> None:
 class Daemon:
     """A helper process started from an argv list; `with` guarantees it is gone afterwards."""
 
-    def __init__(self, name: str, argv: list, pass_fds=(), log_path: str | None = None):
+    def __init__(self, name: str, argv: list, pass_fds=(), log_path: str | None = None, user: str = ""):
         self.name, self.argv, self.pass_fds, self.log_path = name, list(argv), tuple(pass_fds), log_path
+        self.user = user
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "Daemon":
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        # Credentials change before exec, so the helper never holds root; PDEATHSIG is set after that
+        # change (a change of credentials would clear it).
+        credentials = unprivileged(self.user) if self.user else {}
         try:
             self.proc = subprocess.Popen(self.argv, pass_fds=self.pass_fds, stdin=subprocess.DEVNULL,
-                                         stdout=out, stderr=out, preexec_fn=_die_with_parent)
+                                         stdout=out, stderr=out, preexec_fn=_die_with_parent, **credentials)
         except OSError as e:
             raise PyrunvError(f"cannot start {self.name}: {e.strerror}: {shlex.join(self.argv)}") from None
         finally:
@@ -74,6 +78,20 @@ class Daemon:
             tail = lines[-1].strip() if lines else ""
         log.error("%s %s (exit status %s): %s", self.name, what, code, shlex.join(self.argv))
         return f"{self.name} {what}" + (f": {tail}" if tail else "")
+
+
+def unprivileged(user: str) -> dict:
+    """Popen's credentials for `user`: its uid and gid, and the kvm group if there is one (for /dev/kvm)."""
+    import grp
+    import pwd
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise PyrunvError(f"qemu_user {user!r} does not exist") from None
+    groups = []
+    with contextlib.suppress(KeyError):
+        groups.append(grp.getgrnam("kvm").gr_gid)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": groups}
 
 
 def virtiofsd(config: Config, share_dir: str, listen_fd: int, log_path: str) -> Daemon:
@@ -113,7 +131,9 @@ def kernel_cmdline(plan: VmPlan, accel: str, extra: str = "") -> str:
 
 
 def qemu_argv(config: Config, plan: VmPlan, accel: str, *, agent_fd: int, qmp_fd: int, fs_fd: int | None,
-              console_log: str, extra_params: str = "") -> list:
+              console_fd: int, extra_params: str = "") -> list:
+    """Every file QEMU needs besides the kernel and initrd comes as an fd, so that it can run as an
+    unprivileged user who cannot open the 0700 state directory."""
     tcg = f"tcg,thread={'multi' if plan.vcpus > 1 else 'single'},tb-size={config.tcg_tb_size_mib}"
     argv = [config.qemu, *machine_args(plan, accel),
             "-accel", tcg if accel == "tcg" else "kvm",
@@ -124,7 +144,7 @@ def qemu_argv(config: Config, plan: VmPlan, accel: str, *, agent_fd: int, qmp_fd
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", plan.kernel, "-initrd", plan.initrd,
             "-append", kernel_cmdline(plan, accel, extra_params),
-            "-serial", f"file:{console_log}",
+            "-add-fd", f"fd={console_fd},set=1", "-serial", "file:/dev/fdset/1",
             "-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control",
             "-device", device(plan, "virtio-serial"),
             "-chardev", f"socket,id=agent,fd={agent_fd}",
@@ -134,8 +154,6 @@ def qemu_argv(config: Config, plan: VmPlan, accel: str, *, agent_fd: int, qmp_fd
     if fs_fd is not None:
         argv += ["-chardev", f"socket,id=fs,fd={fs_fd}",
                  "-device", f"{device(plan, 'vhost-user-fs')},chardev=fs,tag={SHARE_TAG}"]
-    if config.qemu_user:
-        argv += ["-runas", config.qemu_user]
     return argv
 
 
@@ -148,11 +166,13 @@ def probe_kvm(config: Config, plan: VmPlan, deadline: float = 5.0) -> bool:
         console = os.path.join(tmp, "console.log")
         agent_host, agent_guest = socket.socketpair()
         qmp_host, qmp_guest = socket.socketpair()
+        console_fd = os.open(console, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         argv = qemu_argv(config, plan, "kvm", agent_fd=agent_guest.fileno(), qmp_fd=qmp_guest.fileno(),
-                         fs_fd=None, console_log=console, extra_params="pyrunv.probe")
-        with agent_host, qmp_host, agent_guest, qmp_guest, Daemon("qemu (kvm probe)", argv,
-                                                                   (agent_guest.fileno(), qmp_guest.fileno()),
+                         fs_fd=None, console_fd=console_fd, extra_params="pyrunv.probe")
+        fds = (agent_guest.fileno(), qmp_guest.fileno(), console_fd)
+        with agent_host, qmp_host, agent_guest, qmp_guest, Daemon("qemu (kvm probe)", argv, fds,
                                                                    os.path.join(tmp, "qemu.log")) as qemu:
+            os.close(console_fd)
             try:
                 qemu.proc.wait(deadline)
             except subprocess.TimeoutExpired:

@@ -3,6 +3,7 @@
 try to leave --root; other users try to reach a container's state and control socket."""
 import json
 import os
+import pwd
 import secrets
 import shutil
 import stat
@@ -172,3 +173,26 @@ def test_state_is_private_to_root(runtime, bundle, tmp_path):
         subprocess.run([sys.executable, "-m", "pyrunv", "--root", os.path.join(base, "root"), "delete", "--force",
                         "private"], capture_output=True, timeout=60)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _status_field(pid, name):
+    with open(f"/proc/{pid}/status") as f:
+        return next(line.split(":", 1)[1].strip() for line in f if line.startswith(name + ":"))
+
+
+def test_qemu_runs_unprivileged_under_seccomp_and_virtiofsd_in_its_sandbox(runtime, bundle, tmp_path, monkeypatch):
+    config = tmp_path / "config.toml"
+    config.write_text('qemu_user = "nobody"\n')
+    monkeypatch.setenv("PYRUNV_CONFIG", str(config))
+    runtime.detached("run", "--detach", "--bundle", bundle("sleep", "600"), "sandboxed")
+    (qemu, _), (virtiofsd, _) = json.loads((runtime.root / "sandboxed" / "helpers.json").read_text())
+    assert _status_field(qemu, "Uid").split()[0] == str(pwd.getpwnam("nobody").pw_uid)
+    assert _status_field(qemu, "Seccomp") == "2"  # -sandbox on, elevateprivileges and spawn denied
+    served_by = [int(p) for p in open(f"/proc/{virtiofsd}/task/{virtiofsd}/children").read().split()] or [virtiofsd]
+    server = served_by[0]
+    assert _status_field(server, "Seccomp") == "2"
+    for ns in ("mnt", "pid", "net"):
+        assert os.readlink(f"/proc/{server}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
+    assert runtime("exec", "sandboxed", "echo", "works").stdout == b"works\n"
+    runtime("delete", "--force", "sandboxed", check=True)
+    assert runtime.leftovers() == []
