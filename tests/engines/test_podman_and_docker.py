@@ -1,0 +1,129 @@
+"""podman (with conmon) and docker (dockerd 20.10, pyrunv its default runtime) driving pyrunv through the
+command line they share: run, exit codes, stdin, tty, exec, stop, kill, pause, rm; and podman's rlimits.
+`docker top` runs the host's ps on the pids pyrunv reports, so it cannot show guest processes and is not
+tested."""
+import time
+
+import pytest
+
+from conftest import IMAGE, TRAP_TERM, TRAP_USR1, TTY_AND_SIZE, inspect, listed, logs, run_detached, tty_run, wait_for
+
+pytestmark = [pytest.mark.engine, pytest.mark.vm]
+
+RM_FORCE = {"podman": ["rm", "--force", "--time", "0"], "docker": ["rm", "--force"]}
+RUNTIME_FIELD = {"podman": ".OCIRuntime", "docker": ".HostConfig.Runtime"}
+
+
+@pytest.fixture(params=["podman", "docker"])
+def engine_name(request):
+    return request.param
+
+
+@pytest.fixture
+def engine(request, engine_name):
+    return request.getfixturevalue(engine_name)
+
+
+@pytest.fixture
+def cid(engine, engine_name, name):
+    """The test's container name; the container is removed afterwards, whatever happened."""
+    yield name
+    engine(*RM_FORCE[engine_name], name)
+
+
+def gone(engine, cid):
+    # With --rm, dockerd removes the container once it has exited: allow it a moment.
+    return wait_for(lambda: not listed(engine, cid), timeout=10)
+
+
+def test_run_rm_echo(engine, cid):
+    result = engine("run", "--rm", "--name", cid, IMAGE, "echo", "hello")
+    assert (result.returncode, result.stdout) == (0, "hello\n"), result.stderr
+    assert gone(engine, cid)
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_exit_code(engine, cid, code):
+    result = engine("run", "--rm", "--name", cid, IMAGE, "sh", "-c", f"exit {code}")
+    assert (result.returncode, result.stdout) == (code, ""), result.stderr
+
+
+def test_sigkill_exit_137(engine, engine_name, cid):
+    run_detached(engine, cid, "sleep", "600")
+    assert inspect(engine, cid, RUNTIME_FIELD[engine_name]) == "pyrunv"
+    engine("kill", "--signal", "KILL", cid, check=True)
+    assert engine("wait", cid).stdout == "137\n"
+    assert inspect(engine, cid, ".State.ExitCode") == "137"
+
+
+def test_piped_stdin(engine, cid):
+    result = engine("run", "--rm", "-i", "--name", cid, IMAGE, "cat", input="piped\n")
+    assert (result.returncode, result.stdout) == (0, "piped\n"), result.stderr
+
+
+def test_tty(engine, cid):
+    output, code = tty_run(engine.argv("run", "--rm", "-it", "--name", cid, IMAGE, "sh", "-c", TTY_AND_SIZE),
+                           env=engine.env)
+    assert code == 0, output
+    assert "/dev/pts/0\n" in output and "33 111\n" in output, output
+
+
+def test_exec(engine, cid):
+    run_detached(engine, cid, "sleep", "600")
+    result = engine("exec", cid, "sh", "-c", "echo exec-ok; exit 4")
+    assert (result.returncode, result.stdout) == (4, "exec-ok\n"), result.stderr
+    output, code = tty_run(engine.argv("exec", "-it", cid, "tty"), env=engine.env)
+    assert code == 0 and "/dev/pts/" in output, output
+
+
+def test_stop_trapped_term(engine, cid):
+    run_detached(engine, cid, "sh", "-c", TRAP_TERM)
+    assert wait_for(lambda: "ready" in logs(engine, cid))
+    began = time.monotonic()
+    engine("stop", "--time", "20", cid, check=True)
+    assert time.monotonic() - began < 10
+    assert inspect(engine, cid, ".State.ExitCode") == "0"
+
+
+def test_stop_ignored_term(engine, cid):
+    # sleep as PID 1 has no handler for SIGTERM, so the signal is ignored (as under runc): stop kills.
+    run_detached(engine, cid, "sleep", "600")
+    began = time.monotonic()
+    engine("stop", "--time", "2", cid, check=True)
+    assert time.monotonic() - began >= 2
+    assert inspect(engine, cid, ".State.ExitCode") == "137"
+
+
+def test_kill_usr1(engine, cid):
+    run_detached(engine, cid, "sh", "-c", TRAP_USR1)
+    assert wait_for(lambda: "ready" in logs(engine, cid))
+    engine("kill", "--signal", "USR1", cid, check=True)
+    assert wait_for(lambda: "got USR1\n" in logs(engine, cid)), logs(engine, cid)
+    assert inspect(engine, cid, ".State.Status") == "running"
+
+
+def test_pause_unpause(engine, cid):
+    run_detached(engine, cid, "sleep", "600")
+    engine("pause", cid, check=True)
+    assert inspect(engine, cid, ".State.Status") == "paused"
+    engine("unpause", cid, check=True)
+    assert inspect(engine, cid, ".State.Status") == "running"
+    result = engine("exec", cid, "echo", "alive")
+    assert (result.returncode, result.stdout) == (0, "alive\n"), result.stderr
+
+
+def test_rm_force_running(engine, cid):
+    run_detached(engine, cid, "sleep", "600")
+    assert inspect(engine, cid, ".State.Status") == "running"
+    engine("rm", "--force", cid, check=True)
+    assert gone(engine, cid)
+
+
+def test_podman_default_rlimits_apply_in_the_guest(podman, name):
+    # podman's default nofile (1048576) is above this host's hard limit and runc could not set it here
+    # (no CAP_SYS_RESOURCE); pyrunv sets rlimits in the guest.
+    try:
+        result = podman("run", "--rm", "--name", name, IMAGE, "sh", "-c", "ulimit -n; ulimit -Hn")
+        assert (result.returncode, result.stdout) == (0, "1048576\n1048576\n"), result.stderr
+    finally:
+        podman(*RM_FORCE["podman"], name)
