@@ -15,9 +15,8 @@ log = logs.log
 
 
 class Context:
-    def __init__(self, root: str, debug: bool):
+    def __init__(self, root: str):
         self.store = state.Store(root)
-        self.debug = debug
 
     def container(self, container_id: str) -> tuple:
         record = self.store.load(container_id)
@@ -44,7 +43,7 @@ pass_ctx = click.make_pass_decorator(Context)
 def cli(ctx, root, log_path, log_format, debug, systemd_cgroup, criu, rootless):
     """pyrunv: an OCI runtime that runs each container in its own QEMU virtual machine."""
     logs.configure(log_path, log_format, debug)
-    ctx.obj = Context(root, debug)
+    ctx.obj = Context(root)
 
 
 def parse_signal(text: str) -> int:

@@ -9,7 +9,6 @@ import signal
 from . import control, monitor, spec as spec_mod, state
 from .errors import PyrunvError
 
-FORWARDED = monitor.FORWARDED
 
 
 def build_process(record: state.Record, process_file, command, *, cwd, env, tty, user, additional_gids,
@@ -86,7 +85,7 @@ def _wait(conn: control.Connection) -> tuple:
             conn.sock.sendall(json.dumps({"signal": number}).encode() + b"\n")
         except OSError:
             pass
-    for sig in FORWARDED:
+    for sig in monitor.FORWARDED:
         signal.signal(sig, forward)
     try:
         reply = conn.receive()

@@ -50,5 +50,4 @@ void become_process(const struct spec *s, int sync_fd);
 
 void fail(int sync_fd, const char *fmt, ...) __attribute__((noreturn, format(printf, 2, 3)));
 int send_fd(int sock, int fd);
-int recv_fd(int sock);
 #endif
