@@ -3,12 +3,14 @@
 #   PYRUNV_KERNEL_SRC  kernel source: a tree or a .tar.xz (default: Debian's linux-source-6.1)
 #   PYRUNV_CACHE       build cache, outside the work tree (default: /var/cache/pyrunv)
 #   PYRUNV_GUEST_DIR   where the runtime finds vmlinux, bzImage and initrd.img (default: /var/lib/pyrunv/guest)
+#   CC, AGENT_CC       compilers for the kernel (default: gcc) and the static agent (default: musl-gcc)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 src=${PYRUNV_KERNEL_SRC:-/usr/src/linux-source-6.1.tar.xz}
 cache=${PYRUNV_CACHE:-/var/cache/pyrunv}
 dest=${PYRUNV_GUEST_DIR:-/var/lib/pyrunv/guest}
 cc=${CC:-gcc}
+agent_cc=${AGENT_CC:-musl-gcc}
 jobs=$(nproc)
 mkdir -p "$cache" "$dest"
 
@@ -63,13 +65,13 @@ build_kernel() {
 
 build_initrd() {
   local key out stage
-  key=$( { cat "$here"/agent/*.c "$here"/agent/*.h "$here/agent/Makefile"; $cc --version | head -1; sed -n '/^build_initrd/,/^}/p' "$here/build.sh"; } | hash_of)
+  key=$( { cat "$here"/agent/*.c "$here"/agent/*.h "$here/agent/Makefile"; $agent_cc --version | head -1; sed -n '/^build_initrd/,/^}/p' "$here/build.sh"; } | hash_of)
   out="$cache/initrd-$key"
   if [ -f "$out/initrd.img" ]; then INITRD_OUT=$out; return; fi
   say "building agent"
   stage=$(mktemp -d)
-  make -s -C "$here/agent" CC="$cc" O="$stage/build" >&2
-  mkdir -p "$stage/root"/{dev,proc,sys,share,run,tmp}
+  make -s -C "$here/agent" CC="$agent_cc" O="$stage/build" >&2
+  mkdir -p "$stage/root"
   install -m 0755 "$stage/build/pyrunv-agent" "$stage/root/init"
   mkdir -p "$out.tmp"
   (cd "$stage/root" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc --owner=0:0 --reproducible) >"$out.tmp/initrd.img"

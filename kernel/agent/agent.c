@@ -608,7 +608,8 @@ static void mount_or_die(const char *src, const char *dst, const char *type, uns
 
 static int open_agent_port(void)
 {
-    for (int tries = 0; tries < 500; tries++) {
+    /* The port appears once the host's side of virtio-serial has announced it: look every millisecond. */
+    for (int tries = 0; tries < 5000; tries++) {
         DIR *d = opendir("/sys/class/virtio-ports");
         struct dirent *e;
         while (d && (e = readdir(d))) {
@@ -626,7 +627,7 @@ static int open_agent_port(void)
             return fd;
         }
         if (d) closedir(d);
-        usleep(10000);
+        usleep(1000);
     }
     errno = ENODEV;
     die("no " AGENT_PORT_NAME " port");
@@ -664,21 +665,12 @@ static void trace(const char *what)
     fprintf(stderr, "pyrunv-agent: [%ld.%06ld] %s\n", (long)ts.tv_sec, ts.tv_nsec / 1000, what);
 }
 
-/* pivot_root(2) cannot leave the initramfs, so the container could not pivot out of it either:
- * copy ourselves to a tmpfs, make that the root, and start again from there. */
-static void leave_initramfs(char **argv)
+/* pivot_root(2) cannot leave the initramfs, so the container could not pivot out of it either: make a
+ * tmpfs the root, as switch_root does. Nothing needs re-executing; the agent keeps running from the
+ * initramfs underneath. */
+static void leave_initramfs(void)
 {
-    if (argv[1] && !strcmp(argv[1], "switched")) return;
     mount_or_die("tmpfs", "/newroot", "tmpfs", 0, "mode=0755");
-    int in = open("/init", O_RDONLY | O_CLOEXEC);
-    int out = open("/newroot/init", O_WRONLY | O_CREAT | O_CLOEXEC, 0755);
-    char block[65536];
-    ssize_t n;
-    if (in < 0 || out < 0) die("copy /init");
-    while ((n = read(in, block, sizeof block)) > 0)
-        if (write(out, block, (size_t)n) != n) die("copy /init");
-    close(in);
-    close(out);
     static const char *dirs[] = {"dev", "proc", "sys", "share", "run", "tmp"};
     for (size_t i = 0; i < sizeof dirs / sizeof dirs[0]; i++) {
         char path[64];
@@ -687,9 +679,6 @@ static void leave_initramfs(char **argv)
     }
     if (chdir("/newroot") < 0 || mount(".", "/", NULL, MS_MOVE, NULL) < 0 || chroot(".") < 0 || chdir("/") < 0)
         die("switch root");
-    char *args[] = {"/init", "switched", NULL};
-    execv("/init", args);
-    die("exec /init");
 }
 
 static void boot(void)
@@ -719,7 +708,7 @@ static void boot(void)
 int main(int argc, char **argv)
 {
     if (getpid() != 1 || argc < 1) { fprintf(stderr, "pyrunv-agent must run as PID 1 of the guest\n"); return 1; }
-    leave_initramfs(argv);
+    leave_initramfs();
     boot();
     signal(SIGPIPE, SIG_IGN);
     sigset_t mask;
