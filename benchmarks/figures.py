@@ -18,6 +18,7 @@ from .harness import MIB, BenchError, Workspace, container_pss, descendants, med
 
 F_SETPIPE_SZ = 1031
 KATA_PSS_MB = 123          # Kata CI's published footprint per busybox container (hypervisor + virtiofsd + shim)
+TARGET_BOOT_S = 0.6   # issue 2: QEMU exec -> agent READY under TCG
 TARGET_TTW_S = 1.0
 TARGET_OVERHEAD = 0.25
 TARGET_STATE_RATIO = 1.5

@@ -18,11 +18,14 @@ file here on every run, so re-running it does not erase the analysis._
 
 
 def targets(figs: dict) -> list:
-    """(target, measured, met, by how much it is missed) for the issue's four targets, where measured."""
+    """(target, measured, met, by how much it is missed) for the issues' targets, where measured."""
     rows = []
     ttw = figs.get(1)
     if ttw and not ttw.error:
         t = ttw.data["tcg"]
+        ready = F.median(t["samples"]["ready"])
+        rows.append((f"boot: QEMU exec -> agent READY <= {F.TARGET_BOOT_S:g} s median under TCG", F.ms(ready),
+                     ready <= F.TARGET_BOOT_S, f"{F.ms(ready - F.TARGET_BOOT_S)} over"))
         p = t["pyrunv"]
         rows.append((f"time to workload <= {F.TARGET_TTW_S:g} s median under TCG", F.ms(p), p <= F.TARGET_TTW_S,
                      f"{F.ms(p - F.TARGET_TTW_S)} ({(p / F.TARGET_TTW_S - 1) * 100:.0f}%) over"))
