@@ -85,7 +85,8 @@ def create_container(obj: Context, container_id: str, bundle: str, pid_file, con
     store.make(container_id)
     record = state.Record(id=container_id, bundle=spec.bundle, rootfs=spec.rootfs, status=Status.CREATING.value,
                           created=time.strftime("%Y-%m-%dT%H:%M:%S.000000000Z", time.gmtime()),
-                          owner="root" if os.getuid() == 0 else str(os.getuid()), annotations=spec.annotations)
+                          owner="root" if os.getuid() == 0 else str(os.getuid()), annotations=spec.annotations,
+                          hooks={kind: list(spec.hooks[kind]) for kind in hooks.AFTER_CREATE if spec.hooks[kind]})
     try:
         with store.lock(container_id):
             store.save(record)
@@ -139,18 +140,15 @@ def create(obj, bundle, pid_file, console_socket, no_pivot, no_new_keyring, pres
 
 
 def start_container(obj: Context, container_id: str) -> None:
-    from . import control, hooks, spec as spec_mod
+    from . import control, hooks
     with obj.store.lock(container_id):
         record, status = obj.container(container_id)
         after = lifecycle.check("start", container_id, status)
-        spec = spec_mod.load(record.bundle) if os.path.exists(os.path.join(record.bundle, "config.json")) else None
-        if spec:
-            hooks.run("startContainer", spec.hooks["startContainer"], record.oci_state(status))
+        hooks.run("startContainer", record.hooks.get("startContainer", ()), record.oci_state(status))
         control.call(obj.state_dir(container_id), "start")
         record.status = after.value
         obj.store.save(record)
-    if spec:
-        hooks.run("poststart", spec.hooks["poststart"], record.oci_state(after))
+    hooks.run("poststart", record.hooks.get("poststart", ()), record.oci_state(after))
 
 
 @cli.command()
@@ -197,13 +195,7 @@ def delete_container(obj: Context, container_id: str, force: bool) -> None:
         lifecycle.check("delete --force" if force else "delete", container_id, status)
         stop_monitor(obj.store, record)
         kill_helpers(obj.store.path(container_id))
-        if os.path.exists(os.path.join(record.bundle, "config.json")):
-            from . import spec as spec_mod
-            try:
-                spec = spec_mod.load(record.bundle)
-                hooks.run("poststop", spec.hooks["poststop"], record.oci_state(Status.STOPPED))
-            except PyrunvError as e:
-                log.warning("poststop hooks skipped: %s", e)
+        hooks.run("poststop", record.hooks.get("poststop", ()), record.oci_state(Status.STOPPED))
         obj.store.remove(container_id)
 
 

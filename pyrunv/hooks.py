@@ -6,6 +6,7 @@ from . import logs
 from .errors import PyrunvError
 
 FATAL = ("prestart", "createRuntime", "createContainer", "startContainer")  # poststart/poststop only warn
+AFTER_CREATE = ("startContainer", "poststart", "poststop")  # kept in the state record by create
 
 
 def run(kind: str, hooks, state: dict) -> None:

@@ -30,6 +30,9 @@ class Record:
     owner: str = ""
     annotations: dict = dataclasses.field(default_factory=dict)
     accel: str = ""
+    # The hooks that run after create, kept from the config.json validated then: like runc, start and
+    # delete neither read the bundle again nor pay for validating it.
+    hooks: dict = dataclasses.field(default_factory=dict)
 
     def oci_state(self, status: Status) -> dict:
         state = {"ociVersion": "1.0.2", "id": self.id, "status": status.value,
