@@ -76,6 +76,30 @@ def test_list_and_state_import_no_heavy_modules(root):
     assert result.stdout.splitlines()[-1] == "[]"
 
 
+DELETE_IMPORTS = """
+import sys
+from pyrunv import cli
+sys.argv = ["pyrunv", "--root", sys.argv[1], "delete", "c1"]
+cli.main()
+print(sorted(m for m in ("jsonschema", "qemu.qmp", "asyncio") if m in sys.modules))
+"""
+
+
+def test_delete_runs_the_poststop_hook_kept_at_create_without_the_bundle(root, tmp_path):
+    store = state.Store(str(root))
+    store.make("c1")
+    seen = tmp_path / "seen.json"
+    hook = {"path": "/bin/sh", "args": ["sh", "-c", f"cat > {seen}"]}
+    store.save(state.Record(id="c1", bundle=str(tmp_path / "gone"), rootfs="/gone/rootfs", status="running",
+                            pid=2 ** 22 + 1, pid_start=1, created="2024-01-01T00:00:00Z", owner="root",
+                            hooks={"poststop": [hook]}))
+    result = subprocess.run([sys.executable, "-c", DELETE_IMPORTS, str(root)], capture_output=True, text=True,
+                            timeout=30)
+    assert (result.stdout, result.stderr) == ("[]\n", "")
+    assert json.loads(seen.read_text())["status"] == "stopped"
+    assert not (root / "c1").exists()
+
+
 @pytest.mark.parametrize("rootless", [False, True])
 def test_spec_writes_a_config_that_loads(tmp_path, rootless):
     result = pyrunv(tmp_path / "root", "spec", "--bundle", tmp_path, *(["--rootless"] if rootless else []))
