@@ -568,6 +568,12 @@ static void handle_frame(const struct frame_header *h, char *payload)
         break;
     case FR_PS: reply_ps(h->id); break;
     case FR_STATS: reply_stats(h->id); break;
+    case FR_NETWORK: {
+        char err[256];
+        if (configure_network(payload, h->len, err, sizeof err) < 0) send_text(FR_ERROR, h->id, err);
+        else send_frame(FR_OK, h->id, NULL, 0);
+        break;
+    }
     case FR_POWEROFF:
         sync();
         reboot(RB_AUTOBOOT);

@@ -48,6 +48,9 @@ void prepare_exec(const struct spec *s, pid_t init_pid, int sync_fd);
 /* Called in the child once started: credentials, then execve. Never returns. */
 void become_process(const struct spec *s, int sync_fd);
 
+/* NETWORK: the guest's NIC as the records say; -1 with a message in err on failure. */
+int configure_network(char *records, size_t len, char *err, size_t errlen);
+
 void fail(int sync_fd, const char *fmt, ...) __attribute__((noreturn, format(printf, 2, 3)));
 int send_fd(int sock, int fd);
 #endif

@@ -30,6 +30,7 @@ enum frame_type {
     FR_PS = 8,
     FR_STATS = 9,
     FR_POWEROFF = 10,
+    FR_NETWORK = 11, /* payload: records (mac, mtu, addr, route); configures the guest's NIC */
     /* guest -> host */
     FR_READY = 64,   /* payload: version text */
     FR_OK = 65,

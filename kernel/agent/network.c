@@ -1,0 +1,137 @@
+/* The VM's network interface, configured as the host found the engine's veth: same MAC, MTU, IPv4
+ * addresses and routes (docs/protocol.md, NETWORK). The host redirects every frame between that veth
+ * and the VM's tap, so the guest simply is the container's end of the veth. */
+#include "agent.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <net/if.h>
+#include <net/if_arp.h>
+#include <net/route.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+static int err_out(char *err, size_t errlen, const char *what, const char *arg)
+{
+    snprintf(err, errlen, "network: %s %s: %s", what, arg, strerror(errno));
+    return -1;
+}
+
+/* The guest's one NIC: the first interface that is not the loopback. */
+static int find_nic(char *name)
+{
+    struct if_nameindex *all = if_nameindex(), *i;
+    int found = 0;
+    for (i = all; i && i->if_index; i++) {
+        if (strcmp(i->if_name, "lo") == 0) continue;
+        snprintf(name, IFNAMSIZ, "%s", i->if_name);
+        found = 1;
+        break;
+    }
+    if (all) if_freenameindex(all);
+    return found;
+}
+
+static int parse_prefix(const char *text, struct in_addr *addr, struct in_addr *mask)
+{
+    char ip[INET_ADDRSTRLEN];
+    const char *slash = strchr(text, '/');
+    int bits = slash ? atoi(slash + 1) : 32;
+    size_t n = slash ? (size_t)(slash - text) : strlen(text);
+    if (n >= sizeof ip || bits < 0 || bits > 32) return -1;
+    memcpy(ip, text, n);
+    ip[n] = 0;
+    mask->s_addr = bits ? htonl(~0u << (32 - bits)) : 0;
+    return inet_pton(AF_INET, ip, addr) == 1 ? 0 : -1;
+}
+
+static void set_sockaddr(struct sockaddr *sa, struct in_addr addr)
+{
+    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_addr = addr };
+    memcpy(sa, &sin, sizeof sin);
+}
+
+static int add_address(int s, const char *nic, int n, const char *text, char *err, size_t errlen)
+{
+    struct ifreq ifr = {0};
+    struct in_addr addr, mask;
+    if (parse_prefix(text, &addr, &mask) < 0) { errno = EINVAL; return err_out(err, errlen, "address", text); }
+    /* A second address goes on an alias label, as ifconfig would put it. */
+    if (n) snprintf(ifr.ifr_name, IFNAMSIZ, "%.10s:%d", nic, n & 0xff);
+    else snprintf(ifr.ifr_name, IFNAMSIZ, "%s", nic);
+    set_sockaddr(&ifr.ifr_addr, addr);
+    if (ioctl(s, SIOCSIFADDR, &ifr) < 0) return err_out(err, errlen, "address", text);
+    set_sockaddr(&ifr.ifr_netmask, mask);
+    if (ioctl(s, SIOCSIFNETMASK, &ifr) < 0) return err_out(err, errlen, "netmask of", text);
+    return 0;
+}
+
+/* "DST/BITS GATEWAY", the gateway "-" for a route on the link. */
+static int add_route(int s, char *nic, const char *text, char *err, size_t errlen)
+{
+    char dst[64], gw[INET_ADDRSTRLEN];
+    struct in_addr d, mask, g = {0};
+    if (sscanf(text, "%63s %15s", dst, gw) != 2 || parse_prefix(dst, &d, &mask) < 0
+        || (strcmp(gw, "-") && inet_pton(AF_INET, gw, &g) != 1)) {
+        errno = EINVAL;
+        return err_out(err, errlen, "route", text);
+    }
+    struct rtentry rt = {0};
+    set_sockaddr(&rt.rt_dst, d);
+    set_sockaddr(&rt.rt_genmask, mask);
+    set_sockaddr(&rt.rt_gateway, g);
+    rt.rt_flags = RTF_UP | (g.s_addr ? RTF_GATEWAY : 0) | (mask.s_addr == 0xffffffff ? RTF_HOST : 0);
+    rt.rt_dev = nic;
+    if (ioctl(s, SIOCADDRT, &rt) < 0 && errno != EEXIST) return err_out(err, errlen, "route", text);
+    return 0;
+}
+
+int configure_network(char *buf, size_t len, char *err, size_t errlen)
+{
+    char nic[IFNAMSIZ];
+    if (!find_nic(nic)) { errno = ENODEV; return err_out(err, errlen, "no interface", "in the guest"); }
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0) return err_out(err, errlen, "socket", "");
+    struct ifreq ifr = {0};
+    snprintf(ifr.ifr_name, IFNAMSIZ, "%s", nic);
+    int rc = 0, naddr = 0;
+    /* Link settings first, while the link is down; then up; then what needs it up. */
+    for (int pass = 0; pass < 2 && rc == 0; pass++) {
+        for (char *rec = buf; rec < buf + len && rc == 0; rec += strlen(rec) + 1) {
+            char *value = strchr(rec, '=');
+            if (!value) continue;
+            *value++ = 0;
+            if (pass == 0 && !strcmp(rec, "mac")) {
+                unsigned int b[6];
+                if (sscanf(value, "%x:%x:%x:%x:%x:%x", &b[0], &b[1], &b[2], &b[3], &b[4], &b[5]) != 6) {
+                    errno = EINVAL;
+                    rc = err_out(err, errlen, "mac", value);
+                    break;
+                }
+                ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
+                for (int i = 0; i < 6; i++) ifr.ifr_hwaddr.sa_data[i] = (char)b[i];
+                if (ioctl(s, SIOCSIFHWADDR, &ifr) < 0) rc = err_out(err, errlen, "mac", value);
+            } else if (pass == 0 && !strcmp(rec, "mtu")) {
+                ifr.ifr_mtu = atoi(value);
+                if (ioctl(s, SIOCSIFMTU, &ifr) < 0) rc = err_out(err, errlen, "mtu", value);
+            } else if (pass == 1 && !strcmp(rec, "addr")) {
+                rc = add_address(s, nic, naddr++, value, err, errlen);
+            } else if (pass == 1 && !strcmp(rec, "route")) {
+                rc = add_route(s, nic, value, err, errlen);
+            }
+            value[-1] = '=';  /* the second pass reads the records again */
+        }
+        if (pass == 0 && rc == 0) {
+            if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0) { rc = err_out(err, errlen, "flags of", nic); break; }
+            ifr.ifr_flags |= IFF_UP;
+            if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0) rc = err_out(err, errlen, "up", nic);
+        }
+    }
+    close(s);
+    return rc;
+}
