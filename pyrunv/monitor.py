@@ -19,7 +19,7 @@ import sys
 import termios
 import tty
 
-from . import control, hostmount, logs, state, vm
+from . import control, hostmount, logs, network, state, vm
 from .config import Config
 from .errors import PyrunvError
 from .plan import SharedPath, VmPlan
@@ -199,13 +199,19 @@ class Monitor:
             vm.virtiofsd(self.config, share, listener.fileno(), self.path("virtiofsd.log")))
         console = os.open(self.path("console.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         stack.callback(os.close, console)
+        # A container with a network namespace gets a NIC; at start it takes the engine's veth's place.
+        tap, self.tap_name = None, None
+        if self.plan.network_namespace is not None:
+            tap_fd, self.tap_name = network.make_tap()
+            tap = stack.enter_context(open(tap_fd, "rb", buffering=0))
         argv = vm.qemu_argv(self.config, self.plan, accel, agent_fd=agent_guest.fileno(),
-                            qmp_fd=qmp_guest.fileno(), fs_fd=fs_client.fileno(), console_fd=console)
+                            qmp_fd=qmp_guest.fileno(), fs_fd=fs_client.fileno(), console_fd=console,
+                            tap_fd=tap.fileno() if tap else None)
         log.debug("starting %s", " ".join(argv))
         self.qemu = stack.enter_context(vm.Daemon(
-            "qemu", argv, (agent_guest.fileno(), qmp_guest.fileno(), fs_client.fileno(), console),
-            self.path("qemu.log"), user=self.config.qemu_user))
-        for s in (listener, fs_client, agent_guest, qmp_guest):
+            "qemu", argv, (agent_guest.fileno(), qmp_guest.fileno(), fs_client.fileno(), console)
+            + ((tap.fileno(),) if tap else ()), self.path("qemu.log"), user=self.config.qemu_user))
+        for s in (listener, fs_client, agent_guest, qmp_guest) + ((tap,) if tap else ()):
             s.close()
         with open(self.path("helpers.json"), "w") as f:
             json.dump([(d.pid, state.process_start_time(d.pid)) for d in (self.qemu, self.virtiofsd)], f)

@@ -9,7 +9,7 @@ import signal
 import socket
 import time
 
-from . import control, plan as plan_mod, spec as spec_mod, state
+from . import control, network, plan as plan_mod, spec as spec_mod, state
 from .channel import Channel, F, PAIR, ProcessIO
 from .errors import PyrunvError
 from .logs import log
@@ -216,8 +216,29 @@ class Service:
             conn.close()
 
     async def _op_start(self, request, fds, conn):
+        # The engine's network is in place by now: CNI and netavark set it up before create, docker in
+        # a prestart hook during create.
+        if self.monitor.tap_name and network.interfaces_to_plumb():
+            await self._plumb_network(self.monitor.tap_name)
         await self.channel.request(F.START, INIT_ID)
         return {"ok": True}
+
+    async def _plumb_network(self, tap_name: str) -> None:
+        child = await asyncio.create_subprocess_exec(*network.plumb_command(tap_name), stdin=asyncio.subprocess.DEVNULL,
+                                                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            out, err = await asyncio.wait_for(child.communicate(), 30)
+        except asyncio.TimeoutError:
+            child.kill()
+            await child.wait()
+            raise PyrunvError("network: joining the namespace's interface to the VM took over 30s") from None
+        if child.returncode:
+            lines = err.decode(errors="replace").strip().splitlines()
+            raise PyrunvError(f"network: {lines[-1] if lines else 'failed'}")
+        found = json.loads(out)
+        if found:
+            log.debug("network: %s", found)
+            await self.channel.request(F.NETWORK, None, plan_mod.records(network.agent_records(found)))
 
     async def _op_signal(self, request, fds, conn):
         sig, everyone = int(request["signal"]), bool(request.get("all"))

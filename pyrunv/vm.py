@@ -138,7 +138,7 @@ TCG_CPU = "max,-erms,-fsrm"
 
 
 def qemu_argv(config: Config, plan: VmPlan, accel: str, *, agent_fd: int, qmp_fd: int, fs_fd: int | None,
-              console_fd: int, extra_params: str = "") -> list:
+              console_fd: int, tap_fd: int | None = None, extra_params: str = "") -> list:
     """Every file QEMU needs besides the kernel and initrd comes as an fd, so that it can run as an
     unprivileged user who cannot open the 0700 state directory."""
     tcg = f"tcg,thread={'multi' if plan.vcpus > 1 else 'single'},tb-size={config.tcg_tb_size_mib}"
@@ -161,6 +161,8 @@ def qemu_argv(config: Config, plan: VmPlan, accel: str, *, agent_fd: int, qmp_fd
     if fs_fd is not None:
         argv += ["-chardev", f"socket,id=fs,fd={fs_fd}",
                  "-device", f"{device(plan, 'vhost-user-fs')},chardev=fs,tag={SHARE_TAG}"]
+    if tap_fd is not None:
+        argv += ["-netdev", f"tap,id=net,fd={tap_fd}", "-device", f"{device(plan, 'virtio-net')},netdev=net"]
     return argv
 
 

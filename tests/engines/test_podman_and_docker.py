@@ -1,7 +1,11 @@
 """podman (with conmon) and docker (dockerd 20.10, pyrunv its default runtime) driving pyrunv through the
-command line they share: run, exit codes, stdin, tty, exec, stop, kill, pause, rm; and podman's rlimits.
+command line they share: run, exit codes, stdin, tty, exec, the engine's network, stop, kill, pause, rm;
+and podman's rlimits.
 `docker top` runs the host's ps on the pids pyrunv reports, so it cannot show guest processes and is not
 tested."""
+import functools
+import http.server
+import threading
 import time
 
 import pytest
@@ -74,6 +78,30 @@ def test_exec(engine, cid):
     assert (result.returncode, result.stdout) == (4, "exec-ok\n"), result.stderr
     output, code = tty_run(engine.argv("exec", "-it", cid, "tty"), env=engine.env)
     assert code == 0 and "/dev/pts/" in output, output
+
+
+@pytest.fixture(scope="module")
+def host_http(tmp_path_factory):
+    """An HTTP server on the host, on every address: the container reaches it through its gateway."""
+    root = tmp_path_factory.mktemp("www")
+    (root / "hello").write_text("hello from the host\n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+def test_the_guest_takes_the_engines_address_and_reaches_the_host(engine, cid, host_http):
+    run_detached(engine, cid, "sleep", "600")
+    address = inspect(engine, cid, ".NetworkSettings.IPAddress")
+    assert address, "the engine gave the container no address"
+    shown = engine("exec", cid, "ip", "-4", "-o", "addr", "show", "eth0", check=True).stdout
+    assert f" {address}/" in shown, shown
+    # (not wget -T: Debian's static busybox 1.35 segfaults with it, under runc too)
+    fetch = f"gw=$(ip route | awk '/^default/ {{print $3}}'); timeout 20 wget -q -O- http://$gw:{host_http}/hello"
+    result = engine("exec", cid, "sh", "-c", fetch)
+    assert (result.returncode, result.stdout) == (0, "hello from the host\n"), result.stderr
 
 
 def test_stop_trapped_term(engine, cid):
