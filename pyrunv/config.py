@@ -23,7 +23,7 @@ class Config:
     machine: str = "microvm"
     accel: str = "auto"
     boot_timeout: float = 30.0
-    tcg_tb_size_mib: int = 24       # TCG translation cache: a boot fills about 20 MiB; 16 flushed it mid-boot
+    tcg_tb_size_mib: int = 16       # TCG translation cache: 24 MiB saved ~45 ms of boot but cost 8 MiB PSS
     kernel_params: str = ""
     qemu_user: str = ""            # run QEMU as this unprivileged user
     # Annotations may come from untrusted pod specs: only these keys (after the prefix) are honoured.
