@@ -24,6 +24,8 @@ IFF_TAP, IFF_NO_PI, IFF_UP = 0x0002, 0x1000, 0x1
 SIOCGIFFLAGS, SIOCSIFFLAGS = 0x8913, 0x8914
 ETH_P_ALL = 0x0003
 RTPROT_KERNEL = 2
+RTNH_F_ONLINK = 4
+ARPHRD_ETHER = 1
 MAIN_TABLE = 254
 
 
@@ -56,14 +58,15 @@ def interfaces_to_plumb() -> list:
 
 
 def plumb(tap_name: str) -> dict:
-    """Joins the namespace's first interface to the tap; {} if there is none.
+    """Joins the namespace's first Ethernet interface to the tap; {} if there is none.
 
     The interface's redirect is replaced, not added to: in a pod's namespace the VM started last (an
     app container's, after the pause container's) gets the pod's network."""
     from pyroute2.iproute.linux import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
     with IPRoute() as ip:
-        links = [link for link in ip.get_links() if not is_ours(link.get_attr("IFLA_IFNAME"))]
+        links = [link for link in ip.get_links()
+                 if link["ifi_type"] == ARPHRD_ETHER and not is_ours(link.get_attr("IFLA_IFNAME"))]
         if not links:
             return {}
         link = min(links, key=lambda link: link["index"])
@@ -74,8 +77,10 @@ def plumb(tap_name: str) -> dict:
             gateway = r.get_attr("RTA_GATEWAY")
             if r.get_attr("RTA_OIF") != index or (not gateway and r["proto"] == RTPROT_KERNEL):
                 continue  # the guest's kernel makes the subnet's route from the address itself
+            if gateway and r["flags"] & RTNH_F_ONLINK:
+                routes.append(f"{gateway}/32 -")  # the guest's route ioctl knows no onlink: a link route to the gateway
             routes.append(f"{r.get_attr('RTA_DST') or '0.0.0.0'}/{r['dst_len']} {gateway or '-'}")
-        routes.sort(key=lambda route: route.endswith(" -"), reverse=True)  # a gateway's link route first
+        routes = sorted(dict.fromkeys(routes), key=lambda route: not route.endswith(" -"))  # link routes first
         ip.link("set", index=tap, mtu=link.get_attr("IFLA_MTU"))
         try:
             ip.tc("del", "ingress", index, "ffff:")  # with the filters of an earlier VM, if any
