@@ -82,14 +82,12 @@ def create_container(obj: Context, container_id: str, bundle: str, pid_file, con
     plan = plan_mod.make(spec, config)
     log.debug("create %s: spec validated, VM planned", container_id)
     store = obj.store
-    store.make(container_id)
     record = state.Record(id=container_id, bundle=spec.bundle, rootfs=spec.rootfs, status=Status.CREATING.value,
                           created=time.strftime("%Y-%m-%dT%H:%M:%S.000000000Z", time.gmtime()),
                           owner="root" if os.getuid() == 0 else str(os.getuid()), annotations=spec.annotations,
                           hooks={kind: list(spec.hooks[kind]) for kind in hooks.AFTER_CREATE if spec.hooks[kind]})
-    try:
-        with store.lock(container_id):
-            store.save(record)
+    with store.create(record):
+        try:
             pid, accel = monitor.launch(store, record, plan, config, terminal=spec.process.terminal,
                                         console_socket=console_socket, console_size=spec.process.console_size)
             record.pid, record.pid_start, record.accel = pid, state.process_start_time(pid), accel
@@ -98,11 +96,11 @@ def create_container(obj: Context, container_id: str, bundle: str, pid_file, con
             for kind in ("prestart", "createRuntime", "createContainer"):
                 hooks.run(kind, spec.hooks[kind], record.oci_state(Status.CREATED))
             write_pid_file(pid_file, pid)
-    except BaseException:
-        stop_monitor(store, record)
-        kill_helpers(store.path(container_id))
-        store.remove(container_id)
-        raise
+        except BaseException:
+            stop_monitor(store, record)
+            kill_helpers(store.path(container_id))
+            store.remove(container_id)
+            raise
     log.info("created %s (monitor pid %d, accel %s)", container_id, record.pid, record.accel)
     return record.pid
 

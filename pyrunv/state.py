@@ -1,6 +1,7 @@
 """The state store: one 0700 directory per container under --root, an atomic state.json, a lock per container."""
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import os
@@ -73,17 +74,34 @@ class Store:
         except OSError as e:
             raise PyrunvError(f"cannot create root directory {self.root}: {e.strerror}") from None
 
-    def make(self, container_id: str) -> str:
-        """Claims the ID; mkdir is atomic, so of two creates of one ID exactly one wins."""
+    @contextlib.contextmanager
+    def create(self, record: Record):
+        """Claims record.id and holds its lock, with the first state.json already in place: the directory
+        is made under a hidden name, locked, filled and renamed into place. Of two creates of one ID
+        exactly one wins, and no other command ever sees the directory without its state or its lock."""
         self.ensure_root()
-        path = self.path(container_id)
+        path = self.path(record.id)
+        cradle = os.path.join(self.root, f".creating:{record.id}:{os.getpid()}")
         try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            raise PyrunvError(f"container with id exists: {container_id}") from None
+            os.mkdir(cradle, 0o700)
         except OSError as e:
             raise PyrunvError(f"cannot create state directory {path}: {e.strerror}") from None
-        return path
+        fd = os.open(cradle, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # the lock is on the directory itself: it moves with it
+            try:
+                self._write(cradle, record)
+                os.rename(cradle, path)  # refused if a container's (never empty) directory is there
+            except BaseException as e:
+                shutil.rmtree(cradle, ignore_errors=True)
+                if isinstance(e, OSError) and e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR):
+                    raise PyrunvError(f"container with id exists: {record.id}") from None
+                if isinstance(e, OSError):
+                    raise PyrunvError(f"cannot create state directory {path}: {e.strerror}") from None
+                raise
+            yield path
+        finally:
+            os.close(fd)
 
     def exists(self, container_id: str) -> bool:
         return os.path.isfile(self.path(container_id, STATE_FILE))
@@ -98,7 +116,11 @@ class Store:
             raise PyrunvError(f"container {container_id}: state file is corrupt") from None
 
     def save(self, record: Record) -> None:
-        path = self.path(record.id, STATE_FILE)
+        self._write(self.path(record.id), record)
+
+    @staticmethod
+    def _write(directory: str, record: Record) -> None:
+        path = os.path.join(directory, STATE_FILE)
         tmp = f"{path}.{os.getpid()}.tmp"
         try:
             with open(tmp, "w") as f:

@@ -363,11 +363,10 @@ def prepare_root(root: str, kind: str) -> None:
         with open(root, "w") as f:
             f.write("not a directory\n")
     elif kind == "stopped":
-        store = state.Store(root)
-        store.make("fake")
-        store.save(state.Record(id="fake", bundle="/nonexistent-bundle", rootfs="/nonexistent-bundle/rootfs",
-                                status="running", pid=2 ** 22 + 1, pid_start=1, created="2024-01-01T00:00:00Z",
-                                owner="root"))
+        with state.Store(root).create(state.Record(
+                id="fake", bundle="/nonexistent-bundle", rootfs="/nonexistent-bundle/rootfs", status="running",
+                pid=2 ** 22 + 1, pid_start=1, created="2024-01-01T00:00:00Z", owner="root")):
+            pass
 
 
 def check_root_after(root: str, kind: str) -> None:

@@ -61,9 +61,9 @@ def detached(rt, out_dir, *args, timeout=DEADLINE + 120):
 def fake_stopped_container(root, container_id, bundle="/nonexistent-bundle"):
     """A state directory whose monitor is long gone, as a crashed host would leave it: no VM needed."""
     store = state.Store(str(root))
-    store.make(container_id)
-    store.save(state.Record(id=container_id, bundle=bundle, rootfs=f"{bundle}/rootfs", status="running",
-                            pid=2 ** 22 + 1, pid_start=1, created="2024-01-01T00:00:00Z", owner="root"))
+    with store.create(state.Record(id=container_id, bundle=bundle, rootfs=f"{bundle}/rootfs", status="running",
+                                   pid=2 ** 22 + 1, pid_start=1, created="2024-01-01T00:00:00Z", owner="root")):
+        pass
     return store.path(container_id)
 
 

@@ -1,5 +1,6 @@
 """The CLI verbs that need no VM, run as an engine runs them: `python -m pyrunv --root DIR ...`."""
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -34,10 +35,10 @@ def test_list_quiet_and_json_without_containers(root):
 
 
 def test_list_shows_a_stored_container_as_stopped_once_its_monitor_is_gone(root):
-    store = state.Store(str(root))
-    store.make("c1")
-    store.save(state.Record(id="c1", bundle="/b", rootfs="/b/rootfs", status="running", pid=2 ** 22 + 1,
-                            pid_start=1, created="2024-01-01T00:00:00Z", owner="root"))
+    with state.Store(str(root)).create(state.Record(id="c1", bundle="/b", rootfs="/b/rootfs", status="running",
+                                                    pid=2 ** 22 + 1, pid_start=1, created="2024-01-01T00:00:00Z",
+                                                    owner="root")):
+        pass
     listed = json.loads(pyrunv(root, "list", "--format", "json").stdout)
     assert [(c["id"], c["status"], c["pid"]) for c in listed] == [("c1", "stopped", 0)]
 
@@ -86,13 +87,12 @@ print(sorted(m for m in ("jsonschema", "qemu.qmp", "asyncio") if m in sys.module
 
 
 def test_delete_runs_the_poststop_hook_kept_at_create_without_the_bundle(root, tmp_path):
-    store = state.Store(str(root))
-    store.make("c1")
     seen = tmp_path / "seen.json"
     hook = {"path": "/bin/sh", "args": ["sh", "-c", f"cat > {seen}"]}
-    store.save(state.Record(id="c1", bundle=str(tmp_path / "gone"), rootfs="/gone/rootfs", status="running",
-                            pid=2 ** 22 + 1, pid_start=1, created="2024-01-01T00:00:00Z", owner="root",
-                            hooks={"poststop": [hook]}))
+    with state.Store(str(root)).create(state.Record(
+            id="c1", bundle=str(tmp_path / "gone"), rootfs="/gone/rootfs", status="running", pid=2 ** 22 + 1,
+            pid_start=1, created="2024-01-01T00:00:00Z", owner="root", hooks={"poststop": [hook]})):
+        pass
     result = subprocess.run([sys.executable, "-c", DELETE_IMPORTS, str(root)], capture_output=True, text=True,
                             timeout=30)
     assert (result.stdout, result.stderr) == ("[]\n", "")
@@ -148,7 +148,8 @@ def test_parse_signal_refuses_a_name_that_is_no_signal():
 
 def test_stopping_a_monitor_that_was_already_gone_when_recorded_returns_at_once(tmp_path):
     store = state.Store(str(tmp_path / "root"))
-    store.make("c1")
+    store.ensure_root()
+    os.mkdir(store.path("c1"))
     zombie = subprocess.Popen(["true"])
     while state.process_start_time(zombie.pid):
         time.sleep(0.01)  # until it has exited; it stays a zombie because nobody waits for it yet
@@ -183,11 +184,13 @@ def test_delete_force_of_a_missing_container_succeeds_as_in_runc(root):
     assert pyrunv(root, "delete", "ghost").returncode == 1
 
 
-def test_delete_frees_the_id_of_a_create_that_died_before_writing_state(root):
+def test_delete_frees_the_id_of_an_older_create_that_died_before_writing_state(root):
     store = state.Store(str(root))
-    store.make("halfway")
+    store.ensure_root()
+    os.mkdir(store.path("halfway"))  # as an earlier pyrunv, which made the directory first, left it
     assert "does not exist" in pyrunv(root, "delete", "halfway").stderr
-    store.make("halfway")  # the ID is free again
+    with store.create(state.Record(id="halfway", bundle="/b", rootfs="/b/rootfs", status="created")):
+        pass  # the ID is free again
 
 
 def _exec_process(tmp_path, config_process, **flags):

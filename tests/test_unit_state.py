@@ -19,12 +19,15 @@ def store(tmp_path):
     return state.Store(str(tmp_path / "root"))
 
 
+def record(container_id, **fields):
+    return state.Record(id=container_id, bundle="/b", rootfs="/b/rootfs", status=Status.CREATED.value, **fields)
+
+
 def saved(store, container_id, **fields):
     """A container as `create` leaves it: its directory and a state.json."""
-    store.make(container_id)
-    record = state.Record(id=container_id, bundle="/b", rootfs="/b/rootfs", status=Status.CREATED.value, **fields)
-    store.save(record)
-    return record
+    with store.create(record(container_id, **fields)):
+        pass
+    return store.load(container_id)
 
 
 def alive(status: Status) -> state.Record:
@@ -49,16 +52,25 @@ def test_store_paths_refuse_a_bad_id(store):
         store.path("../escape")
 
 
-def test_make_claims_an_id_exactly_once(store):
-    store.make("c1")
+def test_create_claims_an_id_exactly_once_and_leaves_no_hidden_directory(store):
+    saved(store, "c1")
     with pytest.raises(PyrunvError, match="^container with id exists: c1$"):
-        store.make("c1")
+        with store.create(record("c1", pid=1)):
+            pass
+    assert store.load("c1").pid == 0
+    assert os.listdir(store.root) == ["c1"]
 
 
-def test_root_and_container_directories_are_private(store):
-    path = store.make("c1")
+def test_a_created_id_has_its_state_and_is_locked_from_the_start(store):
+    with store.create(record("c1")) as path:
+        assert store.exists("c1") and store.load("c1").status == Status.CREATED.value
+        with pytest.raises(PyrunvError, match="^container c1 is busy"):
+            with store.lock("c1", timeout=0.1):
+                pass
     assert stat.S_IMODE(os.stat(store.root).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
+    with store.lock("c1", timeout=1):
+        pass
 
 
 def test_save_and_load_round_trip(store):
@@ -77,7 +89,7 @@ def test_load_of_an_unknown_container_says_it_does_not_exist(store):
 
 @pytest.mark.parametrize("content", ["{truncated", "[1, 2]", '{"id": "c1"}', '{"unknown": 1}'])
 def test_a_corrupt_state_file_gives_a_clear_error(store, content):
-    store.make("c1")
+    saved(store, "c1")
     with open(store.path("c1", state.STATE_FILE), "w") as f:
         f.write(content)
     with pytest.raises(PyrunvError, match="^container c1: state file is corrupt$"):
@@ -110,7 +122,7 @@ def test_a_reused_pid_is_not_taken_for_the_monitor(store):
 
 
 def test_an_exit_file_means_stopped_even_while_the_monitor_lives(store):
-    store.make("c1")
+    saved(store, "c1")
     open(store.path("c1", state.EXIT_FILE), "w").close()
     assert store.status(alive(Status.RUNNING)) is Status.STOPPED
 
@@ -137,7 +149,8 @@ sys.stdin.read()
 
 
 def test_a_lock_held_by_another_command_makes_us_busy_until_it_lets_go(store):
-    path = store.make("c1")
+    saved(store, "c1")
+    path = store.path("c1")
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert holder.stdout.readline() == b"locked\n"
@@ -161,7 +174,7 @@ def test_lock_of_an_unknown_container_says_it_does_not_exist(store):
 
 
 def test_a_waiter_for_the_lock_of_a_container_deleted_meanwhile_is_told_it_does_not_exist(store):
-    store.make("c1")
+    saved(store, "c1")
     outcome = []
 
     def wait_for_lock():
@@ -183,7 +196,7 @@ def test_remove_frees_the_id(store):
     saved(store, "c1")
     store.remove("c1")
     assert not store.exists("c1") and store.ids() == []
-    store.make("c1")
+    saved(store, "c1")
     store.remove("c1")
     store.remove("c1")  # removing what is gone already is no error
 
@@ -191,7 +204,8 @@ def test_remove_frees_the_id(store):
 def test_ids_lists_only_containers(store, monkeypatch):
     for container_id in ("b", "a", ".hidden", "dying"):
         saved(store, container_id)
-    store.make("half-created")  # no state.json yet
+    os.mkdir(os.path.join(store.root, "half-created"))  # an older create's, killed before its state.json
+    os.mkdir(os.path.join(store.root, ".creating:c9:1"))  # a create killed before its rename
     open(os.path.join(store.root, "stray-file"), "w").close()
     # A delete killed between its rename and its rmtree leaves the renamed directory behind.
     monkeypatch.setattr(state.shutil, "rmtree", lambda *args, **kwargs: None)
