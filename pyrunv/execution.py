@@ -47,17 +47,19 @@ def build_process(record: state.Record, process_file, command, *, cwd, env, tty,
     return process
 
 
-def _stdio(process: dict, console_socket) -> list:
+def _stdio(process: dict, console_socket, detach: bool) -> list:
     if not process.get("terminal"):
         return [0, 1, 2]
-    if not console_socket:
-        raise PyrunvError("exec --tty needs --console-socket")
-    size = process.get("consoleSize")
-    return [monitor.open_console(console_socket, (size["height"], size["width"]) if size else None)]
+    if console_socket:
+        size = process.get("consoleSize")
+        return [monitor.open_console(console_socket, (size["height"], size["width"]) if size else None)]
+    if detach or not os.isatty(0):
+        raise PyrunvError("exec --tty needs --console-socket, or a terminal on stdin without --detach")
+    return [os.dup(0)]  # the person's own terminal, as `run` uses it
 
 
 def run(state_dir: str, process: dict, console_socket, detach: bool, pid_file) -> int:
-    fds = _stdio(process, console_socket)
+    fds = _stdio(process, console_socket, detach)
     conn = control.Connection(state_dir, timeout=60)
     conn.send({"op": "exec", "process": process}, fds)
     conn.receive()  # raises the agent's error, e.g. an executable that is not there
@@ -76,7 +78,12 @@ def run(state_dir: str, process: dict, console_socket, detach: bool, pid_file) -
             os.dup2(null, fd)  # the monitor has the real ones: the engine's pipes close with the process
     else:
         write_pid_file(pid_file, os.getpid())
-    monitor._exit_like(_wait(conn))
+    if process.get("terminal") and not console_socket:
+        with monitor.raw_terminal(0):
+            status = _wait(conn)
+    else:
+        status = _wait(conn)
+    monitor._exit_like(status)
 
 
 def _wait(conn: control.Connection) -> tuple:

@@ -110,6 +110,17 @@ def _exit_like(status: tuple) -> None:
     os._exit(code & 0xFF)
 
 
+@contextlib.contextmanager
+def raw_terminal(fd: int):
+    """The guest's tty does the line discipline; the host terminal passes keys through untouched."""
+    saved = termios.tcgetattr(fd)
+    tty.setraw(fd)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
 def open_console(console_socket: str, size: tuple | None) -> int:
     """Like runc: a pty whose master goes to --console-socket. Returns the slave, in raw mode
     because the guest's own tty does the line discipline."""

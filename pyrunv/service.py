@@ -13,22 +13,9 @@ from . import control, network, plan as plan_mod, spec as spec_mod, state
 from .channel import Channel, F, PAIR, ProcessIO
 from .errors import PyrunvError
 from .logs import log
-from .monitor import FORWARDED, Monitor, open_console
+from .monitor import FORWARDED, Monitor, open_console, raw_terminal
 
 INIT_ID = 1
-
-
-@contextlib.contextmanager
-def raw_terminal(fd: int):
-    """The guest's tty does the line discipline; the host terminal passes keys through untouched."""
-    import termios
-    import tty
-    saved = termios.tcgetattr(fd)
-    tty.setraw(fd)
-    try:
-        yield
-    finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
 class Service:

@@ -3,6 +3,7 @@ import fcntl
 import json
 import os
 import select
+import shlex
 import socket
 import struct
 import subprocess
@@ -102,6 +103,22 @@ def test_terminal_create_and_exec_tty(runtime, bundle, tmp_path):
     assert waiter.wait(60) == 6
     os.write(master, b"exit 4\n")
     runtime("delete", "--force", "tty", check=True)
+
+
+def test_exec_tty_uses_the_persons_own_terminal_without_a_console_socket(runtime, running):
+    """As with runc: `exec -t` typed at a terminal. util-linux script gives the command a pty of its own."""
+    command = f"stty rows 33 cols 111; {shlex.join(runtime.argv('exec', '-t', running, 'sh', '-c', 'tty; stty size; exit 5'))}"
+    stdin, keep_open = os.pipe()  # script would type an EOF into the pty at the end of its stdin
+    try:
+        result = subprocess.run(["script", "-qec", command, "/dev/null"], stdin=stdin, capture_output=True,
+                                timeout=120)
+    finally:
+        os.close(stdin)
+        os.close(keep_open)
+    assert (result.returncode, result.stdout.replace(b"\r", b"")) == (5, b"/dev/pts/0\n33 111\n"), result.stderr
+    refused = runtime("exec", "-t", running, "true")  # stdin is not a terminal here
+    assert (refused.returncode, refused.stderr) == (
+        1, b"pyrunv: exec --tty needs --console-socket, or a terminal on stdin without --detach\n")
 
 
 def test_ps_lists_container_pids(runtime, running):
