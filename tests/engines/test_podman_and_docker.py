@@ -1,12 +1,14 @@
 """podman (with conmon) and docker (dockerd 20.10, pyrunv its default runtime) driving pyrunv through the
-command line they share: run, exit codes, stdin, tty, exec, the engine's network, stop, kill, pause, rm;
-and podman's rlimits.
+command line they share: run, exit codes, stdin, tty, exec, the engine's network and published ports, stop,
+kill, pause, rm; and podman's rlimits.
 `docker top` runs the host's ps on the pids pyrunv reports, so it cannot show guest processes and is not
 tested."""
 import functools
 import http.server
+import socket
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -102,6 +104,26 @@ def test_the_guest_takes_the_engines_address_and_reaches_the_host(engine, cid, h
     fetch = f"gw=$(ip route | awk '/^default/ {{print $3}}'); timeout 20 wget -q -O- http://$gw:{host_http}/hello"
     result = engine("exec", cid, "sh", "-c", fetch)
     assert (result.returncode, result.stdout) == (0, "hello from the host\n"), result.stderr
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_published_port_reaches_a_server_in_the_vm(engine, engine_name, cid):
+    port = free_port()
+    serve = "mkdir -p /www && echo served-from-the-vm > /www/index.html && exec httpd -f -p 80 -h /www"
+    engine("run", "-d", "--name", cid, "-p", f"{port}:80", IMAGE, "sh", "-c", serve, check=True)
+
+    def fetch():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as reply:
+                return reply.read()
+        except OSError:
+            return b""
+    assert wait_for(lambda: fetch() == b"served-from-the-vm\n", timeout=30), fetch()
 
 
 def test_stop_trapped_term(engine, cid):
