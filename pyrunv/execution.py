@@ -2,6 +2,7 @@
 
 The waiter hands its stdio (or a pty slave) to the monitor over the control socket, forwards the
 signals it receives, and exits with the process's status."""
+import contextlib
 import json
 import os
 import signal
@@ -78,10 +79,8 @@ def run(state_dir: str, process: dict, console_socket, detach: bool, pid_file) -
             os.dup2(null, fd)  # the monitor has the real ones: the engine's pipes close with the process
     else:
         write_pid_file(pid_file, os.getpid())
-    if process.get("terminal") and not console_socket:
-        with monitor.raw_terminal(0):
-            status = _wait(conn)
-    else:
+    own_terminal = process.get("terminal") and not console_socket
+    with monitor.raw_terminal(0) if own_terminal else contextlib.nullcontext():
         status = _wait(conn)
     monitor._exit_like(status)
 

@@ -145,6 +145,7 @@ class Monitor:
         self.store, self.record, self.plan, self.config = store, record, plan, config
         self.terminal, self.console_socket, self.console_size = terminal, console_socket, console_size
         self.state_dir = store.path(record.id)
+        self.tap_name = None  # the VM's tap, if the spec has a network namespace (see network.py)
 
     def run(self, report_fd: int) -> tuple:
         status = (1, 0)
@@ -211,18 +212,19 @@ class Monitor:
         console = os.open(self.path("console.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         stack.callback(os.close, console)
         # A container with a network namespace gets a NIC; at start it takes the engine's veth's place.
-        tap, self.tap_name = None, None
+        handed = [agent_guest, qmp_guest, fs_client]
+        tap = None
         if self.plan.network_namespace is not None:
             tap_fd, self.tap_name = network.make_tap()
             tap = stack.enter_context(open(tap_fd, "rb", buffering=0))
+            handed.append(tap)
         argv = vm.qemu_argv(self.config, self.plan, accel, agent_fd=agent_guest.fileno(),
                             qmp_fd=qmp_guest.fileno(), fs_fd=fs_client.fileno(), console_fd=console,
                             tap_fd=tap.fileno() if tap else None)
         log.debug("starting %s", " ".join(argv))
         self.qemu = stack.enter_context(vm.Daemon(
-            "qemu", argv, (agent_guest.fileno(), qmp_guest.fileno(), fs_client.fileno(), console)
-            + ((tap.fileno(),) if tap else ()), self.path("qemu.log"), user=self.config.qemu_user))
-        for s in (listener, fs_client, agent_guest, qmp_guest) + ((tap,) if tap else ()):
+            "qemu", argv, [f.fileno() for f in handed] + [console], self.path("qemu.log"), user=self.config.qemu_user))
+        for s in [listener] + handed:
             s.close()
         with open(self.path("helpers.json"), "w") as f:
             json.dump([(d.pid, state.process_start_time(d.pid)) for d in (self.qemu, self.virtiofsd)], f)

@@ -71,7 +71,8 @@ def plumb(tap_name: str) -> dict:
             return {}
         link = min(links, key=lambda link: link["index"])
         index, tap = link["index"], ip.link_lookup(ifname=tap_name)[0]
-        addrs = [f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in ip.get_addr(family=socket.AF_INET, index=index)]
+        addrs = [f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
+                 for a in ip.get_addr(family=socket.AF_INET, index=index)]
         routes = []
         for r in ip.get_routes(family=socket.AF_INET, table=MAIN_TABLE):
             gateway = r.get_attr("RTA_GATEWAY")

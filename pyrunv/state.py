@@ -91,13 +91,14 @@ class Store:
             fcntl.flock(fd, fcntl.LOCK_EX)  # the lock is on the directory itself: it moves with it
             try:
                 self._write(cradle, record)
-                os.rename(cradle, path)  # refused if a container's (never empty) directory is there
-            except BaseException as e:
+                try:
+                    os.rename(cradle, path)  # refused if a container's (never empty) directory is there
+                except OSError as e:
+                    taken = e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR)
+                    raise PyrunvError(f"container with id exists: {record.id}" if taken
+                                      else f"cannot create state directory {path}: {e.strerror}") from None
+            except BaseException:
                 shutil.rmtree(cradle, ignore_errors=True)
-                if isinstance(e, OSError) and e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR):
-                    raise PyrunvError(f"container with id exists: {record.id}") from None
-                if isinstance(e, OSError):
-                    raise PyrunvError(f"cannot create state directory {path}: {e.strerror}") from None
                 raise
             yield path
         finally:

@@ -91,6 +91,15 @@ static int add_route(int s, char *nic, const char *text, char *err, size_t errle
     return 0;
 }
 
+static int link_up(int s, struct ifreq *ifr, char *err, size_t errlen)
+{
+    if (ioctl(s, SIOCGIFFLAGS, ifr) < 0) return err_out(err, errlen, "flags of", ifr->ifr_name);
+    ifr->ifr_flags |= IFF_UP;
+    return ioctl(s, SIOCSIFFLAGS, ifr) < 0 ? err_out(err, errlen, "up", ifr->ifr_name) : 0;
+}
+
+/* The records come in the order the protocol gives: mac and mtu, which need the link down, then
+ * addresses and routes, which need it up. */
 int configure_network(char *buf, size_t len, char *err, size_t errlen)
 {
     char nic[IFNAMSIZ];
@@ -99,39 +108,37 @@ int configure_network(char *buf, size_t len, char *err, size_t errlen)
     if (s < 0) return err_out(err, errlen, "socket", "");
     struct ifreq ifr = {0};
     snprintf(ifr.ifr_name, IFNAMSIZ, "%s", nic);
-    int rc = 0, naddr = 0;
-    /* Link settings first, while the link is down; then up; then what needs it up. */
-    for (int pass = 0; pass < 2 && rc == 0; pass++) {
-        for (char *rec = buf; rec < buf + len && rc == 0; rec += strlen(rec) + 1) {
-            char *value = strchr(rec, '=');
-            if (!value) continue;
-            *value++ = 0;
-            if (pass == 0 && !strcmp(rec, "mac")) {
-                unsigned int b[6];
-                if (sscanf(value, "%x:%x:%x:%x:%x:%x", &b[0], &b[1], &b[2], &b[3], &b[4], &b[5]) != 6) {
-                    errno = EINVAL;
-                    rc = err_out(err, errlen, "mac", value);
-                    break;
-                }
-                ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
-                for (int i = 0; i < 6; i++) ifr.ifr_hwaddr.sa_data[i] = (char)b[i];
-                if (ioctl(s, SIOCSIFHWADDR, &ifr) < 0) rc = err_out(err, errlen, "mac", value);
-            } else if (pass == 0 && !strcmp(rec, "mtu")) {
-                ifr.ifr_mtu = atoi(value);
-                if (ioctl(s, SIOCSIFMTU, &ifr) < 0) rc = err_out(err, errlen, "mtu", value);
-            } else if (pass == 1 && !strcmp(rec, "addr")) {
-                rc = add_address(s, nic, naddr++, value, err, errlen);
-            } else if (pass == 1 && !strcmp(rec, "route")) {
-                rc = add_route(s, nic, value, err, errlen);
-            }
-            value[-1] = '=';  /* the second pass reads the records again */
+    int rc = 0, up = 0, naddr = 0;
+    for (char *rec = buf; rec < buf + len && rc == 0; rec += strlen(rec) + 1) {
+        char *value = strchr(rec, '=');
+        if (!value) continue;
+        *value++ = 0;
+        int is_link = !strcmp(rec, "mac") || !strcmp(rec, "mtu");
+        if (!is_link && !up) {
+            rc = link_up(s, &ifr, err, errlen);
+            up = 1;
+            if (rc) break;
         }
-        if (pass == 0 && rc == 0) {
-            if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0) { rc = err_out(err, errlen, "flags of", nic); break; }
-            ifr.ifr_flags |= IFF_UP;
-            if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0) rc = err_out(err, errlen, "up", nic);
+        if (!strcmp(rec, "mac")) {
+            unsigned int b[6];
+            if (sscanf(value, "%x:%x:%x:%x:%x:%x", &b[0], &b[1], &b[2], &b[3], &b[4], &b[5]) != 6) {
+                errno = EINVAL;
+                rc = err_out(err, errlen, "mac", value);
+                break;
+            }
+            ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
+            for (int i = 0; i < 6; i++) ifr.ifr_hwaddr.sa_data[i] = (char)b[i];
+            if (ioctl(s, SIOCSIFHWADDR, &ifr) < 0) rc = err_out(err, errlen, "mac", value);
+        } else if (!strcmp(rec, "mtu")) {
+            ifr.ifr_mtu = atoi(value);
+            if (ioctl(s, SIOCSIFMTU, &ifr) < 0) rc = err_out(err, errlen, "mtu", value);
+        } else if (!strcmp(rec, "addr")) {
+            rc = add_address(s, nic, naddr++, value, err, errlen);
+        } else if (!strcmp(rec, "route")) {
+            rc = add_route(s, nic, value, err, errlen);
         }
     }
+    if (rc == 0 && !up) rc = link_up(s, &ifr, err, errlen);
     close(s);
     return rc;
 }
