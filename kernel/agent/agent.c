@@ -36,6 +36,7 @@ struct buf { char *data; size_t len, cap; };
 struct proc {
     int used;
     uint32_t id;
+    uint32_t container; /* the id of its container's init; its own id for an init */
     pid_t pid;
     int is_init, started, terminal;
     int sync;          /* to the child until it has exec'd */
@@ -126,11 +127,24 @@ static struct proc *find_proc(uint32_t id)
     return NULL;
 }
 
-static struct proc *init_proc(void)
+/* A container's init, if it is still running: its namespaces are the container's. */
+static struct proc *running_init(uint32_t container)
 {
-    for (int i = 0; i < MAX_PROCS; i++)
-        if (procs[i].used && procs[i].is_init) return &procs[i];
-    return NULL;
+    struct proc *p = find_proc(container);
+    return p && p->is_init && !p->exited ? p : NULL;
+}
+
+/* Containers removed while some of their processes were still exiting: their cgroups go once empty. */
+static uint32_t doomed[MAX_PROCS];
+
+static void remove_cgroups(void)
+{
+    for (int i = 0; i < MAX_PROCS; i++) {
+        char path[128];
+        if (!doomed[i]) continue;
+        cgroup_path(path, sizeof path, doomed[i], "");
+        if (rmdir(path) == 0 || errno == ENOENT) doomed[i] = 0;
+    }
 }
 
 static int slot_of(struct proc *p) { return (int)(p - procs); }
@@ -239,6 +253,7 @@ static void reap(void)
             if (p->used) pump_output(p, S_STDERR);
         }
     }
+    remove_cgroups();
 }
 
 static int wait_readable(int fd, int timeout_ms)
@@ -323,18 +338,84 @@ static struct proc *new_proc(uint32_t id)
     return NULL;
 }
 
-/* Fork the process (into new namespaces for the init), wait for its set-up report. */
+static int write_text(const char *path, const char *text)
+{
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    ssize_t n = write(fd, text, strlen(text));
+    close(fd);
+    return n < 0 ? -1 : 0;
+}
+
+/* In the child: into the container's cgroup, and for an init a cgroup namespace rooted there. */
+static void enter_cgroup(uint32_t container, int is_init, int sync_fd)
+{
+    char path[128];
+    cgroup_path(path, sizeof path, container, "cgroup.procs");
+    if (write_text(path, "0") < 0) fail(sync_fd, "join cgroup: %s", strerror(errno));
+    if (is_init && unshare(CLONE_NEWCGROUP) < 0) fail(sync_fd, "cgroup namespace: %s", strerror(errno));
+}
+
+static int write_map(pid_t pid, const char *file, const char *const *lines, int n, char *err, size_t errlen)
+{
+    char path[64], text[4096] = "";
+    size_t used = 0;
+    for (int i = 0; i < n && used < sizeof text; i++)
+        used += (size_t)snprintf(text + used, sizeof text - used, "%s\n", lines[i]);
+    snprintf(path, sizeof path, "/proc/%d/%s", pid, file);
+    if (used >= sizeof text || write_text(path, text) < 0) {
+        snprintf(err, errlen, "user namespace %s: %s", file, used >= sizeof text ? "too long" : strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+/* The new user namespace's maps, and what only the agent's privilege may set, before the child goes on. */
+static int map_user_namespace(const struct spec *s, pid_t pid, int sync, char *err, size_t errlen)
+{
+    if (write_map(pid, "uid_map", s->uidmap, s->nuidmap, err, errlen) < 0
+        || write_map(pid, "gid_map", s->gidmap, s->ngidmap, err, errlen) < 0)
+        return -1;
+    if (s->have_oom_score_adj) {
+        char path[64], value[16];
+        snprintf(path, sizeof path, "/proc/%d/oom_score_adj", pid);
+        snprintf(value, sizeof value, "%d", s->oom_score_adj);
+        if (write_text(path, value) < 0) { snprintf(err, errlen, "oom_score_adj: %s", strerror(errno)); return -1; }
+    }
+    return write(sync, "m", 1) == 1 ? 0 : (snprintf(err, errlen, "process set-up failed"), -1);
+}
+
+/* Fork the process (a container's init into its namespaces, new or joined), wait for its set-up report. */
 static void spawn(uint32_t type, uint32_t id, char *payload, uint32_t len)
 {
     char err[1024];
     struct spec s;
-    struct proc *init = init_proc();
+    struct proc *init = NULL;
+    pid_t join_pids[3] = {0, 0, 0};
     if (find_proc(id)) { send_text(FR_ERROR, id, "process id in use"); return; }
-    if (type == FR_CREATE && init) { send_text(FR_ERROR, id, "container already created"); return; }
-    if (type == FR_EXEC && (!init || init->exited)) { send_text(FR_ERROR, id, "container is not running"); return; }
     if (spec_parse(&s, payload, len, err, sizeof err) < 0) { send_text(FR_ERROR, id, err); return; }
+    if (type == FR_EXEC && !(init = running_init(s.container))) {
+        send_text(FR_ERROR, id, "container is not running");
+        return;
+    }
+    if (type == FR_CREATE) {
+        for (int k = 0; k < 3; k++) {
+            struct proc *other = s.join[k] ? running_init(s.join[k]) : NULL;
+            if (s.join[k] && !other) { send_text(FR_ERROR, id, "the container whose namespaces it joins is not running"); return; }
+            join_pids[k] = other ? other->pid : 0;
+        }
+        s.container = id;
+        char path[128];
+        cgroup_path(path, sizeof path, id, "");
+        if (mkdir(path, 0755) < 0 && errno != EEXIST) {
+            snprintf(err, sizeof err, "cgroup %s: %s", path, strerror(errno));
+            send_text(FR_ERROR, id, err);
+            return;
+        }
+    }
     struct proc *p = new_proc(id);
     if (!p) { send_text(FR_ERROR, id, "too many processes"); return; }
+    p->container = s.container;
 
     struct stdio_pipes sp;
     int sv[2];
@@ -342,12 +423,10 @@ static void spawn(uint32_t type, uint32_t id, char *payload, uint32_t len)
         snprintf(err, sizeof err, "stdio: %s", strerror(errno));
         goto fail;
     }
-    pid_t pid;
-    if (type == FR_CREATE) {
-        pid = (pid_t)syscall(SYS_clone, CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID | SIGCHLD, 0, 0, 0, 0);
-    } else {
+    pid_t pid, pidns_of = type == FR_EXEC ? init->pid : join_pids[J_PID];
+    if (pidns_of) {
         char path[64];
-        snprintf(path, sizeof path, "/proc/%d/ns/pid", init->pid);
+        snprintf(path, sizeof path, "/proc/%d/ns/pid", pidns_of);
         int nsfd = open(path, O_RDONLY | O_CLOEXEC);
         if (nsfd < 0 || setns(nsfd, CLONE_NEWPID) < 0) {
             snprintf(err, sizeof err, "join pid namespace: %s", strerror(errno));
@@ -356,13 +435,28 @@ static void spawn(uint32_t type, uint32_t id, char *payload, uint32_t len)
             goto fail_pipes;
         }
         close(nsfd);
-        pid = fork();
-        if (pid != 0 && setns(root_pidns, CLONE_NEWPID) < 0) die("return to the root pid namespace");
     }
+    if (type == FR_CREATE) {
+        unsigned long flags = CLONE_NEWNS | SIGCHLD | (s.userns ? CLONE_NEWUSER : 0);
+        if (!join_pids[J_PID]) flags |= CLONE_NEWPID;
+        if (!join_pids[J_IPC]) flags |= CLONE_NEWIPC;
+        if (!join_pids[J_UTS]) flags |= CLONE_NEWUTS;
+        pid = (pid_t)syscall(SYS_clone, flags, 0, 0, 0, 0);
+    } else {
+        pid = fork();
+    }
+    if (pidns_of && pid != 0 && setns(root_pidns, CLONE_NEWPID) < 0) die("return to the root pid namespace");
     if (pid == 0) {
         child_fds(&sp, sv[1]);
+        enter_cgroup(s.container, type == FR_CREATE, 3);
+        char mapped;
+        if (s.userns) {
+            if (read(3, &mapped, 1) != 1) _exit(127); /* until the agent has written its maps */
+            /* Root of the new namespace (where the maps give it one): what it creates gets a mapped owner. */
+            if (setresgid(0, 0, 0) == 0) setresuid(0, 0, 0);
+        }
         if (type == FR_CREATE) {
-            prepare_container(&s, 3);
+            prepare_container(&s, join_pids, 3);
             char go;
             if (read(3, &go, 1) != 1) _exit(127);
         } else {
@@ -379,6 +473,11 @@ static void spawn(uint32_t type, uint32_t id, char *payload, uint32_t len)
     }
     p->pid = pid;
     p->sync = sv[0];
+    if (s.userns && map_user_namespace(&s, pid, p->sync, err, sizeof err) < 0) {
+        kill(pid, SIGKILL);
+        waitpid(pid, NULL, 0);
+        goto fail_pipes;
+    }
     p->is_init = type == FR_CREATE;
     p->terminal = s.terminal;
     int master = -1;
@@ -437,18 +536,15 @@ static ino_t pidns_of(pid_t pid)
     return stat(path, &st) == 0 ? st.st_ino : 0;
 }
 
-/* Calls fn for every process in the container's pid namespace. */
-static void for_each_container_pid(pid_t init_pid, void (*fn)(pid_t, void *), void *arg)
+/* Calls fn for every process in the container's cgroup. */
+static void for_each_container_pid(uint32_t container, void (*fn)(pid_t, void *), void *arg)
 {
-    ino_t ns = pidns_of(init_pid);
-    DIR *d = opendir("/proc");
-    struct dirent *e;
-    if (!d || !ns) { if (d) closedir(d); return; }
-    while ((e = readdir(d))) {
-        pid_t pid = (pid_t)atoi(e->d_name);
-        if (pid > 0 && pidns_of(pid) == ns) fn(pid, arg);
-    }
-    closedir(d);
+    char path[128];
+    long pid;
+    cgroup_path(path, sizeof path, container, "cgroup.procs");
+    FILE *f = fopen(path, "re");
+    while (f && fscanf(f, "%ld", &pid) == 1) fn((pid_t)pid, arg);
+    if (f) fclose(f);
 }
 
 static void kill_one(pid_t pid, void *sig) { kill(pid, *(int *)sig); }
@@ -459,7 +555,7 @@ static void signal_proc(uint32_t id, const uint32_t *payload, uint32_t len)
     if (len < 8) { send_text(FR_ERROR, id, "bad signal frame"); return; }
     int sig = (int)payload[0];
     if (!p || p->exited) { send_text(FR_ERROR, id, "process is not running"); return; }
-    if (payload[1]) for_each_container_pid(p->pid, kill_one, &sig);
+    if (payload[1]) for_each_container_pid(p->container, kill_one, &sig);
     if (kill(p->pid, sig) < 0 && errno != ESRCH) { send_text(FR_ERROR, id, strerror(errno)); return; }
     send_frame(FR_OK, id, NULL, 0);
 }
@@ -496,42 +592,66 @@ static void describe_one(pid_t pid, void *arg)
     buf_append(&out->text, row, (size_t)n);
 }
 
-static void reply_ps(uint32_t id)
+static void reply_ps(uint32_t container)
 {
-    struct proc *init = init_proc();
+    struct proc *init = running_init(container);
     struct ps_out out = {{0}, 0};
-    if (init && !init->exited) {
+    if (init) {
         out.ns = pidns_of(init->pid);
-        for_each_container_pid(init->pid, describe_one, &out);
+        for_each_container_pid(container, describe_one, &out);
     }
-    send_frame(FR_REPLY, id, out.text.data, (uint32_t)out.text.len);
+    send_frame(FR_REPLY, container, out.text.data, (uint32_t)out.text.len);
     free(out.text.data);
 }
 
 static void count_one(pid_t pid, void *n) { (void)pid; ++*(long *)n; }
 
-static void reply_stats(uint32_t id)
+/* The VM's memory, and the container's CPU time and processes from its cgroup. */
+static void reply_stats(uint32_t container)
 {
-    char line[256], out[1024];
+    char line[256], out[1024], path[128];
     long mem_total = 0, mem_avail = 0, pids = 0;
-    unsigned long long user = 0, nice = 0, system = 0;
+    unsigned long long user_us = 0, system_us = 0;
     FILE *f = fopen("/proc/meminfo", "re");
     while (f && fgets(line, sizeof line, f)) {
         sscanf(line, "MemTotal: %ld", &mem_total);
         sscanf(line, "MemAvailable: %ld", &mem_avail);
     }
     if (f) fclose(f);
-    f = fopen("/proc/stat", "re");
-    if (f && fgets(line, sizeof line, f)) sscanf(line, "cpu %llu %llu %llu", &user, &nice, &system);
+    cgroup_path(path, sizeof path, container, "cpu.stat");
+    f = fopen(path, "re");
+    while (f && fgets(line, sizeof line, f)) {
+        sscanf(line, "user_usec %llu", &user_us);
+        sscanf(line, "system_usec %llu", &system_us);
+    }
     if (f) fclose(f);
-    struct proc *init = init_proc();
-    if (init && !init->exited) for_each_container_pid(init->pid, count_one, &pids);
-    long hz = sysconf(_SC_CLK_TCK);
+    for_each_container_pid(container, count_one, &pids);
     snprintf(out, sizeof out,
              "memory_total %ld\nmemory_used %ld\ncpu_user_ns %llu\ncpu_system_ns %llu\npids %ld\n",
-             mem_total * 1024, (mem_total - mem_avail) * 1024,
-             (user + nice) * (1000000000ULL / hz), system * (1000000000ULL / hz), pids);
-    send_text(FR_REPLY, id, out);
+             mem_total * 1024, (mem_total - mem_avail) * 1024, user_us * 1000, system_us * 1000, pids);
+    send_text(FR_REPLY, container, out);
+}
+
+/* Whatever of the container still runs is killed; its cgroup goes as soon as it is empty. */
+static void remove_container(uint32_t container)
+{
+    char path[128];
+    cgroup_path(path, sizeof path, container, "cgroup.kill");
+    if (write_text(path, "1") < 0 && errno != ENOENT) { send_text(FR_ERROR, container, strerror(errno)); return; }
+    for (int i = 0; i < MAX_PROCS; i++)
+        if (!doomed[i] || doomed[i] == container) { doomed[i] = container; break; }
+    remove_cgroups();
+    send_frame(FR_OK, container, NULL, 0);
+}
+
+static void freeze_container(uint32_t container, const char *payload, uint32_t len)
+{
+    char path[128];
+    uint32_t frozen = 0;
+    if (len >= 4) memcpy(&frozen, payload, 4);
+    cgroup_path(path, sizeof path, container, "cgroup.freeze");
+    if (write_text(path, frozen ? "1" : "0") < 0) send_text(FR_ERROR, container, strerror(errno));
+    else send_frame(FR_OK, container, NULL, 0);
 }
 
 static void handle_frame(const struct frame_header *h, char *payload)
@@ -574,6 +694,8 @@ static void handle_frame(const struct frame_header *h, char *payload)
         else send_frame(FR_OK, h->id, NULL, 0);
         break;
     }
+    case FR_REMOVE: remove_container(h->id); break;
+    case FR_FREEZE: freeze_container(h->id, payload, h->len); break;
     case FR_POWEROFF:
         sync();
         reboot(RB_AUTOBOOT);
@@ -703,6 +825,9 @@ static void boot(void)
         fprintf(stderr, "pyrunv-agent: probe ok\n");
         reboot(RB_AUTOBOOT);
     }
+    /* Every container gets a cgroup of its own: its processes, its limits, its statistics. */
+    mount_or_die("cgroup2", CGROUP_DIR, "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    write_text(CGROUP_DIR "/cgroup.subtree_control", "+memory +pids +cpu");
     mount_or_die("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620");
     mount_or_die("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
     trace("boot: mounting the share");

@@ -26,7 +26,14 @@ struct spec {
     int terminal;
     int oom_score_adj;
     int have_oom_score_adj;
+    uint32_t container; /* exec: the container whose namespaces and cgroup it joins */
     /* container-only */
+    uint32_t join[3];   /* the container whose pid, ipc, uts namespace it joins; 0: a new one */
+    int userns;         /* a user namespace of its own, with these mappings ("inside outside count") */
+    const char *uidmap[MAX_LIST];
+    int nuidmap;
+    const char *gidmap[MAX_LIST];
+    int ngidmap;
     const char *hostname;
     const char *root;
     int root_readonly;
@@ -40,10 +47,12 @@ struct spec {
     int nsysctls;
 };
 
+enum joined { J_PID = 0, J_IPC = 1, J_UTS = 2 };
+
 int spec_parse(struct spec *s, char *buf, size_t len, char *err, size_t errlen);
 
 /* Set-up run in the child, before it waits for the start byte. On failure it writes a message to sync_fd and exits. */
-void prepare_container(const struct spec *s, int sync_fd);
+void prepare_container(const struct spec *s, const pid_t join_pids[3], int sync_fd);
 void prepare_exec(const struct spec *s, pid_t init_pid, int sync_fd);
 /* Called in the child once started: credentials, then execve. Never returns. */
 void become_process(const struct spec *s, int sync_fd);
@@ -51,6 +60,8 @@ void become_process(const struct spec *s, int sync_fd);
 /* NETWORK: the guest's NIC as the records say; -1 with a message in err on failure. */
 int configure_network(char *records, size_t len, char *err, size_t errlen);
 
+/* The container's cgroup in the guest: CGROUP_DIR/c<id of its init>. */
+void cgroup_path(char *out, size_t len, uint32_t container, const char *file);
 void fail(int sync_fd, const char *fmt, ...) __attribute__((noreturn, format(printf, 2, 3)));
 int send_fd(int sock, int fd);
 #endif

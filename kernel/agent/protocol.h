@@ -3,10 +3,11 @@
 #define PYRUNV_PROTOCOL_H
 #include <stdint.h>
 
-#define PROTOCOL_VERSION "pyrunv-agent/1"
+#define PROTOCOL_VERSION "pyrunv-agent/2"
 #define AGENT_PORT_NAME "pyrunv.agent"
 #define SHARE_TAG "pyrunv"
 #define SHARE_DIR "/share"
+#define CGROUP_DIR "/sys/fs/cgroup"
 
 /* Every frame: little-endian header, then `len` bytes of payload. */
 struct frame_header {
@@ -20,17 +21,19 @@ struct frame_header {
 
 enum frame_type {
     /* host -> guest */
-    FR_CREATE = 1,   /* payload: records; prepares the init process, which waits for START */
-    FR_EXEC = 2,     /* payload: records; runs a process in the init's namespaces at once */
+    FR_CREATE = 1,   /* payload: records; prepares a container's init process, which waits for START */
+    FR_EXEC = 2,     /* payload: records; runs a process in a container's namespaces at once */
     FR_START = 3,
     FR_SIGNAL = 4,   /* payload: u32 signal, u32 all */
     FR_STDIN = 5,    /* payload: data; empty = EOF */
     FR_WINSIZE = 6,  /* payload: u16 rows, u16 cols */
     FR_CREDIT = 7,   /* both ways; payload: u32 stream, u32 bytes */
-    FR_PS = 8,
-    FR_STATS = 9,
+    FR_PS = 8,       /* id: a container's init */
+    FR_STATS = 9,    /* id: a container's init */
     FR_POWEROFF = 10,
     FR_NETWORK = 11, /* payload: records (mac, mtu, addr, route); configures the guest's NIC */
+    FR_REMOVE = 12,  /* id: a container's init; kills what is left of the container and frees it */
+    FR_FREEZE = 13,  /* id: a container's init; payload: u32 1 (freeze) or 0 (thaw) */
     /* guest -> host */
     FR_READY = 64,   /* payload: version text */
     FR_OK = 65,

@@ -81,6 +81,9 @@ int spec_parse(struct spec *s, char *buf, size_t len, char *err, size_t errlen)
         else if (!strcmp(p, "masked")) LIST(s->masked, s->nmasked);
         else if (!strcmp(p, "readonly")) LIST(s->readonly, s->nreadonly);
         else if (!strcmp(p, "sysctl")) LIST(s->sysctls, s->nsysctls);
+        else if (!strcmp(p, "uidmap")) LIST(s->uidmap, s->nuidmap);
+        else if (!strcmp(p, "gidmap")) LIST(s->gidmap, s->ngidmap);
+        else if (!strcmp(p, "userns")) s->userns = atoi(v);
         else if (!strcmp(p, "group")) {
             if (s->ngroups >= MAX_LIST) { snprintf(err, errlen, "too many groups"); return -1; }
             s->groups[s->ngroups++] = (gid_t)strtoul(v, NULL, 10);
@@ -115,6 +118,17 @@ int spec_parse(struct spec *s, char *buf, size_t len, char *err, size_t errlen)
         else if (!strcmp(p, "hostname")) s->hostname = v;
         else if (!strcmp(p, "root")) s->root = v;
         else if (!strcmp(p, "root_readonly")) s->root_readonly = atoi(v);
+        else if (!strcmp(p, "container")) s->container = (uint32_t)strtoul(v, NULL, 10);
+        else if (!strcmp(p, "join")) {
+            static const char *kinds[] = {"pid", "ipc", "uts"};
+            char kind[8];
+            unsigned long id;
+            int k = -1;
+            if (sscanf(v, "%7s %lu", kind, &id) == 2)
+                for (int i = 0; i < 3; i++) if (!strcmp(kind, kinds[i])) k = i;
+            if (k < 0 || !id) { snprintf(err, errlen, "bad join %s", v); return -1; }
+            s->join[k] = (uint32_t)id;
+        }
         /* unknown keys are ignored so that a newer host can talk to an older agent */
 #undef LIST
     }
@@ -192,14 +206,21 @@ static void do_mount(const char *root, char *record, int sync_fd)
                 fprintf(stderr, "agent: mount cgroup2 on %s: %s\n", field[4], strerror(errno));
             return;
         }
-        if (mount(source, dest, type, flags, *data ? data : NULL) < 0)
-            fail(sync_fd, "mount %s (%s): %s", field[4], type, strerror(errno));
+        int r = mount(source, dest, type, flags, *data ? data : NULL);
+        /* sysfs needs a network namespace of the user namespace's own; a VM's containers share the
+         * guest's, so a user namespace gets the guest's sysfs, bound, as runc does without a netns. */
+        if (r < 0 && errno == EPERM && !strcmp(type, "sysfs"))
+            r = mount("/sys", dest, NULL, MS_BIND | MS_REC, NULL) < 0 ? -1
+                : mount(NULL, dest, NULL, MS_REMOUNT | MS_BIND | (flags & ~MS_REC), NULL);
+        if (r < 0) fail(sync_fd, "mount %s (%s): %s", field[4], type, strerror(errno));
     }
     if (propagation && mount(NULL, dest, NULL, propagation, NULL) < 0)
         fail(sync_fd, "mount %s: propagation: %s", field[4], strerror(errno));
 }
 
-static void make_default_devices(int sync_fd)
+/* The devices runc puts in a /dev tmpfs. In a user namespace mknod is refused: the guest's own nodes
+ * are bound instead, as runc does. Made under root before the pivot, while the guest's /dev is there. */
+static void make_default_devices(const char *root, int userns, int sync_fd)
 {
     static const struct { const char *name; int major, minor; } devs[] = {
         {"/dev/null", 1, 3}, {"/dev/zero", 1, 5}, {"/dev/full", 1, 7},
@@ -210,15 +231,22 @@ static void make_default_devices(int sync_fd)
         {"/proc/self/fd/1", "/dev/stdout"}, {"/proc/self/fd/2", "/dev/stderr"},
         {"pts/ptmx", "/dev/ptmx"},
     };
+    char path[PATH_MAX];
     mode_t old = umask(0);
     for (size_t i = 0; i < sizeof devs / sizeof devs[0]; i++) {
-        unlink(devs[i].name);
-        if (mknod(devs[i].name, S_IFCHR | 0666, makedev(devs[i].major, devs[i].minor)) < 0)
+        snprintf(path, sizeof path, "%s%s", root, devs[i].name);
+        unlink(path);
+        if (userns) {
+            if (touch_p(path) < 0 || mount(devs[i].name, path, NULL, MS_BIND, NULL) < 0)
+                fail(sync_fd, "bind %s: %s", devs[i].name, strerror(errno));
+        } else if (mknod(path, S_IFCHR | 0666, makedev(devs[i].major, devs[i].minor)) < 0) {
             fail(sync_fd, "mknod %s: %s", devs[i].name, strerror(errno));
+        }
     }
     for (size_t i = 0; i < sizeof links / sizeof links[0]; i++) {
-        if (!strcmp(links[i][1], "/dev/ptmx")) unlink(links[i][1]);
-        if (symlink(links[i][0], links[i][1]) < 0 && errno != EEXIST)
+        snprintf(path, sizeof path, "%s%s", root, links[i][1]);
+        if (!strcmp(links[i][1], "/dev/ptmx")) unlink(path);
+        if (symlink(links[i][0], path) < 0 && errno != EEXIST)
             fail(sync_fd, "symlink %s: %s", links[i][1], strerror(errno));
     }
     umask(old);
@@ -337,12 +365,32 @@ static void common_setup(const struct spec *s, int sync_fd)
     else if (send_fd(sync_fd, -1) < 0) _exit(127);
 }
 
-void prepare_container(const struct spec *s, int sync_fd)
+void cgroup_path(char *out, size_t len, uint32_t container, const char *file)
+{
+    snprintf(out, len, CGROUP_DIR "/c%u%s%s", container, *file ? "/" : "", file);
+}
+
+/* The namespaces of another container's init (a pod's shared IPC and UTS), joined before anything else. */
+static void join_namespaces(const pid_t join_pids[3], int sync_fd)
+{
+    static const char *kinds[] = {"pid", "ipc", "uts"};
+    for (int k = J_IPC; k <= J_UTS; k++) {
+        if (!join_pids[k]) continue;
+        char path[64];
+        snprintf(path, sizeof path, "/proc/%d/ns/%s", join_pids[k], kinds[k]);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0 || setns(fd, 0) < 0) fail(sync_fd, "join %s namespace: %s", kinds[k], strerror(errno));
+        close(fd);
+    }
+}
+
+void prepare_container(const struct spec *s, const pid_t join_pids[3], int sync_fd)
 {
     char root[PATH_MAX];
     if (!s->root) fail(sync_fd, "no root");
     snprintf(root, sizeof root, "%s/%s", SHARE_DIR, s->root);
-    set_oom_score_adj(s, sync_fd);
+    join_namespaces(join_pids, sync_fd);
+    if (!s->userns) set_oom_score_adj(s, sync_fd); /* else the agent wrote it: lowering it needs its privilege */
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) fail(sync_fd, "make / private: %s", strerror(errno));
     if (mount(root, root, NULL, MS_BIND | MS_REC, NULL) < 0) fail(sync_fd, "bind rootfs: %s", strerror(errno));
     int dev_is_tmpfs = 0;
@@ -350,11 +398,12 @@ void prepare_container(const struct spec *s, int sync_fd)
         if (strstr(s->mounts[i], "\ttmpfs\t") && strstr(s->mounts[i], "\t/dev\t")) dev_is_tmpfs = 1;
         do_mount(root, s->mounts[i], sync_fd);
     }
-    if (s->hostname && sethostname(s->hostname, strlen(s->hostname)) < 0)
+    /* In a pod's shared UTS namespace the sandbox has set the pod's hostname. */
+    if (s->hostname && !join_pids[J_UTS] && sethostname(s->hostname, strlen(s->hostname)) < 0)
         fail(sync_fd, "sethostname: %s", strerror(errno));
+    if (dev_is_tmpfs) make_default_devices(root, s->userns, sync_fd);
     if (chdir(root) < 0 || syscall(SYS_pivot_root, ".", ".") < 0 || umount2(".", MNT_DETACH) < 0 || chdir("/") < 0)
         fail(sync_fd, "pivot_root: %s", strerror(errno));
-    if (dev_is_tmpfs) make_default_devices(sync_fd);
     /* sysctls go in before readonlyPaths make /proc/sys read-only, as runc does it */
     for (int i = 0; i < s->nsysctls; i++) apply_sysctl(s->sysctls[i], sync_fd);
     for (int i = 0; i < s->nmasked; i++) mask_path(s->masked[i], sync_fd);
@@ -366,18 +415,18 @@ void prepare_container(const struct spec *s, int sync_fd)
 
 void prepare_exec(const struct spec *s, pid_t init_pid, int sync_fd)
 {
-    static const char *kinds[] = {"ipc", "uts", "mnt"};
-    int fds[3];
+    static const char *kinds[] = {"ipc", "uts", "cgroup", "mnt"};
+    int fds[4];
     set_oom_score_adj(s, sync_fd);
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < 4; i++) {
         char path[64];
         snprintf(path, sizeof path, "/proc/%d/ns/%s", init_pid, kinds[i]);
         fds[i] = open(path, O_RDONLY | O_CLOEXEC);
         if (fds[i] < 0) fail(sync_fd, "open %s: %s", path, strerror(errno));
     }
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < 4; i++)
         if (setns(fds[i], 0) < 0) fail(sync_fd, "setns %s: %s", kinds[i], strerror(errno));
-    for (int i = 0; i < 3; i++) close(fds[i]);
+    for (int i = 0; i < 4; i++) close(fds[i]);
     common_setup(s, sync_fd);
 }
 
