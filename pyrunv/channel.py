@@ -14,6 +14,7 @@ from .errors import PyrunvError
 
 HEADER = struct.Struct("<III")
 PAIR = struct.Struct("<II")
+FLAG = struct.Struct("<I")
 EXIT = struct.Struct("<ii")
 WINDOW = 256 << 10
 CHUNK = 64 << 10
@@ -22,7 +23,7 @@ STDIN, STDOUT, STDERR = 0, 1, 2
 
 
 class F(enum.IntEnum):
-    CREATE, EXEC, START, SIGNAL, STDIN, WINSIZE, CREDIT, PS, STATS, POWEROFF, NETWORK = range(1, 12)
+    CREATE, EXEC, START, SIGNAL, STDIN, WINSIZE, CREDIT, PS, STATS, POWEROFF, NETWORK, REMOVE, FREEZE = range(1, 14)
     READY, OK, ERROR, STDOUT, STDERR, EXIT, REPLY = range(64, 71)
 
 

@@ -7,9 +7,8 @@ import time
 
 import click
 
-from . import __version__, lifecycle, logs, query, state
+from . import __version__, logs, query, state
 from .errors import PyrunvError, one_line
-from .lifecycle import Status
 
 log = logs.log
 
@@ -18,12 +17,9 @@ class Context:
     def __init__(self, root: str):
         self.store = state.Store(root)
 
-    def container(self, container_id: str) -> tuple:
-        record = self.store.load(container_id)
-        return record, self.store.status(record)
-
-    def state_dir(self, container_id: str) -> str:
-        return self.store.path(container_id)
+    def container(self, container_id: str):
+        from .container import Container
+        return Container.load(self.store, container_id)
 
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -59,73 +55,14 @@ def parse_signal(text: str) -> int:
     raise PyrunvError(f"invalid signal: {text if text.isprintable() else repr(text)}")  # one line, always
 
 
-def write_pid_file(path: str | None, pid: int) -> None:
-    if not path:
-        return
-    path = os.path.abspath(path)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(str(pid))
-        os.rename(tmp, path)
-    except OSError as e:
-        raise PyrunvError(f"cannot write pid file {path}: {e.strerror}") from None
-
-
-def create_container(obj: Context, container_id: str, bundle: str, pid_file, console_socket) -> int:
-    from . import config as config_mod, hooks, monitor, plan as plan_mod, spec as spec_mod
-    state.validate_id(container_id)
-    spec = spec_mod.load(bundle)
-    if spec.process.terminal and not console_socket and not os.isatty(0):
-        raise PyrunvError("cannot allocate tty if runc will detach without setting console socket")
-    config = config_mod.load()
-    plan = plan_mod.make(spec, config)
-    log.debug("create %s: spec validated, VM planned", container_id)
-    store = obj.store
-    record = state.Record(id=container_id, bundle=spec.bundle, rootfs=spec.rootfs, status=Status.CREATING.value,
-                          created=time.strftime("%Y-%m-%dT%H:%M:%S.000000000Z", time.gmtime()),
-                          owner="root" if os.getuid() == 0 else str(os.getuid()), annotations=spec.annotations,
-                          hooks={kind: list(spec.hooks[kind]) for kind in hooks.AFTER_CREATE if spec.hooks[kind]})
-    with store.create(record):
-        try:
-            pid, accel = monitor.launch(store, record, plan, config, terminal=spec.process.terminal,
-                                        console_socket=console_socket, console_size=spec.process.console_size)
-            record.pid, record.pid_start, record.accel = pid, state.process_start_time(pid), accel
-            record.status = Status.CREATED.value
-            store.save(record)
-            for kind in ("prestart", "createRuntime", "createContainer"):
-                hooks.run(kind, spec.hooks[kind], record.oci_state(Status.CREATED))
-            write_pid_file(pid_file, pid)
-        except BaseException:
-            stop_monitor(store, record)
-            kill_helpers(store.path(container_id))
-            store.remove(container_id)
-            raise
-    log.info("created %s (monitor pid %d, accel %s)", container_id, record.pid, record.accel)
-    return record.pid
-
-
-def stop_monitor(store: state.Store, record: state.Record, timeout: float = 10.0) -> None:
-    """Ends the container's monitor and with it the VM; kills it if it does not go in time."""
-    # A start time of 0 means it was already dead when recorded: waiting for it to change would never end.
-    if not record.pid or not record.pid_start or state.process_start_time(record.pid) != record.pid_start:
-        return
-    from . import control
-    try:
-        control.call(store.path(record.id), "shutdown", timeout=timeout)
-    except PyrunvError:
-        pass
-    deadline = time.monotonic() + timeout
-    while state.process_start_time(record.pid) == record.pid_start:
-        if time.monotonic() > deadline:
-            os.kill(record.pid, signals.SIGKILL)  # QEMU and virtiofsd die with it (PDEATHSIG)
-            deadline = float("inf")
-        time.sleep(0.01)
+def create_container(obj: Context, container_id: str, bundle: str, pid_file, console_socket):
+    from .container import Container
+    return Container.create(obj.store, container_id, bundle, pid_file, console_socket)
 
 
 @cli.command()
 @click.option("-b", "--bundle", default=".", help="path to the bundle directory")
-@click.option("--pid-file", help="file to write the monitor's pid to")
+@click.option("--pid-file", help="file to write the container's pid-file process's pid to")
 @click.option("--console-socket", help="AF_UNIX socket that receives the pty master")
 @click.option("--no-pivot", is_flag=True, help="accepted; the guest always pivots")
 @click.option("--no-new-keyring", is_flag=True, help="accepted; the guest has its own keyrings")
@@ -133,20 +70,8 @@ def stop_monitor(store: state.Store, record: state.Record, timeout: float = 10.0
 @click.argument("container_id")
 @pass_ctx
 def create(obj, bundle, pid_file, console_socket, no_pivot, no_new_keyring, preserve_fds, container_id):
-    """Create a container: boot its VM and prepare its process."""
+    """Create a container: boot its VM (or join its pod's) and prepare its process."""
     create_container(obj, container_id, bundle, pid_file, console_socket)
-
-
-def start_container(obj: Context, container_id: str) -> None:
-    from . import control, hooks
-    with obj.store.lock(container_id):
-        record, status = obj.container(container_id)
-        after = lifecycle.check("start", container_id, status)
-        hooks.run("startContainer", record.hooks.get("startContainer", ()), record.oci_state(status))
-        control.call(obj.state_dir(container_id), "start")
-        record.status = after.value
-        obj.store.save(record)
-    hooks.run("poststart", record.hooks.get("poststart", ()), record.oci_state(after))
 
 
 @cli.command()
@@ -154,7 +79,7 @@ def start_container(obj: Context, container_id: str) -> None:
 @pass_ctx
 def start(obj, container_id):
     """Start the created container's process."""
-    start_container(obj, container_id)
+    obj.container(container_id).start()
 
 
 @cli.command("state")
@@ -172,43 +97,22 @@ def state_(obj, container_id):
 @pass_ctx
 def kill(obj, everyone, container_id, signal):
     """Send a signal to the container's init process (default SIGTERM)."""
-    from . import control
     number = parse_signal(signal)
-    record, status = obj.container(container_id)
-    lifecycle.check("kill", container_id, status)
-    control.call(obj.state_dir(container_id), "signal", signal=number, all=everyone)
+    obj.container(container_id).kill(number, everyone)
 
 
 def delete_container(obj: Context, container_id: str, force: bool) -> None:
-    from . import hooks
-    if force and not os.path.isdir(obj.state_dir(container_id)):
+    store = obj.store
+    if force and not os.path.isdir(store.path(container_id)):
         return  # runc: forcing the delete of a container that is not there is no error
-    with obj.store.lock(container_id):
-        if not obj.store.exists(container_id):
-            obj.store.remove(container_id)  # a create that died before its first state.json
-            if force:
-                return
-            raise PyrunvError(f"container {container_id} does not exist")
-        record, status = obj.container(container_id)
-        lifecycle.check("delete --force" if force else "delete", container_id, status)
-        stop_monitor(obj.store, record)
-        kill_helpers(obj.store.path(container_id))
-        hooks.run("poststop", record.hooks.get("poststop", ()), record.oci_state(Status.STOPPED))
-        obj.store.remove(container_id)
-
-
-def kill_helpers(state_dir: str) -> None:
-    """QEMU and virtiofsd die with the monitor; this makes sure of it before the state goes."""
-    try:
-        with open(os.path.join(state_dir, "helpers.json")) as f:
-            helpers = json.load(f)
-    except (OSError, ValueError):
-        return
-    for pid, start_time in helpers:
-        if state.process_start_time(pid) == start_time:
-            os.kill(pid, signals.SIGKILL)
-            while state.process_start_time(pid) == start_time:
-                time.sleep(0.01)
+    if not store.exists(container_id):
+        with store.lock(container_id):
+            if not store.exists(container_id):
+                store.remove(container_id)  # a create that died before its first state.json
+                if force:
+                    return
+                raise PyrunvError(f"container {container_id} does not exist")
+    obj.container(container_id).delete(force)
 
 
 @cli.command()
@@ -216,7 +120,7 @@ def kill_helpers(state_dir: str) -> None:
 @click.argument("container_id")
 @pass_ctx
 def delete(obj, force, container_id):
-    """Delete a container: power its VM off and remove its state."""
+    """Delete a container: power its VM off (or leave its pod's) and remove its state."""
     delete_container(obj, container_id, force)
 
 
@@ -225,7 +129,7 @@ def delete(obj, force, container_id):
 @click.option("--console-socket", help="AF_UNIX socket that receives the pty master")
 @click.option("-d", "--detach", is_flag=True, help="detach from the container's process")
 @click.option("--keep", is_flag=True, help="do not delete the container after it exits")
-@click.option("--pid-file", help="file to write the monitor's pid to")
+@click.option("--pid-file", help="file to write the container's pid-file process's pid to")
 @click.option("--no-subreaper", is_flag=True, help="accepted for compatibility")
 @click.option("--no-pivot", is_flag=True, help="accepted; the guest always pivots")
 @click.option("--no-new-keyring", is_flag=True, help="accepted; the guest has its own keyrings")
@@ -239,9 +143,10 @@ def run(obj, bundle, console_socket, detach, keep, pid_file, no_subreaper, no_pi
     if not detach and not console_socket and os.isatty(0):
         import termios
         terminal_state = termios.tcgetattr(0)
-    pid = create_container(obj, container_id, bundle, pid_file, console_socket)
+    container = create_container(obj, container_id, bundle, pid_file, console_socket)
+    pid = container.record.pid
     try:
-        start_container(obj, container_id)
+        container.start()
     except BaseException:
         delete_container(obj, container_id, force=True)
         raise
@@ -270,21 +175,20 @@ def list_(obj, fmt, quiet):
         click.echo(text)
 
 
-def simple_op(verb: str, op: str):
-    def command(obj, container_id):
-        from . import control
-        with obj.store.lock(container_id):
-            record, status = obj.container(container_id)
-            after = lifecycle.check(verb, container_id, status)
-            control.call(obj.state_dir(container_id), op)
-            record.status = after.value
-            obj.store.save(record)
-    command.__doc__ = f"{verb.capitalize()} the container: {'freeze' if verb == 'pause' else 'thaw'} its whole VM."
-    return cli.command(verb)(click.argument("container_id")(pass_ctx(command)))
+@cli.command()
+@click.argument("container_id")
+@pass_ctx
+def pause(obj, container_id):
+    """Pause the container: freeze its whole VM (a container of a pod: its processes)."""
+    obj.container(container_id).set_paused("pause")
 
 
-pause = simple_op("pause", "pause")
-resume = simple_op("resume", "resume")
+@cli.command()
+@click.argument("container_id")
+@pass_ctx
+def resume(obj, container_id):
+    """Resume the paused container."""
+    obj.container(container_id).set_paused("resume")
 
 
 @cli.command(context_settings={"allow_interspersed_args": False})
@@ -294,10 +198,7 @@ resume = simple_op("resume", "resume")
 @pass_ctx
 def ps(obj, fmt, container_id, ps_args):
     """List the processes of a container (their PIDs inside the VM)."""
-    from . import control
-    record, status = obj.container(container_id)
-    lifecycle.check("ps", container_id, status)
-    processes = control.call(obj.state_dir(container_id), "ps")["processes"]
+    processes = obj.container(container_id).processes()
     if fmt == "json":
         click.echo(json.dumps([p["pid"] for p in processes]))
         return
@@ -335,12 +236,9 @@ def stats_event(container_id: str, stats: dict) -> dict:
 @pass_ctx
 def events(obj, once, interval, container_id):
     """Print the container's stats (from the guest) as JSON events."""
-    from . import control
     seconds = parse_duration(interval)
     while True:
-        record, status = obj.container(container_id)
-        lifecycle.check("events", container_id, status)
-        stats = control.call(obj.state_dir(container_id), "stats")["stats"]
+        stats = obj.container(container_id).stats()
         click.echo(json.dumps(stats_event(container_id, stats)))
         if once:
             return
@@ -371,11 +269,10 @@ def exec_(obj, console_socket, cwd, env, tty, user, additional_gids, process_fil
           process_label, apparmor, no_new_privs, cap, preserve_fds, cgroup, ignore_paused, container_id, command):
     """Run another process in the container's VM."""
     from . import execution
-    record, status = obj.container(container_id)
-    lifecycle.check("exec", container_id, status)
-    process = execution.build_process(record, process_file, command, cwd=cwd, env=env, tty=tty, user=user,
+    container = obj.container(container_id)
+    process = execution.build_process(container.record, process_file, command, cwd=cwd, env=env, tty=tty, user=user,
                                       additional_gids=additional_gids, no_new_privs=no_new_privs, caps=cap)
-    sys.exit(execution.run(obj.state_dir(container_id), process, console_socket, detach, pid_file))
+    sys.exit(container.exec(process, console_socket, detach, pid_file))
 
 
 @cli.command()

@@ -11,7 +11,6 @@ from . import control, monitor, spec as spec_mod, state
 from .errors import PyrunvError
 
 
-
 def build_process(record: state.Record, process_file, command, *, cwd, env, tty, user, additional_gids,
                   no_new_privs, caps) -> dict:
     """As runc does: --process, or the container's own process with the given args and overrides."""
@@ -48,44 +47,63 @@ def build_process(record: state.Record, process_file, command, *, cwd, env, tty,
     return process
 
 
-def _stdio(process: dict, console_socket, detach: bool) -> list:
-    if not process.get("terminal"):
+def stdio(terminal: bool, console_socket, console_size, detach: bool) -> list:
+    """The fds a guest process's stdio is relayed to: ours, or a pty slave (its master goes to the
+    console socket, or it is the person's own terminal, as `run` uses it)."""
+    if not terminal:
         return [0, 1, 2]
     if console_socket:
-        size = process.get("consoleSize")
-        return [monitor.open_console(console_socket, (size["height"], size["width"]) if size else None)]
+        return [monitor.open_console(console_socket, console_size)]
     if detach or not os.isatty(0):
-        raise PyrunvError("exec --tty needs --console-socket, or a terminal on stdin without --detach")
-    return [os.dup(0)]  # the person's own terminal, as `run` uses it
+        raise PyrunvError("a terminal needs --console-socket, or a terminal on stdin without --detach")
+    return [os.dup(0)]
 
 
-def run(state_dir: str, process: dict, console_socket, detach: bool, pid_file) -> int:
-    fds = _stdio(process, console_socket, detach)
+def run(state_dir: str, container: str, process: dict, console_socket, detach: bool, pid_file) -> int:
+    """Runs the process in the container; in the foreground, returns its exit code (128+N for a signal,
+    as `runc exec` does), else starts its waiter."""
+    size = process.get("consoleSize")
+    fds = stdio(bool(process.get("terminal")), console_socket,
+                (size["height"], size["width"]) if size else None, detach)
     conn = control.Connection(state_dir, timeout=60)
-    conn.send({"op": "exec", "process": process}, fds)
+    conn.send({"op": "exec", "container": container, "process": process}, fds)
     conn.receive()  # raises the agent's error, e.g. an executable that is not there
-    conn.sock.settimeout(None)  # from here on we wait as long as the process runs
     if process.get("terminal"):
         os.close(fds[0])
-    from .cli import write_pid_file
+    from .container import write_pid_file
     if detach:
-        pid = os.fork()
-        if pid:
-            write_pid_file(pid_file, pid)
-            return 0
+        write_pid_file(pid_file, start_waiter(conn))
+        return 0
+    write_pid_file(pid_file, os.getpid())
+    conn.sock.settimeout(None)  # from here on we wait as long as the process runs
+    own_terminal = process.get("terminal") and not console_socket
+    with monitor.raw_terminal(0) if own_terminal else contextlib.nullcontext():
+        code, _ = wait(conn)
+    return code  # 128+N for a signal: the foreground never dies of the process's signal itself
+
+
+def start_waiter(conn: control.Connection) -> int:
+    """Forks the process that stands for a guest process on the host, the one a --pid-file names: it
+    forwards the signals it gets and exits as the guest process did. Returns its pid."""
+    pid = os.fork()
+    if pid:
+        conn.close()
+        return pid
+    try:
         os.setsid()
+        keep = conn.sock.fileno()
+        os.closerange(3, keep)  # nothing of the CLI's, such as a container's lock, may outlive it
+        os.closerange(keep + 1, 1 << 16)
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)  # the monitor has the real ones: the engine's pipes close with the process
-    else:
-        write_pid_file(pid_file, os.getpid())
-    own_terminal = process.get("terminal") and not console_socket
-    with monitor.raw_terminal(0) if own_terminal else contextlib.nullcontext():
-        status = _wait(conn)
-    monitor._exit_like(status)
+        conn.sock.settimeout(None)
+        monitor._exit_like(wait(conn))
+    finally:
+        os._exit(1)
 
 
-def _wait(conn: control.Connection) -> tuple:
+def wait(conn: control.Connection) -> tuple:
     def forward(number, frame):
         try:
             conn.sock.sendall(json.dumps({"signal": number}).encode() + b"\n")

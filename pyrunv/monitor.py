@@ -4,18 +4,15 @@ It owns the VM (virtiofsd, QEMU, QMP) and the guest channel, relays the stdio it
 `create`, forwards the signals it receives, serves the CLI's control socket, and finally exits with
 the container's status: its exit code, or death by the same signal.
 
-This module forks it and starts the VM without asyncio, so that QEMU boots while the monitor
-imports the rest (service.py), which attaches to the running VM."""
+sandbox.launch starts it as a fresh interpreter; this module starts the VM without asyncio, so that QEMU
+boots while the monitor imports the rest (service.py), which attaches to the running VM."""
 import contextlib
 import ctypes
-import dataclasses
 import json
 import os
 import resource
-import select
 import signal
 import socket
-import sys
 import termios
 import tty
 
@@ -30,57 +27,6 @@ FORWARDED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signa
              signal.SIGTERM, signal.SIGALRM, signal.SIGPWR, signal.SIGTSTP, signal.SIGCONT)
 UNKILLABLE = (signal.SIGCHLD, signal.SIGWINCH, signal.SIGURG, signal.SIGCONT, signal.SIGSTOP, signal.SIGTSTP,
               signal.SIGTTIN, signal.SIGTTOU)
-
-
-# The monitor is a fresh interpreter: it lives as long as the container and need not carry the
-# modules the CLI loaded (click, jsonschema) in its memory. -S and the CLI's own sys.path spare it
-# the site-packages scan.
-_BOOTSTRAP = ("import json, os, sys; data = json.load(os.fdopen(int(sys.argv[2]))); sys.path[:] = data['path']; "
-              "from pyrunv.monitor import main; main(data, int(sys.argv[3]))")
-
-
-def launch(store: state.Store, record: state.Record, plan: VmPlan, config: Config, *,
-           terminal: bool, console_socket: str | None, console_size: tuple | None) -> tuple:
-    """Starts the monitor and returns (pid, accel) once the container's process is prepared in the VM."""
-    read_end, write_end = os.pipe()
-    data_read, data_write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read_end)
-            os.close(data_write)
-            os.set_inheritable(data_read, True)
-            os.set_inheritable(write_end, True)
-            os.execv(sys.executable, [sys.executable, "-S", "-c", _BOOTSTRAP, f"pyrunv-monitor:{record.id}",
-                                      str(data_read), str(write_end)])
-        finally:
-            os._exit(1)  # the monitor never returns into the CLI's code
-    os.close(write_end)
-    os.close(data_read)
-    plan_data = dataclasses.asdict(plan)
-    plan_data["init_records"] = plan.init_records.hex()
-    with os.fdopen(data_write, "w") as f:
-        # pyrunv's own directory first: an editable install finds it by a meta-path hook, not a path entry,
-        # so the CLI's sys.path has it only when the cwd happens to be the source tree.
-        json.dump({"path": [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] + sys.path,
-                   "log": logs.settings(), "root": store.root,
-                   "record": dataclasses.asdict(record), "plan": plan_data, "config": dataclasses.asdict(config),
-                   "terminal": terminal, "console_socket": console_socket, "console_size": console_size}, f)
-    report = b""
-    deadline = config.boot_timeout + 30
-    with os.fdopen(read_end, "rb") as f:
-        while select.select([f], [], [], deadline)[0]:
-            chunk = f.read1(4096)
-            if not chunk:
-                break
-            report += chunk
-    text = report.decode(errors="replace")
-    if not text.startswith("ok "):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)  # its helpers die with it (PDEATHSIG)
-        os.waitpid(pid, 0)
-        raise PyrunvError(text.strip() or "the container's monitor failed; see the log")
-    return pid, text.split()[1]
 
 
 def main(data: dict, report_fd: int) -> None:
@@ -189,7 +135,8 @@ class Monitor:
     def _start_vm(self, stack: contextlib.ExitStack) -> str:
         """Share, sockets, virtiofsd and QEMU; returns the accelerator. `stack` tears it all down."""
         share = self.path("share")
-        os.mkdir(share, 0o700)
+        os.mkdir(share, 0o711)  # a user namespace's root passes through it in the guest; the state dir keeps it private
+        hostmount.shared_directory(share)
         for shared in self.plan.shared:
             hostmount.bind(shared.source, os.path.join(share, shared.name), shared.readonly)
         accel = vm.choose_accel(self.config, self.plan)

@@ -99,13 +99,61 @@ def _annotation(spec: Spec, config: config_mod.Config, key: str, default, conver
         raise PyrunvError(f"annotation {name}: invalid value {spec.annotations[name]!r}") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class ContainerPlan:
+    """One container inside a VM: what the share must hold for it, and the agent's CREATE records."""
+    shared: tuple           # SharedPath, the rootfs first
+    records: bytes
+
+
+def container(spec: Spec, share_prefix: str = "", joins=()) -> ContainerPlan:
+    """The container's share entries (named under share_prefix) and its CREATE records; `joins` are
+    (namespace kind, container ident) pairs of a pod's namespaces it shares."""
+    shared = [SharedPath(spec.rootfs, share_prefix + ROOTFS_NAME, False)]
+    pairs = [("root", share_prefix + ROOTFS_NAME)] + process_pairs(spec.process)
+    pairs += [("join", f"{kind} {ident}") for kind, ident in joins]
+    if spec.uid_mappings:
+        pairs += [("userns", 1)] + [("uidmap", " ".join(map(str, m))) for m in spec.uid_mappings]
+        pairs += [("gidmap", " ".join(map(str, m))) for m in spec.gid_mappings]
+    if spec.root_readonly:
+        pairs.append(("root_readonly", 1))
+    if spec.hostname:
+        pairs.append(("hostname", spec.hostname))
+    for m in spec.mounts:
+        name = None
+        if m.is_bind:
+            name = f"{share_prefix}m{len(shared)}"
+            shared.append(SharedPath(m.source, name, "ro" in m.options))
+        pairs.append(("mount", mount_record(m, name)))
+    pairs += [("masked", p) for p in spec.masked_paths] + [("readonly", p) for p in spec.readonly_paths]
+    pairs += [("sysctl", f"{k}={v}") for k, v in spec.sysctl]
+    return ContainerPlan(shared=tuple(shared), records=records(pairs))
+
+
+# What containerd's CRI plugin says of a pod's resources in the sandbox's spec (where it knows them).
+SANDBOX_MEMORY = "io.kubernetes.cri.sandbox-memory"
+SANDBOX_CPU_QUOTA = "io.kubernetes.cri.sandbox-cpu-quota"
+SANDBOX_CPU_PERIOD = "io.kubernetes.cri.sandbox-cpu-period"
+
+
+def _pod_resource(spec: Spec, key: str) -> int:
+    try:
+        return max(int(spec.annotations.get(key, 0)), 0)
+    except ValueError:
+        raise PyrunvError(f"annotation {key}: invalid value {spec.annotations[key]!r}") from None
+
+
 def make(spec: Spec, config: config_mod.Config) -> VmPlan:
+    """The VM of a container that has one of its own: a single container, or a pod's sandbox."""
+    quota = spec.cpu_quota or _pod_resource(spec, SANDBOX_CPU_QUOTA)
+    period = spec.cpu_period or _pod_resource(spec, SANDBOX_CPU_PERIOD)
     vcpus = config.vcpus
-    if spec.cpu_quota > 0 and spec.cpu_period > 0:
-        vcpus = min(16, -(-spec.cpu_quota // spec.cpu_period))  # exact: JSON integers are unbounded
+    if quota > 0 and period > 0:
+        vcpus = min(16, -(-quota // period))  # exact: JSON integers are unbounded
     memory = config.memory_mib
-    if spec.memory_limit > 0:
-        memory = -(-spec.memory_limit // MIB) + config.guest_overhead_mib
+    limit = spec.memory_limit or _pod_resource(spec, SANDBOX_MEMORY)
+    if limit > 0:
+        memory = -(-limit // MIB) + config.guest_overhead_mib
     sized = dataclasses.replace(
         config,
         vcpus=_annotation(spec, config, "vcpus", vcpus, int),
@@ -116,23 +164,9 @@ def make(spec: Spec, config: config_mod.Config) -> VmPlan:
     from_annotations = any(config_mod.ANNOTATION_PREFIX + k in spec.annotations for k in config.annotations_allowed)
     config_mod.check(sized, "annotations" if from_annotations else "the spec's resources")
     extra_params = _annotation(spec, config, "kernel_params", "", str)
-
-    shared = [SharedPath(spec.rootfs, ROOTFS_NAME, False)]
-    pairs = [("root", ROOTFS_NAME)] + process_pairs(spec.process)
-    if spec.root_readonly:
-        pairs.append(("root_readonly", 1))
-    if spec.hostname:
-        pairs.append(("hostname", spec.hostname))
-    for m in spec.mounts:
-        name = None
-        if m.is_bind:
-            name = f"m{len(shared)}"
-            shared.append(SharedPath(m.source, name, "ro" in m.options))
-        pairs.append(("mount", mount_record(m, name)))
-    pairs += [("masked", p) for p in spec.masked_paths] + [("readonly", p) for p in spec.readonly_paths]
-    pairs += [("sysctl", f"{k}={v}") for k, v in spec.sysctl]
+    init = container(spec)
     return VmPlan(
         machine=sized.machine, accel=sized.accel, vcpus=int(sized.vcpus), memory_mib=int(sized.memory_mib),
         kernel=sized.kernel, initrd=config.initrd,
         kernel_params=" ".join(p for p in (config.kernel_params, extra_params) if p),
-        shared=tuple(shared), init_records=records(pairs), network_namespace=spec.network_namespace)
+        shared=init.shared, init_records=init.records, network_namespace=spec.network_namespace)

@@ -1,5 +1,8 @@
-"""The monitor's service once its VM is started: the guest channel, the container's stdio, signal
-forwarding, the CLI's control socket, and the wait for the container's end."""
+"""The monitor's service once its VM is started: the guest channel, the containers' stdio, signal
+forwarding, the CLI's control socket, and the wait for the VM's own container (the pod's sandbox) to end.
+
+Other containers of a pod join the running VM through `create` requests. Each such request's connection
+comes from that container's pid-file process (its waiter) and stays open until the container exits."""
 import asyncio
 import concurrent.futures
 import contextlib
@@ -9,13 +12,14 @@ import signal
 import socket
 import time
 
-from . import control, network, plan as plan_mod, spec as spec_mod, state
-from .channel import Channel, F, PAIR, ProcessIO
+from . import control, hostmount, network, plan as plan_mod, spec as spec_mod, state
+from .channel import FLAG, Channel, F, PAIR, ProcessIO
 from .errors import PyrunvError
 from .logs import log
 from .monitor import FORWARDED, Monitor, open_console, raw_terminal
 
-INIT_ID = 1
+INIT_ID = state.VM_INIT
+SCM_MAX_FD = 253  # the kernel's limit of fds in one message: stdio and a container's mount trees
 
 
 class Service:
@@ -25,10 +29,11 @@ class Service:
         self.qemu, self.virtiofsd = monitor.qemu, monitor.virtiofsd
         self.paused = False
         self.next_ident = INIT_ID + 1
+        self.members: dict[str, tuple] = {}  # a pod's other containers: ID -> (ident, names in the share)
         self._qmp = None
 
-    def _path(self, name: str) -> str:
-        return self.monitor.path(name)
+    def _path(self, *names: str) -> str:
+        return os.path.join(self.monitor.state_dir, *names)
 
     async def run(self, report_fd: int) -> tuple:
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=64)
@@ -176,7 +181,7 @@ class Service:
         fds: list = []
         try:
             conn.settimeout(10)
-            data, fds, _, _ = await loop.run_in_executor(self.executor, socket.recv_fds, conn, 1 << 20, 3)
+            data, fds, _, _ = await loop.run_in_executor(self.executor, socket.recv_fds, conn, 1 << 20, SCM_MAX_FD)
             while data and not data.endswith(b"\n"):
                 more = await loop.run_in_executor(self.executor, conn.recv, 1 << 20)
                 if not more:
@@ -202,12 +207,26 @@ class Service:
                 await loop.sock_sendall(conn, json.dumps(reply).encode() + b"\n")
             conn.close()
 
+    def _ident(self, request) -> int:
+        """The id in the VM of the container a request names: the VM's own (the sandbox), or a member's."""
+        name = request.get("container")
+        if name is None or name == self.monitor.record.id:
+            return INIT_ID
+        if name not in self.members:
+            raise PyrunvError(f"container {name} is not in the VM of {self.monitor.record.id}")
+        return self.members[name][0]
+
+    def _new_ident(self) -> int:
+        ident, self.next_ident = self.next_ident, self.next_ident + 1
+        return ident
+
     async def _op_start(self, request, fds, conn):
+        ident = self._ident(request)
         # The engine's network is in place by now: CNI and netavark set it up before create, docker in
-        # a prestart hook during create.
-        if self.monitor.tap_name and network.interfaces_to_plumb():
+        # a prestart hook during create. A pod's containers share the VM's network.
+        if ident == INIT_ID and self.monitor.tap_name and network.interfaces_to_plumb():
             await self._plumb_network(self.monitor.tap_name)
-        await self.channel.request(F.START, INIT_ID)
+        await self.channel.request(F.START, ident)
         return {"ok": True}
 
     async def _plumb_network(self, tap_name: str) -> None:
@@ -228,33 +247,99 @@ class Service:
             await self.channel.request(F.NETWORK, None, plan_mod.records(network.agent_records(found)))
 
     async def _op_signal(self, request, fds, conn):
+        ident = self._ident(request)
         sig, everyone = int(request["signal"]), bool(request.get("all"))
         if self.paused:
             if sig != signal.SIGKILL:
-                asyncio.get_running_loop().create_task(self._signal(INIT_ID, sig, everyone))
+                asyncio.get_running_loop().create_task(self._signal(ident, sig, everyone))
                 return {"ok": True}  # delivered when the VM thaws, as a frozen cgroup does
-            await self._op_resume(request, fds, conn)
-        await self.channel.request(F.SIGNAL, INIT_ID, PAIR.pack(sig, int(everyone)))
+            await self._resume_vm()
+        await self.channel.request(F.SIGNAL, ident, PAIR.pack(sig, int(everyone)))
         return {"ok": True}
 
     async def _op_pause(self, request, fds, conn):
-        await (await self._qmp_client()).execute("stop")
-        self.paused = True
+        """The VM's own container freezes the whole VM; a member of the pod, its cgroup in the guest."""
+        ident = self._ident(request)
+        if ident != INIT_ID:
+            if not self.paused:  # in a frozen VM it is frozen already
+                await self.channel.request(F.FREEZE, ident, FLAG.pack(1))
+        else:
+            await (await self._qmp_client()).execute("stop")
+            self.paused = True
         return {"ok": True}
 
     async def _op_resume(self, request, fds, conn):
-        await (await self._qmp_client()).execute("cont")
-        self.paused = False
+        ident = self._ident(request)
+        if ident != INIT_ID:
+            if not self.paused:
+                await self.channel.request(F.FREEZE, ident, FLAG.pack(0))
+        else:
+            await self._resume_vm()
         return {"ok": True}
 
+    async def _resume_vm(self) -> None:
+        await (await self._qmp_client()).execute("cont")
+        self.paused = False
+
     async def _op_ps(self, request, fds, conn):
-        text = (await self.channel.request(F.PS)).decode()
+        text = (await self.channel.request(F.PS, self._ident(request))).decode()
         rows = [line.split(" ", 3) for line in text.splitlines() if line]
         return {"processes": [{"pid": int(p), "ppid": int(pp), "uid": int(u), "cmd": c} for p, pp, u, c in rows]}
 
     async def _op_stats(self, request, fds, conn):
-        text = (await self.channel.request(F.STATS)).decode()
+        text = (await self.channel.request(F.STATS, self._ident(request))).decode()
         return {"stats": {k: int(v) for k, v in (line.split() for line in text.splitlines() if line)}}
+
+    async def _op_create(self, request, fds, conn):
+        """A container of the pod joins this VM: its share entries, then its init, prepared and waiting for
+        START. The reply comes at once; the connection then waits for the container's exit."""
+        name = request["container"]
+        if name == self.monitor.record.id or name in self.members:
+            raise PyrunvError(f"container {name} is already in this VM")
+        if self.paused:
+            raise PyrunvError(f"the VM of pod {self.monitor.record.id} is paused")
+        ident = self._new_ident()
+        terminal = bool(request.get("terminal"))
+        stdio = (fds[0],) * 3 if terminal else tuple(fds[:3])
+        trees = fds[1 if terminal else 3:]  # the CLI's copies of the rootfs and binds (hostmount.detached_copy)
+        names = request["shared"]
+        if len(trees) != len(names):
+            raise PyrunvError(f"create {name}: {len(trees)} mount trees for {len(names)} share entries")
+        self.members[name] = (ident, tuple(names))
+        try:
+            for tree, entry in zip(trees, names):
+                hostmount.attach(tree, self._path("share", entry))
+            io = ProcessIO(self.channel, ident, stdio, self.executor, tty=terminal)
+            try:
+                await self.channel.request(F.CREATE, ident, bytes.fromhex(request["records"]))
+            except BaseException:
+                self.channel.detach(ident)
+                raise
+        except BaseException:
+            self._unshare(name)
+            raise  # _handle closes the fds and tells the waiter
+        io.start_relay()
+        return await self._serve_process(conn, ident, io, fds, {"ok": True, "ident": ident})
+
+    async def _op_remove(self, request, fds, conn):
+        """A member leaves the VM: whatever of it still runs is killed, and its share entries go."""
+        name = request["container"]
+        if name not in self.members:
+            return {"ok": True}
+        ident = self.members[name][0]
+        if self.paused:
+            self.channel.send(F.REMOVE, ident)  # done when the VM thaws; its mounts can go now
+        else:
+            await self.channel.request(F.REMOVE, ident)
+        self._unshare(name)
+        return {"ok": True}
+
+    def _unshare(self, name: str) -> None:
+        _, names = self.members.pop(name)
+        for entry in reversed(names):
+            hostmount.unbind(self._path("share", entry))
+        with contextlib.suppress(OSError):
+            os.rmdir(self._path("share", name))
 
     async def _op_shutdown(self, request, fds, conn):
         if not self.shutdown.done():
@@ -262,27 +347,33 @@ class Service:
         return {"ok": True}
 
     async def _op_exec(self, request, fds, conn):
+        container = self._ident(request)
         process = spec_mod.parse_process(request["process"])
-        ident, self.next_ident = self.next_ident, self.next_ident + 1
+        ident = self._new_ident()
         stdio = (fds[0], fds[0], fds[0]) if process.terminal else tuple(fds)
         io = ProcessIO(self.channel, ident, stdio, self.executor, tty=process.terminal)
         try:
-            await self.channel.request(F.EXEC, ident, plan_mod.records(plan_mod.process_pairs(process)))
+            await self.channel.request(F.EXEC, ident, plan_mod.records(
+                plan_mod.process_pairs(process) + [("container", container)]))
         except BaseException:
             self.channel.detach(ident)
             raise  # _handle closes the fds and tells the waiter
         io.start_relay()
+        return await self._serve_process(conn, ident, io, fds, {"ok": True})
+
+    async def _serve_process(self, conn: socket.socket, ident: int, io: ProcessIO, fds, first_reply: dict) -> dict:
+        """Tells the waiter the process is there, relays its signals, and answers with the exit status."""
         loop = asyncio.get_running_loop()
-        await loop.sock_sendall(conn, b'{"ok": true}\n')
-        relay = loop.create_task(self._exec_signals(conn, ident))
+        await loop.sock_sendall(conn, json.dumps(first_reply).encode() + b"\n")
+        relay = loop.create_task(self._waiter_signals(conn, ident))
         code, sig = await io.wait()
         relay.cancel()
         for fd in set(fds):
             os.close(fd)
         return {"exit": code, "signal": sig}
 
-    async def _exec_signals(self, conn: socket.socket, ident: int) -> None:
-        """The exec's waiter forwards the signals it gets as JSON lines."""
+    async def _waiter_signals(self, conn: socket.socket, ident: int) -> None:
+        """The waiter forwards the signals it gets as JSON lines."""
         loop = asyncio.get_running_loop()
         buffer = b""
         while True:

@@ -68,9 +68,39 @@ class Spec:
     cpu_quota: int = 0
     cpu_period: int = 0
     network_namespace: str | None = None  # None: the host's; "": a new one; else the path to join
+    namespaces: tuple = ()           # (type, path) as the spec lists them; path "" for a new one
+    uid_mappings: tuple = ()         # (containerID, hostID, size) of a new user namespace
+    gid_mappings: tuple = ()
 
 
 _schema = None
+NS_GET_NSTYPE = 0xB703
+NAMESPACE_FLAGS = {"mount": 0x00020000, "cgroup": 0x02000000, "uts": 0x04000000, "ipc": 0x08000000,
+                   "user": 0x10000000, "pid": 0x20000000, "network": 0x40000000, "time": 0x00000080}
+
+
+def check_namespace_paths(spec: "Spec") -> None:
+    """The runtime spec: a path whose namespace is not of the entry's type MUST be refused."""
+    for kind, path in spec.namespaces:
+        if path:
+            _check_namespace_path(kind, path)
+
+
+def _check_namespace_path(kind: str, path: str) -> None:
+    import fcntl
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise PyrunvError(f"invalid config.json: {kind} namespace path {shown(path)}: {e.strerror}") from None
+    try:
+        found = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        raise PyrunvError(f"invalid config.json: {kind} namespace path {shown(path)} is not a namespace") from None
+    finally:
+        os.close(fd)
+    if found != NAMESPACE_FLAGS.get(kind, found):
+        other = next((k for k, v in NAMESPACE_FLAGS.items() if v == found), "another")
+        raise PyrunvError(f"invalid config.json: {kind} namespace path {shown(path)} is a {other} namespace")
 
 
 def validate(document, what: str = "config.json") -> None:
@@ -155,7 +185,14 @@ def load(bundle: str) -> Spec:
     linux = document.get("linux", {})
     resources = linux.get("resources", {})
     hooks = document.get("hooks", {})
-    network = [ns.get("path", "") for ns in linux.get("namespaces", ()) if ns["type"] == "network"]
+    namespaces = tuple((ns["type"], ns.get("path", "")) for ns in linux.get("namespaces", ()))
+    network = [path for kind, path in namespaces if kind == "network"]
+    mappings = {key: tuple((m["containerID"], m["hostID"], m["size"]) for m in linux.get(key, ()))
+                for key in ("uidMappings", "gidMappings")}
+    if ("user", "") in namespaces and not all(mappings.values()):
+        raise PyrunvError("invalid config.json: a new user namespace needs linux.uidMappings and linux.gidMappings")
+    if any(mappings.values()) and ("user", "") not in namespaces:
+        raise PyrunvError("invalid config.json: linux.uidMappings and gidMappings need a new user namespace")
     return Spec(
         bundle=bundle, rootfs=os.path.realpath(rootfs), root_readonly=document["root"].get("readonly", False),
         process=parse_process(document["process"]), hostname=document.get("hostname", ""),
@@ -167,4 +204,5 @@ def load(bundle: str) -> Spec:
         memory_limit=max(resources.get("memory", {}).get("limit", 0) or 0, 0),
         cpu_quota=resources.get("cpu", {}).get("quota", 0) or 0,
         cpu_period=resources.get("cpu", {}).get("period", 0) or 0,
-        network_namespace=network[0] if network else None)
+        network_namespace=network[0] if network else None, namespaces=namespaces,
+        uid_mappings=mappings["uidMappings"], gid_mappings=mappings["gidMappings"])

@@ -17,6 +17,7 @@ _ID = re.compile(r"^[\w+\-.]+\Z")  # runc's rule; with no '/', no ID can name a 
 # (\Z, not $: Python's $ also matches before a final newline, Go's does not)
 STATE_FILE = "state.json"
 EXIT_FILE = "exit"  # written by the monitor once the container's init has exited
+VM_INIT = 1  # the id in the VM of the init of the VM's own container (the sandbox's, in a pod)
 
 
 @dataclasses.dataclass
@@ -34,6 +35,10 @@ class Record:
     # The hooks that run after create, kept from the config.json validated then: like runc, start and
     # delete neither read the bundle again nor pay for validating it.
     hooks: dict = dataclasses.field(default_factory=dict)
+    # A container of a pod runs in its sandbox's VM: `sandbox` is that container's ID ("" for a container
+    # with a VM of its own). `ident` is its init's id in the VM (docs/protocol.md), 0 until it has one.
+    sandbox: str = ""
+    ident: int = 0
 
     def oci_state(self, status: Status) -> dict:
         state = {"ociVersion": "1.0.2", "id": self.id, "status": status.value,

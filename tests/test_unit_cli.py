@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pyrunv import cli, defaults, spec, state
+from pyrunv import cli, defaults, sandbox, spec, state
 from pyrunv.errors import PyrunvError
 
 HEADER = "ID   PID   STATUS   BUNDLE   CREATED   OWNER\n"
@@ -154,7 +154,7 @@ def test_stopping_a_monitor_that_was_already_gone_when_recorded_returns_at_once(
     while state.process_start_time(zombie.pid):
         time.sleep(0.01)  # until it has exited; it stays a zombie because nobody waits for it yet
     record = state.Record(id="c1", bundle="/b", rootfs="/b/rootfs", status="created", pid=zombie.pid, pid_start=0)
-    stopper = threading.Thread(target=cli.stop_monitor, args=(store, record, 0.1), daemon=True)
+    stopper = threading.Thread(target=sandbox.stop, args=(store, record, 0.1), daemon=True)
     stopper.start()
     stopper.join(2)
     alive = stopper.is_alive()

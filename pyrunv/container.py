@@ -1,0 +1,226 @@
+"""The host side of one container: what each verb does to it, whatever VM it runs in.
+
+A container either owns a VM (a single container, or a pod's sandbox: its pid-file process is the VM's
+monitor, see sandbox.py) or runs in its sandbox's VM (a member of a pod: its pid-file process is a waiter
+connected to that monitor, see execution.start_waiter). Either way the verbs reach the guest through
+the monitor's control socket, naming the container."""
+import os
+import time
+
+from . import control, lifecycle, logs, pod, state
+from .errors import PyrunvError
+from .lifecycle import Status
+
+log = logs.log
+
+
+class Container:
+    def __init__(self, store: state.Store, record: state.Record):
+        self.store, self.record = store, record
+
+    @classmethod
+    def load(cls, store: state.Store, container_id: str) -> "Container":
+        return cls(store, store.load(container_id))
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def status(self) -> Status:
+        return self.store.status(self.record)
+
+    @property
+    def vm_dir(self) -> str:
+        """The state directory of the monitor that runs this container's VM."""
+        return self.store.path(self.record.sandbox or self.record.id)
+
+    def _control(self, op: str, **args) -> dict:
+        return control.call(self.vm_dir, op, container=self.id, **args)
+
+    def _check(self, verb: str) -> Status | None:
+        return lifecycle.check(verb, self.id, self.status)
+
+    # create ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, store: state.Store, container_id: str, bundle: str, pid_file, console_socket) -> "Container":
+        from . import hooks, spec as spec_mod
+        state.validate_id(container_id)
+        spec = spec_mod.load(bundle)
+        if spec.process.terminal and not console_socket and not os.isatty(0):
+            raise PyrunvError("cannot allocate tty if runc will detach without setting console socket")
+        sandbox_id = pod.sandbox_of(container_id, spec.annotations)
+        sandbox = cls._running_sandbox(store, sandbox_id) if sandbox_id else None
+        spec_mod.check_namespace_paths(spec)
+        record = state.Record(id=container_id, bundle=spec.bundle, rootfs=spec.rootfs, status=Status.CREATING.value,
+                              created=time.strftime("%Y-%m-%dT%H:%M:%S.000000000Z", time.gmtime()),
+                              owner="root" if os.getuid() == 0 else str(os.getuid()), annotations=spec.annotations,
+                              hooks={kind: list(spec.hooks[kind]) for kind in hooks.AFTER_CREATE if spec.hooks[kind]},
+                              sandbox=sandbox_id or "")
+        container = cls(store, record)
+        with store.create(record):
+            try:
+                if sandbox:
+                    container._join(sandbox, spec, console_socket)
+                else:
+                    container._boot(spec, console_socket)
+                record.pid_start = state.process_start_time(record.pid)
+                record.status = Status.CREATED.value
+                store.save(record)
+                for kind in ("prestart", "createRuntime", "createContainer"):
+                    hooks.run(kind, spec.hooks[kind], record.oci_state(Status.CREATED))
+                write_pid_file(pid_file, record.pid)
+            except BaseException:
+                container._tear_down()
+                store.remove(container_id)
+                raise
+        log.info("created %s (pid %d%s)", container_id, record.pid,
+                 f", in the VM of {sandbox_id}" if sandbox_id else f", accel {record.accel}")
+        return container
+
+    def _boot(self, spec, console_socket) -> None:
+        """A VM of its own: the monitor boots it and prepares the container's init in it."""
+        from . import config as config_mod, plan as plan_mod, sandbox
+        config = config_mod.load()
+        plan = plan_mod.make(spec, config)
+        log.debug("create %s: spec validated, VM planned", self.id)
+        self.record.ident = state.VM_INIT
+        self.record.pid, self.record.accel = sandbox.launch(
+            self.store, self.record, plan, config, terminal=spec.process.terminal,
+            console_socket=console_socket, console_size=spec.process.console_size)
+
+    @classmethod
+    def _running_sandbox(cls, store: state.Store, sandbox_id: str) -> "Container":
+        try:
+            sandbox = cls.load(store, state.validate_id(sandbox_id))
+        except PyrunvError as e:
+            raise PyrunvError(f"pod sandbox {sandbox_id!r}: {e}") from None
+        if sandbox.record.sandbox:
+            raise PyrunvError(f"pod sandbox {sandbox_id}: it is a container of pod {sandbox.record.sandbox}, not a sandbox")
+        status = sandbox.status
+        if status is Status.PAUSED:
+            raise PyrunvError(f"pod sandbox {sandbox_id} is paused: its VM cannot take a container")
+        if status not in (Status.CREATED, Status.RUNNING):
+            raise PyrunvError(f"pod sandbox {sandbox_id} is {status.value}: its VM is not running")
+        return sandbox
+
+    def _join(self, sandbox: "Container", spec, console_socket) -> None:
+        """Into the sandbox's running VM: the monitor shares the container's files and prepares its init; a
+        waiter of our own stands for that init on the host."""
+        from . import execution, hostmount, plan as plan_mod
+        idents = {sandbox.record.pid: sandbox.record.ident}
+        for other in pod_members(self.store, sandbox.id):
+            idents[other.record.pid] = other.record.ident
+        plan = plan_mod.container(spec, share_prefix=f"{self.id}/", joins=pod.joins(spec.namespaces, idents))
+        # The VM's monitor lives in a mount namespace copied before the engine mounted this container's rootfs:
+        # copies of the mount trees carry them there.
+        trees = []
+        try:
+            for entry in plan.shared:
+                trees.append(hostmount.detached_copy(entry.source, entry.readonly))
+            stdio = execution.stdio(spec.process.terminal, console_socket, spec.process.console_size, detach=True)
+            try:
+                conn = control.Connection(sandbox.vm_dir, timeout=60)
+                conn.send({"op": "create", "container": self.id, "records": plan.records.hex(),
+                           "shared": [entry.name for entry in plan.shared], "terminal": spec.process.terminal},
+                          stdio + trees)
+            finally:
+                if spec.process.terminal:
+                    os.close(stdio[0])
+        finally:
+            for tree in trees:
+                os.close(tree)
+        try:
+            self.record.ident = conn.receive()["ident"]
+        except BaseException:
+            conn.close()
+            raise
+        self.record.pid = execution.start_waiter(conn)
+
+    # the verbs ---------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        from . import hooks
+        with self.store.lock(self.id):
+            self.record = self.store.load(self.id)
+            after = self._check("start")
+            hooks.run("startContainer", self.record.hooks.get("startContainer", ()), self.record.oci_state(Status.CREATED))
+            self._control("start")
+            self.record.status = after.value
+            self.store.save(self.record)
+        hooks.run("poststart", self.record.hooks.get("poststart", ()), self.record.oci_state(after))
+
+    def kill(self, signal: int, everyone: bool) -> None:
+        self._check("kill")
+        self._control("signal", signal=signal, all=everyone)
+
+    def set_paused(self, verb: str) -> None:
+        """pause or resume: a VM of its own freezes whole; a member of a pod, its cgroup in the guest."""
+        with self.store.lock(self.id):
+            self.record = self.store.load(self.id)
+            after = self._check(verb)
+            self._control(verb)
+            self.record.status = after.value
+            self.store.save(self.record)
+
+    def processes(self) -> list:
+        self._check("ps")
+        return self._control("ps")["processes"]
+
+    def stats(self) -> dict:
+        self._check("events")
+        return self._control("stats")["stats"]
+
+    def exec(self, process: dict, console_socket, detach: bool, pid_file) -> int:
+        from . import execution
+        self._check("exec")
+        return execution.run(self.vm_dir, self.id, process, console_socket, detach, pid_file)
+
+    def delete(self, force: bool) -> None:
+        from . import hooks
+        with self.store.lock(self.id):
+            self.record = self.store.load(self.id)
+            lifecycle.check("delete --force" if force else "delete", self.id, self.status)
+            self._tear_down()
+            hooks.run("poststop", self.record.hooks.get("poststop", ()), self.record.oci_state(Status.STOPPED))
+            self.store.remove(self.id)
+
+    def _tear_down(self) -> None:
+        """Nothing of the container is left running: its VM, or its part of the pod's VM and its waiter."""
+        if not self.record.sandbox:
+            from . import sandbox
+            sandbox.stop(self.store, self.record)
+            return
+        if self.record.ident:  # the VM took it: it has a share and an init there
+            try:
+                self._control("remove")
+            except PyrunvError as e:
+                log.debug("remove %s from its pod's VM: %s", self.id, e)  # a VM that is gone took it along
+        from .sandbox import stop_process
+        stop_process(self.record.pid, self.record.pid_start or state.process_start_time(self.record.pid))
+
+
+def pod_members(store: state.Store, sandbox_id: str) -> list:
+    members = []
+    for container_id in store.ids():
+        try:
+            record = store.load(container_id)
+        except PyrunvError:
+            continue  # deleted meanwhile
+        if record.sandbox == sandbox_id:
+            members.append(Container(store, record))
+    return members
+
+
+def write_pid_file(path: str | None, pid: int) -> None:
+    if not path:
+        return
+    path = os.path.abspath(path)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(str(pid))
+        os.rename(tmp, path)
+    except OSError as e:
+        raise PyrunvError(f"cannot write pid file {path}: {e.strerror}") from None

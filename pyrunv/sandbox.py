@@ -1,0 +1,105 @@
+"""The owner of a VM's lifetime, on the CLI's side: it starts the VM's monitor and ends it.
+
+The monitor (monitor.py, service.py) runs the VM; it lives as long as the VM's own container, the
+sandbox of a pod. The pod's other containers come and go inside it (container.py)."""
+import contextlib
+import dataclasses
+import json
+import os
+import select
+import signal
+import sys
+import time
+
+from . import control, logs, state
+from .config import Config
+from .errors import PyrunvError
+from .plan import VmPlan
+
+
+# The monitor is a fresh interpreter: it lives as long as the container and need not carry the
+# modules the CLI loaded (click, jsonschema) in its memory. -S and the CLI's own sys.path spare it
+# the site-packages scan.
+_BOOTSTRAP = ("import json, os, sys; data = json.load(os.fdopen(int(sys.argv[2]))); sys.path[:] = data['path']; "
+              "from pyrunv.monitor import main; main(data, int(sys.argv[3]))")
+
+
+def launch(store: state.Store, record: state.Record, plan: VmPlan, config: Config, *,
+           terminal: bool, console_socket: str | None, console_size: tuple | None) -> tuple:
+    """Starts the monitor and returns (pid, accel) once the container's process is prepared in the VM."""
+    read_end, write_end = os.pipe()
+    data_read, data_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            os.close(data_write)
+            os.set_inheritable(data_read, True)
+            os.set_inheritable(write_end, True)
+            os.execv(sys.executable, [sys.executable, "-S", "-c", _BOOTSTRAP, f"pyrunv-monitor:{record.id}",
+                                      str(data_read), str(write_end)])
+        finally:
+            os._exit(1)  # the monitor never returns into the CLI's code
+    os.close(write_end)
+    os.close(data_read)
+    plan_data = dataclasses.asdict(plan)
+    plan_data["init_records"] = plan.init_records.hex()
+    with os.fdopen(data_write, "w") as f:
+        # pyrunv's own directory first: an editable install finds it by a meta-path hook, not a path entry,
+        # so the CLI's sys.path has it only when the cwd happens to be the source tree.
+        json.dump({"path": [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] + sys.path,
+                   "log": logs.settings(), "root": store.root,
+                   "record": dataclasses.asdict(record), "plan": plan_data, "config": dataclasses.asdict(config),
+                   "terminal": terminal, "console_socket": console_socket, "console_size": console_size}, f)
+    report = b""
+    deadline = config.boot_timeout + 30
+    with os.fdopen(read_end, "rb") as f:
+        while select.select([f], [], [], deadline)[0]:
+            chunk = f.read1(4096)
+            if not chunk:
+                break
+            report += chunk
+    text = report.decode(errors="replace")
+    if not text.startswith("ok "):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # its helpers die with it (PDEATHSIG)
+        os.waitpid(pid, 0)
+        raise PyrunvError(text.strip() or "the container's monitor failed; see the log")
+    return pid, text.split()[1]
+
+
+def stop(store: state.Store, record: state.Record, timeout: float = 10.0) -> None:
+    """Ends the VM's monitor and with it the VM and every container in it. QEMU and virtiofsd die with
+    the monitor (PDEATHSIG); they are made sure of before the state goes."""
+    # A start time of 0 means it was already dead when recorded: waiting for it to change would never end.
+    if record.pid and record.pid_start and state.process_start_time(record.pid) == record.pid_start:
+        with contextlib.suppress(PyrunvError):
+            control.call(store.path(record.id), "shutdown", timeout=timeout)
+        stop_process(record.pid, record.pid_start, timeout)
+    _kill_helpers(store.path(record.id))
+
+
+def stop_process(pid: int, start_time: int, timeout: float = 10.0) -> None:
+    """Waits for a process that has been told to go, and kills it if it does not go in time."""
+    if not pid or not start_time:
+        return
+    deadline = time.monotonic() + timeout
+    while state.process_start_time(pid) == start_time:
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = float("inf")
+        time.sleep(0.01)
+
+
+def _kill_helpers(state_dir: str) -> None:
+    try:
+        with open(os.path.join(state_dir, "helpers.json")) as f:
+            helpers = json.load(f)
+    except (OSError, ValueError):
+        return
+    for pid, start_time in helpers:
+        if state.process_start_time(pid) == start_time:
+            os.kill(pid, signal.SIGKILL)
+            while state.process_start_time(pid) == start_time:
+                time.sleep(0.01)

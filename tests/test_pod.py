@@ -1,0 +1,213 @@
+"""Pods through the CLI: a sandbox boots the VM, the pod's other containers join it (as containerd's CRI
+marks them), each with runc's promises of its own."""
+import concurrent.futures
+import contextlib
+import json
+import os
+import signal
+import subprocess
+
+import psutil
+import pytest
+from faultlib import DEADLINE, describe_status, one_line_error, wait_pid, wait_until
+
+pytestmark = pytest.mark.vm
+
+TYPE, SANDBOX = "io.kubernetes.cri.container-type", "io.kubernetes.cri.sandbox-id"
+
+
+def qemus(runtime):
+    """The QEMUs started by the monitors of containers under the runtime's root."""
+    found = []
+    for name in os.listdir(runtime.root):
+        with contextlib.suppress(OSError, ValueError, psutil.Error):
+            with open(runtime.root / name / "state.json") as f:
+                monitor = psutil.Process(json.load(f)["pid"])
+            found += [p.pid for p in monitor.children() if p.name().startswith("qemu-system")]
+    return found
+
+
+@pytest.fixture
+def pod(runtime, bundle, tmp_path, subreaper):
+    """A running sandbox "sb" (hostname pod-host); member(name, *args, share=(kinds)) creates a container
+    in its VM and returns the pid of its pid-file process."""
+    sandbox = bundle("sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done", edit=lambda c: (
+        c.update(hostname="pod-host"), c.setdefault("annotations", {}).update({TYPE: "sandbox"})))
+    runtime.detached("create", "--bundle", sandbox, "--pid-file", tmp_path / "sb.pid", "sb")
+    runtime("start", "sb", check=True)
+    sandbox_pid = int((tmp_path / "sb.pid").read_text())
+
+    def member(name, *args, share=("ipc", "uts"), edit=None, check=True, stdout=None):
+        def mark(config):
+            config.setdefault("annotations", {}).update({TYPE: "container", SANDBOX: "sb"})
+            config.pop("hostname", None)
+            for ns in config["linux"]["namespaces"]:
+                if ns["type"] in share or ns["type"] == "network":
+                    ns["path"] = f"/proc/{sandbox_pid}/ns/{ns['type'] if ns['type'] != 'network' else 'net'}"
+            if edit:
+                edit(config)
+        path = bundle(*args, edit=mark)
+        pid_file = tmp_path / f"{name}.pid"
+        out = open(tmp_path / f"{name}.out", "w+b") if stdout is None else stdout
+        result = subprocess.run(runtime.argv("create", "--bundle", path, "--pid-file", pid_file, name),
+                                stdout=out, stderr=out, stdin=subprocess.DEVNULL, timeout=DEADLINE * 2)
+        if not check:
+            out.seek(0)
+            result.stderr = out.read()
+            return result
+        assert result.returncode == 0, (tmp_path / f"{name}.out").read_bytes()
+        return int(pid_file.read_text())
+    member.sandbox_pid = sandbox_pid
+    member.output = lambda name: (tmp_path / f"{name}.out").read_bytes()
+    return member
+
+
+def test_a_container_of_a_pod_runs_in_the_sandboxs_vm(runtime, pod):
+    pid = pod("app", "sh", "-c", "echo hello from $(hostname); exit 3")
+    assert len(qemus(runtime)) == 1
+    state = runtime.state("app")
+    assert (state["status"], state["pid"]) == ("created", pid)
+    runtime("start", "app", check=True)
+    assert os.waitstatus_to_exitcode(wait_pid(pid)) == 3
+    assert pod.output("app") == b"hello from pod-host\n"
+    assert runtime.state("app")["status"] == "stopped"
+    assert runtime.state("sb")["status"] == "running", "the VM stays while the sandbox exists"
+    runtime("delete", "app", check=True)
+    assert runtime.state("sb")["status"] == "running"
+    assert len(qemus(runtime)) == 1
+
+
+def test_containers_of_a_pod_reach_each_other_on_localhost(runtime, pod):
+    server = pod("server", "httpd", "-f", "-p", "127.0.0.1:8080", "-h", "/etc")
+    runtime("start", "server", check=True)
+    client = pod("client", "sh", "-c", "for i in $(seq 100); do "
+                 "timeout 5 wget -q -O - http://127.0.0.1:8080/passwd && exit 0; sleep 0.2; done; exit 1")
+    runtime("start", "client", check=True)
+    assert describe_status(wait_pid(client, DEADLINE * 2)) == "exit 0"
+    assert pod.output("client").startswith(b"root:x:0:0:")
+    runtime("kill", "server", "KILL", check=True)
+    assert describe_status(wait_pid(server)) == "SIGKILL"
+
+
+def test_namespaces_are_shared_as_the_spec_asks(runtime, pod):
+    """UTS and IPC shared by path, the PID namespace only when the spec points at the sandbox's."""
+    own = pod("own", "sh", "-c", "echo $$ $(hostname)", share=("uts",))
+    shared = pod("shared", "sh", "-c", "echo $$; ps -o comm | grep -c '^sh'", share=("uts", "pid"))
+    runtime("start", "own", check=True)
+    runtime("start", "shared", check=True)
+    assert describe_status(wait_pid(own)) == describe_status(wait_pid(shared)) == "exit 0"
+    assert pod.output("own").split() == [b"1", b"pod-host"], "its own PID namespace, the pod's hostname"
+    pid, sh_count = pod.output("shared").split()
+    assert pid != b"1" and int(sh_count) >= 2, "the sandbox's sh is visible beside its own"
+
+
+def test_exec_ps_kill_all_and_stats_act_on_one_container_only(runtime, pod):
+    app = pod("app", "sh", "-c", "sleep 600 & sleep 600 & wait")
+    runtime("start", "app", check=True)
+    assert wait_until(lambda: len(json.loads(runtime("ps", "--format", "json", "app", check=True).stdout)) == 3)
+    assert len(json.loads(runtime("ps", "--format", "json", "sb", check=True).stdout)) == 2  # sh and its sleep
+    result = runtime("exec", "app", "sh", "-c", "hostname; exit 4")
+    assert (result.returncode, result.stdout) == (4, b"pod-host\n")
+    event = json.loads(runtime("events", "--stats", "app", check=True).stdout)
+    assert event["data"]["pids"]["current"] == 3
+    runtime("kill", "--all", "app", "KILL", check=True)
+    assert describe_status(wait_pid(app)) == "SIGKILL"
+    assert runtime.state("sb")["status"] == "running"
+    assert len(json.loads(runtime("ps", "--format", "json", "sb", check=True).stdout)) == 2
+
+
+def test_pause_of_a_member_freezes_only_it(runtime, pod, tmp_path):
+    app = pod("app", "sh", "-c", "while true; do echo tick; sleep 0.1; done")
+    runtime("start", "app", check=True)
+    assert wait_until(lambda: pod.output("app"))
+    runtime("pause", "app", check=True)
+    assert runtime.state("app")["status"] == "paused"
+    frozen = pod.output("app")
+    assert wait_until(lambda: runtime("exec", "sb", "true").returncode == 0), "the sandbox still runs"
+    assert pod.output("app") == frozen
+    runtime("resume", "app", check=True)
+    assert wait_until(lambda: len(pod.output("app")) > len(frozen))
+    runtime("kill", "app", "KILL", check=True)
+    wait_pid(app)
+
+
+def test_deleting_the_sandbox_ends_every_container_of_the_pod(runtime, pod):
+    first = pod("first", "sleep", "600")
+    second = pod("second", "sleep", "600")
+    runtime("start", "first", check=True)
+    runtime("delete", "--force", "sb", check=True)
+    for pid in (first, second):
+        assert describe_status(wait_pid(pid)) == "SIGKILL"
+    assert runtime.state("first")["status"] == runtime.state("second")["status"] == "stopped"
+    for name in ("first", "second"):
+        runtime("delete", name, check=True)
+    assert runtime.leftovers() == []
+
+
+def test_a_sigkill_of_qemu_ends_every_container_with_a_correct_state(runtime, pod):
+    app = pod("app", "sleep", "600")
+    runtime("start", "app", check=True)
+    [qemu_pid] = qemus(runtime)
+    os.kill(qemu_pid, signal.SIGKILL)
+    assert describe_status(wait_pid(app)) == "SIGKILL"
+    assert wait_until(lambda: runtime.state("sb")["status"] == "stopped")
+    assert runtime.state("app")["status"] == "stopped"
+    for name in ("app", "sb"):
+        runtime("delete", name, check=True)
+    assert runtime.leftovers() == []
+
+
+def test_deleting_a_member_removes_only_it(runtime, pod):
+    app = pod("app", "sleep", "600")
+    runtime("start", "app", check=True)
+    runtime("delete", "--force", "app", check=True)
+    assert describe_status(wait_pid(app)) == "SIGKILL"
+    with open("/proc/mounts") as f:
+        assert "/app/" not in f.read()
+    assert runtime.state("sb")["status"] == "running"
+    again = pod("app", "sh", "-c", "exit 5")  # the ID, and its place in the share, are free again
+    runtime("start", "app", check=True)
+    assert describe_status(wait_pid(again)) == "exit 5"
+
+
+def test_members_created_at_once_are_safe_against_each_other(runtime, pod):
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        pids = list(pool.map(lambda i: pod(f"c{i}", "sh", "-c", f"exit {i}"), range(4)))
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: runtime("start", f"c{i}", check=True), range(4)))
+    assert [describe_status(wait_pid(pid)) for pid in pids] == [f"exit {i}" for i in range(4)]
+    assert len(qemus(runtime)) == 1
+
+
+def test_a_read_only_bind_stays_read_only_in_a_member(runtime, pod, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    bind = {"destination": "/data", "type": "bind", "source": str(data), "options": ["rbind", "ro"]}
+    app = pod("app", "sh", "-c", "touch /data/x 2>/dev/null && exit 1; ls /data; exit 0",
+              edit=lambda c: c["mounts"].append(bind))
+    (data / "seen").write_text("")
+    runtime("start", "app", check=True)
+    assert describe_status(wait_pid(app)) == "exit 0"
+    assert pod.output("app") == b"seen\n"
+    assert os.listdir(data) == ["seen"]
+
+
+@pytest.mark.parametrize("sandbox, problem", [
+    ("nosuch", "pod sandbox 'nosuch': container nosuch does not exist"),
+    ("../escape", "invalid container id format"),
+])
+def test_a_member_of_a_sandbox_that_is_not_there_fails_in_one_line(runtime, bundle, sandbox, problem):
+    path = bundle("true", edit=lambda c: c.setdefault("annotations", {}).update({TYPE: "container", SANDBOX: sandbox}))
+    result = runtime.detached("create", "--bundle", path, "app", check=False)
+    assert problem in one_line_error(result)
+    assert runtime.leftovers() == []
+
+
+def test_a_member_of_a_paused_or_stopped_sandbox_fails_in_one_line(runtime, pod):
+    runtime("pause", "sb", check=True)
+    assert "pod sandbox sb is paused" in one_line_error(pod("app", "true", check=False))
+    runtime("resume", "sb", check=True)
+    runtime("kill", "sb", "KILL", check=True)
+    assert wait_until(lambda: runtime.state("sb")["status"] == "stopped")
+    assert "pod sandbox sb is stopped" in one_line_error(pod("app", "true", check=False))
+    assert not (runtime.root / "app").exists()
