@@ -134,3 +134,35 @@ def test_a_failing_prestart_hook_fails_create_and_leaves_nothing(runtime, bundle
     result = runtime("create", "--bundle", path, "badhook")
     assert result.returncode == 1 and b"prestart hook /bin/false failed" in result.stderr
     assert runtime.leftovers() == []
+
+
+def test_a_user_namespace_applies_the_specs_mappings(runtime, bundle):
+    """As docker's userns-remap does: a rootfs owned by the mapped range, root inside, 100000 outside."""
+    def edit(config):
+        config["linux"]["namespaces"].append({"type": "user"})
+        config["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+        config["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    path = bundle("sh", "-c", "id -u; cat /proc/self/uid_map; echo mine > /root/made", edit=edit)
+    subprocess.run(["chown", "-R", "100000:100000", os.path.join(path, "rootfs")], check=True)
+    result = runtime("run", "--bundle", path, "userns")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [b"0", b"0", b"100000", b"65536"]
+    made = os.stat(os.path.join(path, "rootfs", "root", "made"))
+    assert (made.st_uid, made.st_gid) == (100000, 100000)
+    assert runtime.leftovers() == []
+
+
+@pytest.mark.parametrize("kind, path, problem", [
+    ("ipc", "/proc/self/ns/uts", "ipc namespace path /proc/self/ns/uts is a uts namespace"),
+    ("pid", "/proc/self/ns/net", "pid namespace path /proc/self/ns/net is a network namespace"),
+    ("uts", "/nonexistent", "uts namespace path /nonexistent: No such file or directory"),
+])
+def test_a_namespace_path_of_another_type_is_refused(runtime, bundle, kind, path, problem):
+    def edit(config):
+        for ns in config["linux"]["namespaces"]:
+            if ns["type"] == kind:
+                ns["path"] = path
+    result = runtime.detached("create", "--bundle", bundle("true", edit=edit), "nstype", check=False)
+    assert result.returncode == 1
+    assert result.stderr.decode().strip() == f"pyrunv: invalid config.json: {problem}"
+    assert runtime.leftovers() == []

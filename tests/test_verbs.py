@@ -11,6 +11,7 @@ import termios
 import time
 
 import pytest
+from faultlib import wait_until
 
 pytestmark = pytest.mark.vm
 
@@ -134,17 +135,16 @@ def test_pause_freezes_the_vm_and_resume_thaws_it(runtime, bundle, tmp_path):
     path = bundle("sh", "-c", "while true; do date +%s%N; sleep 0.1; done")
     with open(out, "wb") as f:
         subprocess.run(runtime.argv("run", "--detach", "--bundle", path, "ticker"), stdout=f, check=True)
-    time.sleep(1)
+    assert wait_until(lambda: out.read_bytes(), timeout=60), "the ticker never ticked"
     runtime("pause", "ticker", check=True)
     assert runtime.state("ticker")["status"] == "paused"
-    time.sleep(0.5)
+    time.sleep(0.5)  # what was in flight when the VM froze
     frozen = out.read_bytes()
     time.sleep(1)
     assert out.read_bytes() == frozen, "a paused VM prints nothing"
     runtime("resume", "ticker", check=True)
     assert runtime.state("ticker")["status"] == "running"
-    time.sleep(1)
-    assert len(out.read_bytes()) > len(frozen)
+    assert wait_until(lambda: len(out.read_bytes()) > len(frozen), timeout=60), "nothing after resume"
     runtime("kill", "ticker", "KILL", check=True)
 
 

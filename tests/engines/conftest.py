@@ -212,3 +212,87 @@ def no_vm_left_behind(tmp_path_factory):
     yield
     mine = tmp_path_factory.getbasetemp()
     assert wait_for(lambda: not vm_processes(mine), timeout=30), vm_processes(mine)
+
+
+# containerd's CRI plugin, the kubelet's side of a pod: see cri.py and test_cri.py.
+CRI_BRIDGE = "pyrunvcri0"
+CRI_SUBNET = "10.213.99.0/24"
+PAUSE_IMAGE = "localhost/pause:latest"
+
+
+@pytest.fixture(scope="session")
+def cri(tmp_path_factory, image_archive):
+    """A containerd of its own with the CRI plugin, serving pods on a CNI bridge of their own (CRI_BRIDGE,
+    CRI_SUBNET, no masquerading: nothing leaves the machine) with the runtime handlers "runc" and "pyrunv"; the
+    busybox and pause images imported. Yields a cri.CRI whose .handler comes from $PYRUNV_CRI_HANDLER (by default
+    pyrunv), with .top (the temporary directory; containerd's state is .top/state), .runtime_root (the --root
+    the shim gives the runtime: each handler has its own under .top) and .ctr (ctr in namespace k8s.io)."""
+    from cri import CRI
+    handler = os.environ.get("PYRUNV_CRI_HANDLER", "pyrunv")
+    assert handler in ("pyrunv", "runc"), f"PYRUNV_CRI_HANDLER={handler}: pyrunv or runc"
+    top = tmp_path_factory.mktemp("cri")
+    sock = top / "containerd.sock"
+    (top / "cni").mkdir()
+    (top / "cni" / "10-pyrunv.conflist").write_text(json.dumps({
+        "cniVersion": "1.0.0", "name": "pyrunv-cri", "plugins": [{
+            "type": "bridge", "bridge": CRI_BRIDGE, "isGateway": True, "ipMasq": False,
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": CRI_SUBNET}]], "dataDir": str(top / "ipam"),
+                     "routes": [{"dst": "0.0.0.0/0"}]}}]}))
+    pause = top / "pause.tar"
+    subprocess.run([os.path.join(HERE, "make-pause-image.sh"), image_archive, str(pause)], check=True)
+    config = top / "config.toml"
+    # restrict_oom_score_adj: without it the sandbox's spec asks for oom_score_adj -998, which runc cannot set
+    # here (the bounding set lacks CAP_SYS_RESOURCE); with it the score is clamped to containerd's own, 0.
+    cri_plugin = 'plugins."io.containerd.grpc.v1.cri"'
+    config.write_text(f'''version = 2
+root = "{top}/root"
+state = "{top}/state"
+[grpc]
+  address = "{sock}"
+[{cri_plugin}]
+  sandbox_image = "{PAUSE_IMAGE}"
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+[{cri_plugin}.cni]
+  bin_dir = "/usr/lib/cni"
+  conf_dir = "{top}/cni"
+  max_conf_num = 1
+[{cri_plugin}.containerd]
+  default_runtime_name = "runc"
+[{cri_plugin}.containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+  [{cri_plugin}.containerd.runtimes.runc.options]
+    Root = "{top}/runc"
+[{cri_plugin}.containerd.runtimes.pyrunv]
+  runtime_type = "io.containerd.runc.v2"
+  [{cri_plugin}.containerd.runtimes.pyrunv.options]
+    BinaryName = "{RUNTIME}"
+    Root = "{top}/pyrunv"
+''')
+    with open(top / "containerd.log", "wb") as log:
+        proc = _start_daemon(["containerd", "--config", str(config)], log, sock.exists)
+    client = CRI(sock, handler=handler)
+    client.top = top
+    client.runtime_root = top / client.handler / "k8s.io"  # the shim's --root: Root/NAMESPACE
+    client.ctr = Engine(["ctr", "--address", str(sock), "--namespace", "k8s.io"])
+    try:
+        plugins = client.ctr("plugins", "ls", check=True).stdout
+        assert re.search(r"io\.containerd\.grpc\.v1\s+cri\s+\S+\s+ok", plugins), plugins
+        for archive in (image_archive, pause):
+            client.ctr("images", "import", str(archive), check=True)
+        assert wait_for(lambda: {IMAGE, PAUSE_IMAGE} <= set(client.image_names()), timeout=30), \
+            client.image_names()
+        assert wait_for(lambda: _network_ready(client), timeout=30), f"CNI not ready; see {top}/containerd.log"
+        yield client
+        client.remove_all()
+    finally:
+        client.close()
+        _stop_daemon(proc)
+        subprocess.run(["ip", "link", "delete", CRI_BRIDGE], stderr=subprocess.DEVNULL)
+
+
+def _network_ready(client):
+    from cri import api
+    conditions = client.runtime.Status(api.StatusRequest(), timeout=client.timeout).status.conditions
+    return any(c.type == "NetworkReady" and c.status for c in conditions)
