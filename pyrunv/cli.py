@@ -8,14 +8,16 @@ import time
 import click
 
 from . import __version__, logs, query, state
+from .lifecycle import Status
 from .errors import PyrunvError, one_line
 
 log = logs.log
 
 
 class Context:
-    def __init__(self, root: str):
+    def __init__(self, root: str, systemd_cgroup: bool):
         self.store = state.Store(root)
+        self.systemd_cgroup = systemd_cgroup
 
     def container(self, container_id: str):
         from .container import Container
@@ -30,7 +32,7 @@ pass_ctx = click.make_pass_decorator(Context)
 @click.option("--log", "log_path", default=None, help="log file (default: stderr)")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", help="log format")
 @click.option("--debug", is_flag=True, help="enable debug logging and tracebacks")
-@click.option("--systemd-cgroup", is_flag=True, help="accepted for compatibility; the VM is the cgroup")
+@click.option("--systemd-cgroup", is_flag=True, help="cgroupsPath is slice:prefix:name (mapped onto cgroupfs)")
 @click.option("--criu", default="criu", hidden=True)
 @click.option("--rootless", default="auto", hidden=True)
 @click.version_option(__version__, "-v", "--version", prog_name="pyrunv",
@@ -39,7 +41,7 @@ pass_ctx = click.make_pass_decorator(Context)
 def cli(ctx, root, log_path, log_format, debug, systemd_cgroup, criu, rootless):
     """pyrunv: an OCI runtime that runs each container in its own QEMU virtual machine."""
     logs.configure(log_path, log_format, debug)
-    ctx.obj = Context(root)
+    ctx.obj = Context(root, systemd_cgroup)
 
 
 def parse_signal(text: str) -> int:
@@ -57,7 +59,7 @@ def parse_signal(text: str) -> int:
 
 def create_container(obj: Context, container_id: str, bundle: str, pid_file, console_socket):
     from .container import Container
-    return Container.create(obj.store, container_id, bundle, pid_file, console_socket)
+    return Container.create(obj.store, container_id, bundle, pid_file, console_socket, obj.systemd_cgroup)
 
 
 @cli.command()
@@ -164,6 +166,41 @@ def run(obj, bundle, console_socket, detach, keep, pid_file, no_subreaper, no_pi
     sys.exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 
 
+@cli.command()
+@click.option("-r", "--resources", "resources_file", help="a file of linux.resources JSON, or - for stdin")
+@click.option("--memory", help="memory limit (bytes, or with a k, m, g suffix; -1 for none)")
+@click.option("--memory-reservation", help="memory soft limit")
+@click.option("--memory-swap", help="memory plus swap limit (the guest has no swap)")
+@click.option("--cpu-period", type=int, help="CPU CFS period in microseconds")
+@click.option("--cpu-quota", type=int, help="CPU CFS quota in microseconds per period")
+@click.option("--cpu-share", type=int, help="CPU shares (relative weight)")
+@click.option("--cpuset-cpus", help="host CPUs the VM's processes may use, e.g. 0-1")
+@click.option("--cpuset-mems", help="host memory nodes the VM's processes may use")
+@click.option("--pids-limit", type=int, help="maximum number of processes in the container")
+@click.argument("container_id")
+@pass_ctx
+def update(obj, resources_file, memory, memory_reservation, memory_swap, cpu_period, cpu_quota, cpu_share,
+           cpuset_cpus, cpuset_mems, pids_limit, container_id):
+    """Update a container's resource limits: in the guest, the VM's memory and the host cgroup."""
+    from . import resources, spec as spec_mod
+    document = None
+    if resources_file == "-":
+        try:
+            document = json.load(sys.stdin)
+        except ValueError as e:
+            raise PyrunvError(f"invalid --resources: not JSON: {e}") from None
+    elif resources_file:
+        document = spec_mod.read_json(resources_file, "--resources")
+    size = resources.ram_in_bytes
+    limits = resources.from_update(document, {
+        ("memory", "limit"): memory and size(memory, "--memory"),
+        ("memory", "reservation"): memory_reservation and size(memory_reservation, "--memory-reservation"),
+        ("memory", "swap"): memory_swap and size(memory_swap, "--memory-swap"),
+        ("cpu", "period"): cpu_period, ("cpu", "quota"): cpu_quota, ("cpu", "shares"): cpu_share,
+        ("cpu", "cpus"): cpuset_cpus, ("cpu", "mems"): cpuset_mems, ("pids", "limit"): pids_limit})
+    obj.container(container_id).update(limits)
+
+
 @cli.command("list")
 @click.option("-f", "--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 @click.option("-q", "--quiet", is_flag=True, help="display only container IDs")
@@ -222,11 +259,15 @@ def parse_duration(text: str) -> float:
 
 
 def stats_event(container_id: str, stats: dict) -> dict:
+    """runc's stats event: the container's CPU, memory and processes from its cgroup in the guest; without a
+    memory limit of its own, the limit is the VM's memory."""
     return {"type": "stats", "id": container_id, "data": {
         "cpu": {"usage": {"total": stats["cpu_user_ns"] + stats["cpu_system_ns"],
                           "user": stats["cpu_user_ns"], "kernel": stats["cpu_system_ns"]}},
-        "memory": {"usage": {"usage": stats["memory_used"], "limit": stats["memory_total"]}},
-        "pids": {"current": stats["pids"]}}}
+        "memory": {"usage": {"usage": stats["cgroup_memory"],
+                             "limit": stats["cgroup_memory_limit"] or stats["memory_total"],
+                             "failcnt": stats["memory_max_events"]}},
+        "pids": {"current": stats["pids"], **({"limit": stats["pids_limit"]} if stats["pids_limit"] else {})}}}
 
 
 @cli.command()
@@ -235,10 +276,20 @@ def stats_event(container_id: str, stats: dict) -> dict:
 @click.argument("container_id")
 @pass_ctx
 def events(obj, once, interval, container_id):
-    """Print the container's stats (from the guest) as JSON events."""
+    """Print the container's stats (from the guest) as JSON events, and an oom event when its cgroup's OOM
+    killer acts; without --stats, until the container stops."""
     seconds = parse_duration(interval)
+    oom_kills = 0
     while True:
-        stats = obj.container(container_id).stats()
+        container = obj.container(container_id)
+        if not once and container.status is Status.STOPPED:
+            if container.exit_status().get("oom_kills", 0) > oom_kills:
+                click.echo(json.dumps({"type": "oom", "id": container_id}))
+            return
+        stats = container.stats()
+        if not once and stats["oom_kills"] > oom_kills:
+            oom_kills = stats["oom_kills"]
+            click.echo(json.dumps({"type": "oom", "id": container_id}))
         click.echo(json.dumps(stats_event(container_id, stats)))
         if once:
             return

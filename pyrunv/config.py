@@ -20,6 +20,10 @@ class Config:
     vcpus: int = 1
     memory_mib: int = 128          # guest memory when the spec sets no limit
     guest_overhead_mib: int = 32   # added to a spec's memory limit: the guest kernel and agent
+    # The host cgroup's memory limit is the guest's RAM plus this: QEMU itself, its TCG translation
+    # cache, virtiofsd and the monitor (docs/configuration.md has the measured figures).
+    host_overhead_mib: int = 128
+    host_pids_limit: int = 1024    # the host cgroup's pids.max where the spec limits pids: QEMU, virtiofsd, monitor threads
     machine: str = "microvm"
     accel: str = "auto"
     boot_timeout: float = 30.0

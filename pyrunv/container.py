@@ -4,6 +4,7 @@ A container either owns a VM (a single container, or a pod's sandbox: its pid-fi
 monitor, see sandbox.py) or runs in its sandbox's VM (a member of a pod: its pid-file process is a waiter
 connected to that monitor, see execution.start_waiter). Either way the verbs reach the guest through
 the monitor's control socket, naming the container."""
+import dataclasses
 import os
 import time
 
@@ -44,8 +45,9 @@ class Container:
     # create ------------------------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, store: state.Store, container_id: str, bundle: str, pid_file, console_socket) -> "Container":
-        from . import hooks, spec as spec_mod
+    def create(cls, store: state.Store, container_id: str, bundle: str, pid_file, console_socket,
+               systemd_cgroup: bool = False) -> "Container":
+        from . import cgroups, config as config_mod, hooks, spec as spec_mod
         state.validate_id(container_id)
         spec = spec_mod.load(bundle)
         if spec.process.terminal and not console_socket and not os.isatty(0):
@@ -57,14 +59,19 @@ class Container:
                               created=time.strftime("%Y-%m-%dT%H:%M:%S.000000000Z", time.gmtime()),
                               owner="root" if os.getuid() == 0 else str(os.getuid()), annotations=spec.annotations,
                               hooks={kind: list(spec.hooks[kind]) for kind in hooks.AFTER_CREATE if spec.hooks[kind]},
-                              sandbox=sandbox_id or "")
+                              sandbox=sandbox_id or "", resources=dataclasses.asdict(spec.resources))
+        config = config_mod.load()
         container = cls(store, record)
         with store.create(record):
             try:
+                cgroup = None
+                if spec.cgroups_path:
+                    cgroup = cgroups.HostCgroup.create(spec.cgroups_path, systemd_cgroup)
+                    record.cgroup = {"directories": cgroup.directories, "created": cgroup.created}
                 if sandbox:
-                    container._join(sandbox, spec, console_socket)
+                    container._join(sandbox, spec, console_socket, cgroup, config)
                 else:
-                    container._boot(spec, console_socket)
+                    container._boot(spec, console_socket, cgroup, config)
                 record.pid_start = state.process_start_time(record.pid)
                 record.status = Status.CREATED.value
                 store.save(record)
@@ -79,16 +86,24 @@ class Container:
                  f", in the VM of {sandbox_id}" if sandbox_id else f", accel {record.accel}")
         return container
 
-    def _boot(self, spec, console_socket) -> None:
-        """A VM of its own: the monitor boots it and prepares the container's init in it."""
-        from . import config as config_mod, plan as plan_mod, sandbox
-        config = config_mod.load()
+    def _boot(self, spec, console_socket, cgroup, config) -> None:
+        """A VM of its own: the monitor boots it (in the host cgroup) and prepares the container's init in it."""
+        from . import plan as plan_mod, sandbox
         plan = plan_mod.make(spec, config)
         log.debug("create %s: spec validated, VM planned", self.id)
-        self.record.ident = state.VM_INIT
+        self.record.ident, self.record.memory_mib = state.VM_INIT, plan.memory_mib
+        if cgroup:
+            cgroup.set(self._host_limits(spec.resources, config, plan.memory_mib))
         self.record.pid, self.record.accel = sandbox.launch(
             self.store, self.record, plan, config, terminal=spec.process.terminal,
-            console_socket=console_socket, console_size=spec.process.console_size)
+            console_socket=console_socket, console_size=spec.process.console_size, cgroup=cgroup)
+
+    @staticmethod
+    def _host_limits(limits, config, memory_mib: int) -> list:
+        """The host cgroup's values; memory_mib is the guest's RAM where the container owns its VM, else 0."""
+        from . import cgroups, resources
+        return resources.host_files(limits, cgroups.version(), memory_mib, config.host_overhead_mib,
+                                    config.host_pids_limit)
 
     @classmethod
     def _running_sandbox(cls, store: state.Store, sandbox_id: str) -> "Container":
@@ -105,7 +120,7 @@ class Container:
             raise PyrunvError(f"pod sandbox {sandbox_id} is {status.value}: its VM is not running")
         return sandbox
 
-    def _join(self, sandbox: "Container", spec, console_socket) -> None:
+    def _join(self, sandbox: "Container", spec, console_socket, cgroup, config) -> None:
         """Into the sandbox's running VM: the monitor shares the container's files and prepares its init; a
         waiter of our own stands for that init on the host."""
         from . import execution, hostmount, plan as plan_mod
@@ -119,7 +134,8 @@ class Container:
         try:
             for entry in plan.shared:
                 trees.append(hostmount.detached_copy(entry.source, entry.readonly))
-            stdio = execution.stdio(spec.process.terminal, console_socket, spec.process.console_size, detach=True)
+            stdio = execution.stdio(spec.process.terminal, console_socket, spec.process.console_size, detach=True,
+                                    what="process.terminal")
             try:
                 conn = control.Connection(sandbox.vm_dir, timeout=60)
                 conn.send({"op": "create", "container": self.id, "records": plan.records.hex(),
@@ -136,7 +152,10 @@ class Container:
         except BaseException:
             conn.close()
             raise
-        self.record.pid = execution.start_waiter(conn)
+        self.record.pid = execution.start_waiter(conn, self.store.path(self.id, state.EXIT_FILE))
+        if cgroup:
+            cgroup.set(self._host_limits(spec.resources, config, 0))
+            cgroup.add(self.record.pid)
 
     # the verbs ---------------------------------------------------------------------------------------
 
@@ -164,6 +183,38 @@ class Container:
             self.record.status = after.value
             self.store.save(self.record)
 
+    def update(self, limits) -> None:
+        """New limits (a resources.Resources of what changes) for the guest's cgroup, the VM's memory where
+        the container owns its VM (the balloon: never beyond the size it booted with), and the host cgroup."""
+        from . import cgroups, config as config_mod, plan as plan_mod, resources
+        with self.store.lock(self.id):
+            self.record = self.store.load(self.id)
+            self._check("update")
+            config = config_mod.load()
+            merged = resources.merge(resources.Resources(**self.record.resources), limits)
+            memory_mib = 0
+            if self.record.memory_mib and limits.memory_limit:
+                memory_mib = plan_mod.vm_memory_mib(merged.memory_limit, config)
+                if memory_mib > self.record.memory_mib:
+                    raise PyrunvError(
+                        f"cannot update {self.id}: a memory limit of {merged.memory_limit >> 20} MiB needs a VM of "
+                        f"{memory_mib} MiB, beyond the {self.record.memory_mib} MiB it booted with")
+            self._control("update", records=plan_mod.records(resources.guest_records(limits)).hex(),
+                          memory_mib=memory_mib)
+            if self.record.cgroup:  # after the guest: a smaller VM has given its memory back by now
+                cgroups.HostCgroup(**self.record.cgroup).set(self._host_limits(limits, config, memory_mib))
+            self.record.resources = dataclasses.asdict(merged)
+            self.store.save(self.record)
+
+    def exit_status(self) -> dict:
+        """How the container's init ended: {"exit", "signal", "oom_kills"}; empty if that is not known."""
+        import json
+        try:
+            with open(self.store.path(self.id, state.EXIT_FILE)) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
     def processes(self) -> list:
         self._check("ps")
         return self._control("ps")["processes"]
@@ -187,18 +238,20 @@ class Container:
             self.store.remove(self.id)
 
     def _tear_down(self) -> None:
-        """Nothing of the container is left running: its VM, or its part of the pod's VM and its waiter."""
+        """Nothing of the container is left running: its VM, or its part of the pod's VM and its waiter; then
+        the host cgroup directories it made go."""
+        from . import cgroups, sandbox
         if not self.record.sandbox:
-            from . import sandbox
             sandbox.stop(self.store, self.record)
-            return
-        if self.record.ident:  # the VM took it: it has a share and an init there
-            try:
-                self._control("remove")
-            except PyrunvError as e:
-                log.debug("remove %s from its pod's VM: %s", self.id, e)  # a VM that is gone took it along
-        from .sandbox import stop_process
-        stop_process(self.record.pid, self.record.pid_start or state.process_start_time(self.record.pid))
+        else:
+            if self.record.ident:  # the VM took it: it has a share and an init there
+                try:
+                    self._control("remove")
+                except PyrunvError as e:
+                    log.debug("remove %s from its pod's VM: %s", self.id, e)  # a VM that is gone took it along
+            sandbox.stop_process(self.record.pid, self.record.pid_start or state.process_start_time(self.record.pid))
+        if self.record.cgroup:
+            cgroups.HostCgroup(**self.record.cgroup).remove()
 
 
 def pod_members(store: state.Store, sandbox_id: str) -> list:

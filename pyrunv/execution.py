@@ -47,7 +47,7 @@ def build_process(record: state.Record, process_file, command, *, cwd, env, tty,
     return process
 
 
-def stdio(terminal: bool, console_socket, console_size, detach: bool) -> list:
+def stdio(terminal: bool, console_socket, console_size, detach: bool, what: str = "exec --tty") -> list:
     """The fds a guest process's stdio is relayed to: ours, or a pty slave (its master goes to the
     console socket, or it is the person's own terminal, as `run` uses it)."""
     if not terminal:
@@ -55,7 +55,7 @@ def stdio(terminal: bool, console_socket, console_size, detach: bool) -> list:
     if console_socket:
         return [monitor.open_console(console_socket, console_size)]
     if detach or not os.isatty(0):
-        raise PyrunvError("a terminal needs --console-socket, or a terminal on stdin without --detach")
+        raise PyrunvError(f"{what} needs --console-socket, or a terminal on stdin without --detach")
     return [os.dup(0)]
 
 
@@ -78,13 +78,13 @@ def run(state_dir: str, container: str, process: dict, console_socket, detach: b
     conn.sock.settimeout(None)  # from here on we wait as long as the process runs
     own_terminal = process.get("terminal") and not console_socket
     with monitor.raw_terminal(0) if own_terminal else contextlib.nullcontext():
-        code, _ = wait(conn)
-    return code  # 128+N for a signal: the foreground never dies of the process's signal itself
+        return wait(conn)["exit"]  # 128+N for a signal: the foreground never dies of the process's signal itself
 
 
-def start_waiter(conn: control.Connection) -> int:
+def start_waiter(conn: control.Connection, exit_file: str | None = None) -> int:
     """Forks the process that stands for a guest process on the host, the one a --pid-file names: it
-    forwards the signals it gets and exits as the guest process did. Returns its pid."""
+    forwards the signals it gets and exits as the guest process did, having written its status to
+    exit_file (for a container's init). Returns its pid."""
     pid = os.fork()
     if pid:
         conn.close()
@@ -98,7 +98,11 @@ def start_waiter(conn: control.Connection) -> int:
         for fd in (0, 1, 2):
             os.dup2(null, fd)  # the monitor has the real ones: the engine's pipes close with the process
         conn.sock.settimeout(None)
-        monitor._exit_like(wait(conn))
+        reply = wait(conn)
+        if exit_file:
+            with contextlib.suppress(OSError), open(exit_file, "w") as f:
+                json.dump(reply, f)
+        monitor._exit_like((reply["exit"], reply["signal"]))
     finally:
         os._exit(1)
 
@@ -112,7 +116,6 @@ def wait(conn: control.Connection) -> tuple:
     for sig in monitor.FORWARDED:
         signal.signal(sig, forward)
     try:
-        reply = conn.receive()
+        return conn.receive()
     except PyrunvError:
-        return (128 + signal.SIGKILL, signal.SIGKILL)  # the monitor (and so the VM) died
-    return reply["exit"], reply["signal"]
+        return {"exit": 128 + signal.SIGKILL, "signal": signal.SIGKILL}  # the monitor (and so the VM) died

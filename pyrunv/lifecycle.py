@@ -20,6 +20,7 @@ TRANSITIONS: dict[str, tuple[frozenset[Status], Status | None]] = {
     "resume": (frozenset({S.PAUSED}), S.RUNNING),
     "kill": (frozenset({S.CREATED, S.RUNNING, S.PAUSED}), None),
     "exec": (frozenset({S.CREATED, S.RUNNING}), None),
+    "update": (frozenset({S.CREATED, S.RUNNING, S.PAUSED}), None),
     # A frozen VM cannot answer: ps and events need it running (or created).
     "ps": (frozenset({S.CREATED, S.RUNNING}), None),
     "events": (frozenset({S.CREATED, S.RUNNING}), None),

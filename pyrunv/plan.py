@@ -1,7 +1,7 @@
 """From a validated Spec and the runtime Config to a VM plan: VM size, shared paths, and the agent's records."""
 import dataclasses
 
-from . import config as config_mod
+from . import config as config_mod, resources as resources_mod
 from .errors import PyrunvError
 from .spec import CAP_SETS, CAPABILITIES, RLIMITS, Mount, Process, Spec
 
@@ -112,6 +112,7 @@ def container(spec: Spec, share_prefix: str = "", joins=()) -> ContainerPlan:
     shared = [SharedPath(spec.rootfs, share_prefix + ROOTFS_NAME, False)]
     pairs = [("root", share_prefix + ROOTFS_NAME)] + process_pairs(spec.process)
     pairs += [("join", f"{kind} {ident}") for kind, ident in joins]
+    pairs += resources_mod.guest_records(spec.resources)
     if spec.uid_mappings:
         pairs += [("userns", 1)] + [("uidmap", " ".join(map(str, m))) for m in spec.uid_mappings]
         pairs += [("gidmap", " ".join(map(str, m))) for m in spec.gid_mappings]
@@ -143,17 +144,20 @@ def _pod_resource(spec: Spec, key: str) -> int:
         raise PyrunvError(f"annotation {key}: invalid value {spec.annotations[key]!r}") from None
 
 
+def vm_memory_mib(limit: int, config: config_mod.Config) -> int:
+    """The guest's RAM for a memory limit in bytes: the limit, and the guest kernel's and agent's share."""
+    return -(-limit // MIB) + config.guest_overhead_mib  # exact: JSON integers are unbounded
+
+
 def make(spec: Spec, config: config_mod.Config) -> VmPlan:
     """The VM of a container that has one of its own: a single container, or a pod's sandbox."""
-    quota = spec.cpu_quota or _pod_resource(spec, SANDBOX_CPU_QUOTA)
-    period = spec.cpu_period or _pod_resource(spec, SANDBOX_CPU_PERIOD)
+    quota = spec.resources.cpu_quota or _pod_resource(spec, SANDBOX_CPU_QUOTA)
+    period = spec.resources.cpu_period or _pod_resource(spec, SANDBOX_CPU_PERIOD)
     vcpus = config.vcpus
     if quota > 0 and period > 0:
         vcpus = min(16, -(-quota // period))  # exact: JSON integers are unbounded
-    memory = config.memory_mib
-    limit = spec.memory_limit or _pod_resource(spec, SANDBOX_MEMORY)
-    if limit > 0:
-        memory = -(-limit // MIB) + config.guest_overhead_mib
+    limit = spec.resources.memory_limit or _pod_resource(spec, SANDBOX_MEMORY)
+    memory = vm_memory_mib(limit, config) if limit > 0 else config.memory_mib
     sized = dataclasses.replace(
         config,
         vcpus=_annotation(spec, config, "vcpus", vcpus, int),

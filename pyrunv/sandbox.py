@@ -25,8 +25,9 @@ _BOOTSTRAP = ("import json, os, sys; data = json.load(os.fdopen(int(sys.argv[2])
 
 
 def launch(store: state.Store, record: state.Record, plan: VmPlan, config: Config, *,
-           terminal: bool, console_socket: str | None, console_size: tuple | None) -> tuple:
-    """Starts the monitor and returns (pid, accel) once the container's process is prepared in the VM."""
+           terminal: bool, console_socket: str | None, console_size: tuple | None, cgroup=None) -> tuple:
+    """Starts the monitor (in `cgroup`, a cgroups.HostCgroup, before it starts QEMU and virtiofsd) and
+    returns (pid, accel) once the container's process is prepared in the VM."""
     read_end, write_end = os.pipe()
     data_read, data_write = os.pipe()
     pid = os.fork()
@@ -42,6 +43,13 @@ def launch(store: state.Store, record: state.Record, plan: VmPlan, config: Confi
             os._exit(1)  # the monitor never returns into the CLI's code
     os.close(write_end)
     os.close(data_read)
+    if cgroup:  # the monitor waits for its data below before it starts anything
+        try:
+            cgroup.add(pid)
+        except BaseException:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
     plan_data = dataclasses.asdict(plan)
     plan_data["init_records"] = plan.init_records.hex()
     with os.fdopen(data_write, "w") as f:

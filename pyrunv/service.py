@@ -19,6 +19,7 @@ from .logs import log
 from .monitor import FORWARDED, Monitor, open_console, raw_terminal
 
 INIT_ID = state.VM_INIT
+BALLOON_TIMEOUT = 10.0
 SCM_MAX_FD = 253  # the kernel's limit of fds in one message: stdio and a container's mount trees
 
 
@@ -42,9 +43,10 @@ class Service:
             if not self.monitor.report(report_fd, f"ok {self.accel}"):
                 return (1, 0)  # create died before it could record us: tear everything down
             status = await self._serve()
+            ended = {"exit": status[0], "signal": status[1], "oom_kills": await self._oom_kills(INIT_ID)}
             with contextlib.suppress(OSError):  # a full disk must not change the status the engine sees
                 with open(self._path(state.EXIT_FILE), "w") as f:
-                    json.dump({"code": status[0], "signal": status[1]}, f)
+                    json.dump(ended, f)
             return status
 
     async def _attach(self, stack: contextlib.AsyncExitStack) -> None:
@@ -250,10 +252,10 @@ class Service:
         ident = self._ident(request)
         sig, everyone = int(request["signal"]), bool(request.get("all"))
         if self.paused:
-            if sig != signal.SIGKILL:
+            if sig != signal.SIGKILL or ident != INIT_ID:
                 asyncio.get_running_loop().create_task(self._signal(ident, sig, everyone))
                 return {"ok": True}  # delivered when the VM thaws, as a frozen cgroup does
-            await self._resume_vm()
+            await self._resume_vm()  # the VM's own container is killed now: with it the VM ends
         await self.channel.request(F.SIGNAL, ident, PAIR.pack(sig, int(everyone)))
         return {"ok": True}
 
@@ -261,8 +263,7 @@ class Service:
         """The VM's own container freezes the whole VM; a member of the pod, its cgroup in the guest."""
         ident = self._ident(request)
         if ident != INIT_ID:
-            if not self.paused:  # in a frozen VM it is frozen already
-                await self.channel.request(F.FREEZE, ident, FLAG.pack(1))
+            await self._freeze(ident, True)
         else:
             await (await self._qmp_client()).execute("stop")
             self.paused = True
@@ -271,11 +272,17 @@ class Service:
     async def _op_resume(self, request, fds, conn):
         ident = self._ident(request)
         if ident != INIT_ID:
-            if not self.paused:
-                await self.channel.request(F.FREEZE, ident, FLAG.pack(0))
+            await self._freeze(ident, False)
         else:
             await self._resume_vm()
         return {"ok": True}
+
+    async def _freeze(self, ident: int, frozen: bool) -> None:
+        """A member's cgroup; in a frozen VM the agent finds the request when the VM thaws."""
+        if self.paused:
+            self.channel.send(F.FREEZE, ident, FLAG.pack(int(frozen)))
+        else:
+            await self.channel.request(F.FREEZE, ident, FLAG.pack(int(frozen)))
 
     async def _resume_vm(self) -> None:
         await (await self._qmp_client()).execute("cont")
@@ -287,8 +294,36 @@ class Service:
         return {"processes": [{"pid": int(p), "ppid": int(pp), "uid": int(u), "cmd": c} for p, pp, u, c in rows]}
 
     async def _op_stats(self, request, fds, conn):
-        text = (await self.channel.request(F.STATS, self._ident(request))).decode()
-        return {"stats": {k: int(v) for k, v in (line.split() for line in text.splitlines() if line)}}
+        return {"stats": await self._stats(self._ident(request))}
+
+    async def _stats(self, container: int) -> dict:
+        if self.channel.closed.done() or self.paused:
+            raise PyrunvError("the VM cannot answer")
+        text = (await asyncio.wait_for(self.channel.request(F.STATS, container), 10)).decode()
+        return {k: int(v) for k, v in (line.split() for line in text.splitlines() if line)}
+
+    async def _op_update(self, request, fds, conn):
+        """New limits: the container's cgroup in the guest and, for the VM's own container, the VM's memory
+        through the balloon. A frozen VM takes them when it thaws."""
+        ident = self._ident(request)
+        records = bytes.fromhex(request["records"])
+        if self.paused:
+            self.channel.send(F.UPDATE, ident, records)
+        else:
+            await self.channel.request(F.UPDATE, ident, records)
+        if request.get("memory_mib"):
+            await self._balloon(request["memory_mib"] << 20)
+        return {"ok": True}
+
+    async def _balloon(self, target: int) -> None:
+        """Sets the guest's RAM to target bytes; a running guest is given BALLOON_TIMEOUT to get there."""
+        qmp = await self._qmp_client()
+        await qmp.execute("balloon", {"value": target})
+        deadline = time.monotonic() + BALLOON_TIMEOUT
+        while not self.paused and time.monotonic() < deadline:
+            if (await qmp.execute("query-balloon"))["actual"] <= target:
+                return
+            await asyncio.sleep(0.05)
 
     async def _op_create(self, request, fds, conn):
         """A container of the pod joins this VM: its share entries, then its init, prepared and waiting for
@@ -319,7 +354,7 @@ class Service:
             self._unshare(name)
             raise  # _handle closes the fds and tells the waiter
         io.start_relay()
-        return await self._serve_process(conn, ident, io, fds, {"ok": True, "ident": ident})
+        return await self._serve_process(conn, ident, io, fds, {"ok": True, "ident": ident}, container=True)
 
     async def _op_remove(self, request, fds, conn):
         """A member leaves the VM: whatever of it still runs is killed, and its share entries go."""
@@ -361,8 +396,10 @@ class Service:
         io.start_relay()
         return await self._serve_process(conn, ident, io, fds, {"ok": True})
 
-    async def _serve_process(self, conn: socket.socket, ident: int, io: ProcessIO, fds, first_reply: dict) -> dict:
-        """Tells the waiter the process is there, relays its signals, and answers with the exit status."""
+    async def _serve_process(self, conn: socket.socket, ident: int, io: ProcessIO, fds, first_reply: dict,
+                             container: bool = False) -> dict:
+        """Tells the waiter the process is there, relays its signals, and answers with the exit status (and for
+        a container's init, how many of its processes the OOM killer took)."""
         loop = asyncio.get_running_loop()
         await loop.sock_sendall(conn, json.dumps(first_reply).encode() + b"\n")
         relay = loop.create_task(self._waiter_signals(conn, ident))
@@ -370,7 +407,14 @@ class Service:
         relay.cancel()
         for fd in set(fds):
             os.close(fd)
-        return {"exit": code, "signal": sig}
+        return {"exit": code, "signal": sig, **({"oom_kills": await self._oom_kills(ident)} if container else {})}
+
+    async def _oom_kills(self, container: int) -> int:
+        """What the container's cgroup counted, if the VM can still say."""
+        try:
+            return (await self._stats(container)).get("oom_kills", 0)
+        except (PyrunvError, asyncio.TimeoutError):
+            return 0
 
     async def _waiter_signals(self, conn: socket.socket, ident: int) -> None:
         """The waiter forwards the signals it gets as JSON lines."""

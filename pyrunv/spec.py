@@ -3,7 +3,9 @@ import dataclasses
 import json
 import os
 
+from . import resources as resources_mod
 from .errors import PyrunvError
+from .resources import Resources
 
 CAPABILITIES = {name: number for number, name in enumerate((
     "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
@@ -64,9 +66,8 @@ class Spec:
     sysctl: tuple = ()               # (key, value)
     hooks: dict = dataclasses.field(default_factory=dict)
     annotations: dict = dataclasses.field(default_factory=dict)
-    memory_limit: int = 0
-    cpu_quota: int = 0
-    cpu_period: int = 0
+    resources: Resources = Resources()
+    cgroups_path: str = ""
     network_namespace: str | None = None  # None: the host's; "": a new one; else the path to join
     namespaces: tuple = ()           # (type, path) as the spec lists them; path "" for a new one
     uid_mappings: tuple = ()         # (containerID, hostID, size) of a new user namespace
@@ -201,8 +202,6 @@ def load(bundle: str) -> Spec:
         sysctl=tuple(sorted(linux.get("sysctl", {}).items())),
         hooks={k: tuple(hooks.get(k, ())) for k in HOOK_KINDS},
         annotations=dict(document.get("annotations", {})),
-        memory_limit=max(resources.get("memory", {}).get("limit", 0) or 0, 0),
-        cpu_quota=resources.get("cpu", {}).get("quota", 0) or 0,
-        cpu_period=resources.get("cpu", {}).get("period", 0) or 0,
+        resources=resources_mod.parse(resources), cgroups_path=linux.get("cgroupsPath", ""),
         network_namespace=network[0] if network else None, namespaces=namespaces,
         uid_mappings=mappings["uidMappings"], gid_mappings=mappings["gidMappings"])

@@ -39,6 +39,10 @@ class Record:
     # with a VM of its own). `ident` is its init's id in the VM (docs/protocol.md), 0 until it has one.
     sandbox: str = ""
     ident: int = 0
+    # The host cgroup: each hierarchy's directory, and those pyrunv created (removed by delete).
+    cgroup: dict = dataclasses.field(default_factory=dict)
+    resources: dict = dataclasses.field(default_factory=dict)  # the limits in force (resources.Resources)
+    memory_mib: int = 0     # the VM's RAM at boot, for a container that owns its VM: what `update` may not exceed
 
     def oci_state(self, status: Status) -> dict:
         state = {"ociVersion": "1.0.2", "id": self.id, "status": status.value,

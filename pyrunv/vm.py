@@ -157,6 +157,8 @@ def qemu_argv(config: Config, plan: VmPlan, accel: str, *, agent_fd: int, qmp_fd
             "-chardev", f"socket,id=agent,fd={agent_fd}",
             "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",
             "-device", device(plan, "virtio-rng"),
+            # `update` gives memory back to the host, and takes it again up to the boot size.
+            "-device", device(plan, "virtio-balloon"),
             "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
     if fs_fd is not None:
         argv += ["-chardev", f"socket,id=fs,fd={fs_fd}",

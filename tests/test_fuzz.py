@@ -174,12 +174,10 @@ def test_configs_the_fuzzing_found(tmp_path, name):
     bundle = fuzzgen.make_fuzz_bundle(tmp_path / "bundle")
     document = dict(fuzzgen.MINIMAL, **FOUND_CONFIGS[name])
     outcome, result = fuzzgen.check_config(bundle, json.dumps(document).encode())
-    if name == "huge cpu quota":
-        assert outcome == "plan" and result.vcpus == 16, result  # as many vCPUs as pyrunv gives
-    elif name == "an unknown capability set":
+    if name == "an unknown capability set":
         assert outcome == "plan", result  # ignored, like every field pyrunv does not read
     else:
-        assert outcome == "error", result
+        assert outcome == "error" and len(str(result)) < 200, result  # a limit beyond int64 is absurd: one short line
 
 
 def test_deeply_nested_json_is_a_one_line_error(tmp_path):

@@ -6,14 +6,16 @@ import pytest
 from pyrunv import plan
 from pyrunv.config import Config
 from pyrunv.errors import PyrunvError
+from pyrunv.resources import Resources
 from pyrunv.spec import CAPABILITIES, RLIMITS, Mount, Process, Spec
 
 MIB = 1 << 20
 
 
 def make_spec(**fields) -> Spec:
+    limits = {k: fields.pop(k) for k in ("memory_limit", "cpu_quota", "cpu_period") if k in fields}
     return Spec(**{"bundle": "/b", "rootfs": "/b/rootfs", "root_readonly": False,
-                   "process": Process(args=("sh",)), **fields})
+                   "process": Process(args=("sh",)), "resources": Resources(**limits), **fields})
 
 
 def decoded(records: bytes) -> list:

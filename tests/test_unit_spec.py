@@ -30,7 +30,7 @@ def test_a_minimal_config_loads_with_defaults(tmp_path):
     assert loaded.bundle == str(tmp_path) and loaded.rootfs == str(tmp_path / "rootfs")
     assert loaded.process.args == ("sh",) and loaded.process.cwd == "/"
     assert (loaded.process.uid, loaded.process.gid, loaded.process.capabilities) == (0, 0, None)
-    assert (loaded.root_readonly, loaded.mounts, loaded.memory_limit) == (False, (), 0)
+    assert (loaded.root_readonly, loaded.mounts, loaded.resources.memory_limit) == (False, (), 0)
 
 
 def test_a_full_config_is_read_field_for_field(tmp_path):
@@ -56,13 +56,26 @@ def test_a_full_config_is_read_field_for_field(tmp_path):
     assert (loaded.root_readonly, loaded.hostname, loaded.annotations) == (True, "box", {"a": "b"})
     # A bind source is resolved against the bundle; other sources are kept as they are.
     assert [(m.destination, m.source) for m in loaded.mounts] == [("/data", str(tmp_path / "data")), ("/tmp", "tmpfs")]
-    assert (loaded.memory_limit, loaded.cpu_quota, loaded.cpu_period) == (1 << 28, 150000, 100000)
+    limits = loaded.resources
+    assert (limits.memory_limit, limits.cpu_quota, limits.cpu_period) == (1 << 28, 150000, 100000)
     assert loaded.sysctl == (("net.ipv4.ip_forward", "1"),) and loaded.masked_paths == ("/proc/kcore",)
 
 
-def test_a_negative_memory_limit_means_no_limit(tmp_path):
+def test_a_memory_limit_of_minus_one_means_no_limit(tmp_path):
     document = edited(lambda d: d.update(linux={"resources": {"memory": {"limit": -1}}}))
-    assert spec.load(str(write_bundle(tmp_path, document))).memory_limit == 0
+    assert spec.load(str(write_bundle(tmp_path, document))).resources.memory_limit == 0
+
+
+@pytest.mark.parametrize("resources, message", [
+    ({"memory": {"limit": -5}}, "invalid linux.resources.memory.limit: -5 is not a limit"),
+    ({"pids": {"limit": -2}}, "invalid linux.resources.pids.limit: -2 is not a limit"),
+    ({"memory": {"limit": 1000}}, "invalid linux.resources.memory.limit: 1000 is below the 4 MiB a process needs"),
+    ({"cpu": {"period": 10}}, "invalid linux.resources.cpu.period: 10 is not between 1000 and 1000000"),
+])
+def test_a_negative_or_absurd_limit_is_one_line(tmp_path, resources, message):
+    document = edited(lambda d: d.update(linux={"resources": resources}))
+    with pytest.raises(PyrunvError, match="^" + re.escape(message)):
+        spec.load(str(write_bundle(tmp_path, document)))
 
 
 # name -> (edit of MINIMAL, what the message must contain)

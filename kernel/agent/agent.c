@@ -407,8 +407,9 @@ static void spawn(uint32_t type, uint32_t id, char *payload, uint32_t len)
         s.container = id;
         char path[128];
         cgroup_path(path, sizeof path, id, "");
-        if (mkdir(path, 0755) < 0 && errno != EEXIST) {
-            snprintf(err, sizeof err, "cgroup %s: %s", path, strerror(errno));
+        if ((mkdir(path, 0755) < 0 && errno != EEXIST && snprintf(err, sizeof err, "cgroup %s: %s", path, strerror(errno)))
+            || cgroup_limits(id, s.cgroup, s.ncgroup, err, sizeof err) < 0) {
+            rmdir(path);
             send_text(FR_ERROR, id, err);
             return;
         }
@@ -606,29 +607,45 @@ static void reply_ps(uint32_t container)
 
 static void count_one(pid_t pid, void *n) { (void)pid; ++*(long *)n; }
 
-/* The VM's memory, and the container's CPU time and processes from its cgroup. */
+/* The first number in a cgroup file, or in the line of it that starts with key; 0 for "max" or none. */
+static unsigned long long cgroup_number(uint32_t container, const char *file, const char *key)
+{
+    char path[128], line[256];
+    unsigned long long value = 0;
+    size_t n = key ? strlen(key) : 0;
+    cgroup_path(path, sizeof path, container, file);
+    FILE *f = fopen(path, "re");
+    while (f && fgets(line, sizeof line, f)) {
+        if (key && (strncmp(line, key, n) || line[n] != ' ')) continue;
+        value = strtoull(line + (key ? n + 1 : 0), NULL, 10);
+        break;
+    }
+    if (f) fclose(f);
+    return value;
+}
+
+/* The VM's memory, and the container's CPU time, memory and processes from its cgroup. */
 static void reply_stats(uint32_t container)
 {
-    char line[256], out[1024], path[128];
+    char line[256], out[1024];
     long mem_total = 0, mem_avail = 0, pids = 0;
-    unsigned long long user_us = 0, system_us = 0;
     FILE *f = fopen("/proc/meminfo", "re");
     while (f && fgets(line, sizeof line, f)) {
         sscanf(line, "MemTotal: %ld", &mem_total);
         sscanf(line, "MemAvailable: %ld", &mem_avail);
     }
     if (f) fclose(f);
-    cgroup_path(path, sizeof path, container, "cpu.stat");
-    f = fopen(path, "re");
-    while (f && fgets(line, sizeof line, f)) {
-        sscanf(line, "user_usec %llu", &user_us);
-        sscanf(line, "system_usec %llu", &system_us);
-    }
-    if (f) fclose(f);
     for_each_container_pid(container, count_one, &pids);
     snprintf(out, sizeof out,
-             "memory_total %ld\nmemory_used %ld\ncpu_user_ns %llu\ncpu_system_ns %llu\npids %ld\n",
-             mem_total * 1024, (mem_total - mem_avail) * 1024, user_us * 1000, system_us * 1000, pids);
+             "memory_total %ld\nmemory_used %ld\ncpu_user_ns %llu\ncpu_system_ns %llu\npids %ld\n"
+             "pids_limit %llu\ncgroup_memory %llu\ncgroup_memory_limit %llu\nmemory_max_events %llu\n"
+             "oom_kills %llu\n",
+             mem_total * 1024, (mem_total - mem_avail) * 1024,
+             cgroup_number(container, "cpu.stat", "user_usec") * 1000,
+             cgroup_number(container, "cpu.stat", "system_usec") * 1000, pids,
+             cgroup_number(container, "pids.max", NULL), cgroup_number(container, "memory.current", NULL),
+             cgroup_number(container, "memory.max", NULL), cgroup_number(container, "memory.events", "max"),
+             cgroup_number(container, "memory.events", "oom_kill"));
     send_text(FR_REPLY, container, out);
 }
 
@@ -642,6 +659,19 @@ static void remove_container(uint32_t container)
         if (!doomed[i] || doomed[i] == container) { doomed[i] = container; break; }
     remove_cgroups();
     send_frame(FR_OK, container, NULL, 0);
+}
+
+/* UPDATE: new limits for a running container's cgroup, as "cgroup=file value" records. */
+static void update_container(uint32_t container, char *payload, uint32_t len)
+{
+    char err[256];
+    const char *records[MAX_LIST];
+    int n = 0;
+    for (char *p = payload; p < payload + len && n < MAX_LIST; p += strlen(p) + 1)
+        if (!strncmp(p, "cgroup=", 7)) records[n++] = p + 7;
+    if (!running_init(container)) send_text(FR_ERROR, container, "container is not running");
+    else if (cgroup_limits(container, records, n, err, sizeof err) < 0) send_text(FR_ERROR, container, err);
+    else send_frame(FR_OK, container, NULL, 0);
 }
 
 static void freeze_container(uint32_t container, const char *payload, uint32_t len)
@@ -695,6 +725,7 @@ static void handle_frame(const struct frame_header *h, char *payload)
         break;
     }
     case FR_REMOVE: remove_container(h->id); break;
+    case FR_UPDATE: update_container(h->id, payload, h->len); break;
     case FR_FREEZE: freeze_container(h->id, payload, h->len); break;
     case FR_POWEROFF:
         sync();
@@ -828,6 +859,9 @@ static void boot(void)
     /* Every container gets a cgroup of its own: its processes, its limits, its statistics. */
     mount_or_die("cgroup2", CGROUP_DIR, "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
     write_text(CGROUP_DIR "/cgroup.subtree_control", "+memory +pids +cpu");
+    /* A container's memory limit is its cgroup's, not the VM's size: an allocation beyond the VM's RAM is
+     * not refused up front, and one beyond the limit meets the cgroup's OOM killer, as on a host. */
+    write_text("/proc/sys/vm/overcommit_memory", "1");
     mount_or_die("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620");
     mount_or_die("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
     trace("boot: mounting the share");

@@ -29,6 +29,8 @@ struct spec {
     uint32_t container; /* exec: the container whose namespaces and cgroup it joins */
     /* container-only */
     uint32_t join[3];   /* the container whose pid, ipc, uts namespace it joins; 0: a new one */
+    const char *cgroup[MAX_LIST]; /* "file value": the container's cgroup limits */
+    int ncgroup;
     int userns;         /* a user namespace of its own, with these mappings ("inside outside count") */
     const char *uidmap[MAX_LIST];
     int nuidmap;
@@ -62,6 +64,8 @@ int configure_network(char *records, size_t len, char *err, size_t errlen);
 
 /* The container's cgroup in the guest: CGROUP_DIR/c<id of its init>. */
 void cgroup_path(char *out, size_t len, uint32_t container, const char *file);
+/* Writes "file value" records into the container's cgroup; -1 with a message in err on failure. */
+int cgroup_limits(uint32_t container, const char *const *records, int n, char *err, size_t errlen);
 void fail(int sync_fd, const char *fmt, ...) __attribute__((noreturn, format(printf, 2, 3)));
 int send_fd(int sock, int fd);
 #endif

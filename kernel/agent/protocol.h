@@ -34,6 +34,7 @@ enum frame_type {
     FR_NETWORK = 11, /* payload: records (mac, mtu, addr, route); configures the guest's NIC */
     FR_REMOVE = 12,  /* id: a container's init; kills what is left of the container and frees it */
     FR_FREEZE = 13,  /* id: a container's init; payload: u32 1 (freeze) or 0 (thaw) */
+    FR_UPDATE = 14,  /* id: a container's init; payload: records (cgroup); its cgroup's limits */
     /* guest -> host */
     FR_READY = 64,   /* payload: version text */
     FR_OK = 65,

@@ -81,6 +81,7 @@ int spec_parse(struct spec *s, char *buf, size_t len, char *err, size_t errlen)
         else if (!strcmp(p, "masked")) LIST(s->masked, s->nmasked);
         else if (!strcmp(p, "readonly")) LIST(s->readonly, s->nreadonly);
         else if (!strcmp(p, "sysctl")) LIST(s->sysctls, s->nsysctls);
+        else if (!strcmp(p, "cgroup")) LIST(s->cgroup, s->ncgroup);
         else if (!strcmp(p, "uidmap")) LIST(s->uidmap, s->nuidmap);
         else if (!strcmp(p, "gidmap")) LIST(s->gidmap, s->ngidmap);
         else if (!strcmp(p, "userns")) s->userns = atoi(v);
@@ -370,6 +371,30 @@ void cgroup_path(char *out, size_t len, uint32_t container, const char *file)
     snprintf(out, len, CGROUP_DIR "/c%u%s%s", container, *file ? "/" : "", file);
 }
 
+int cgroup_limits(uint32_t container, const char *const *records, int n, char *err, size_t errlen)
+{
+    for (int i = 0; i < n; i++) {
+        char file[64], path[160];
+        const char *value = strchr(records[i], ' ');
+        size_t len = value ? (size_t)(value - records[i]) : 0;
+        if (!len || len >= sizeof file || memchr(records[i], '/', len)) {
+            snprintf(err, errlen, "bad cgroup record %s", records[i]);
+            return -1;
+        }
+        memcpy(file, records[i], len);
+        file[len] = 0;
+        cgroup_path(path, sizeof path, container, file);
+        int fd = open(path, O_WRONLY | O_CLOEXEC);
+        if (fd < 0 || write(fd, value + 1, strlen(value + 1)) < 0) {
+            snprintf(err, errlen, "cgroup %s %s: %s", file, value + 1, strerror(errno));
+            if (fd >= 0) close(fd);
+            return -1;
+        }
+        close(fd);
+    }
+    return 0;
+}
+
 /* The namespaces of another container's init (a pod's shared IPC and UTS), joined before anything else. */
 static void join_namespaces(const pid_t join_pids[3], int sync_fd)
 {
@@ -418,8 +443,16 @@ void prepare_exec(const struct spec *s, pid_t init_pid, int sync_fd)
     static const char *kinds[] = {"ipc", "uts", "cgroup", "mnt"};
     int fds[4];
     set_oom_score_adj(s, sync_fd);
+    /* The container's user namespace first: the others belong to it. */
+    char path[64];
+    struct stat own, theirs;
+    snprintf(path, sizeof path, "/proc/%d/ns/user", init_pid);
+    if (stat(path, &theirs) == 0 && stat("/proc/self/ns/user", &own) == 0 && own.st_ino != theirs.st_ino) {
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0 || setns(fd, CLONE_NEWUSER) < 0) fail(sync_fd, "setns user: %s", strerror(errno));
+        close(fd);
+    }
     for (int i = 0; i < 4; i++) {
-        char path[64];
         snprintf(path, sizeof path, "/proc/%d/ns/%s", init_pid, kinds[i]);
         fds[i] = open(path, O_RDONLY | O_CLOEXEC);
         if (fds[i] < 0) fail(sync_fd, "open %s: %s", path, strerror(errno));

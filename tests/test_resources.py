@@ -1,0 +1,185 @@
+"""Resources through the CLI: the host cgroup of cgroupsPath, the guest cgroup's limits, OOM, `update`,
+and the stats of `events`."""
+import json
+import os
+import subprocess
+
+import psutil
+import pytest
+from faultlib import DEADLINE, describe_status, one_line_error, wait_pid, wait_until
+
+from pyrunv import cgroups
+
+pytestmark = pytest.mark.vm
+MIB = 1 << 20
+CGROUP_MOUNT = {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+                "options": ["ro", "nosuid", "noexec", "nodev"]}
+
+
+def host_dir(controller, path):
+    return os.path.join(cgroups.hierarchies()[controller], path.strip("/"))
+
+
+def limited(memory=None, pids=None, path=None, binds=(), **more):
+    """An edit for bundle(): the spec's limits, a cgroupsPath, the container's own cgroup mounted, binds of
+    host directories (destination, source)."""
+    def edit(config):
+        resources = config["linux"].setdefault("resources", {})
+        if memory:
+            resources["memory"] = {"limit": memory}
+        if pids:
+            resources["pids"] = {"limit": pids}
+        if path:
+            config["linux"]["cgroupsPath"] = path
+        config["mounts"].append(CGROUP_MOUNT)
+        config["mounts"] += [{"destination": d, "type": "bind", "source": str(s), "options": ["rbind"]} for d, s in binds]
+        config.update(more)
+    return edit
+
+
+@pytest.fixture
+def cgroup_path(request):
+    path = f"pyrunv-tests/{os.getpid()}-{request.node.name[:40]}"
+    yield path
+    for controller in cgroups.hierarchies():
+        for directory in (host_dir(controller, path), os.path.dirname(host_dir(controller, path))):
+            try:
+                os.rmdir(directory)
+            except OSError:
+                pass
+
+
+def test_the_vms_host_processes_live_in_cgroups_path_and_it_goes_with_delete(runtime, bundle, cgroup_path):
+    parent = host_dir("memory", os.path.dirname(cgroup_path))
+    os.makedirs(parent, exist_ok=True)  # as an engine makes its parent cgroup
+    path = bundle("sleep", "600", edit=limited(memory=64 * MIB, path=cgroup_path))
+    runtime.detached("run", "--detach", "--bundle", path, "cg")
+    monitor = psutil.Process(runtime.state("cg")["pid"])
+    family = {monitor.pid} | {p.pid for p in monitor.children(recursive=True)}
+    names = {psutil.Process(pid).name() for pid in family}
+    assert any(n.startswith("qemu-system") for n in names) and "virtiofsd" in names, names
+    with open(os.path.join(host_dir("memory", cgroup_path), "cgroup.procs")) as f:
+        assert family <= {int(line) for line in f}
+    with open(os.path.join(host_dir("memory", cgroup_path), "memory.limit_in_bytes")) as f:
+        assert int(f.read()) == (64 + 32 + 128) * MIB, "the VM's RAM (limit + guest overhead) + host overhead"
+    runtime("delete", "--force", "cg", check=True)
+    assert not os.path.exists(host_dir("memory", cgroup_path))
+    assert os.path.isdir(parent), "a cgroup the engine made stays"
+    assert runtime.leftovers() == []
+
+
+def test_a_process_beyond_the_memory_limit_is_oom_killed_and_events_says_so(runtime, bundle, subreaper, tmp_path):
+    path = bundle("dd", "if=/dev/zero", "of=/dev/null", "bs=100M", "count=1", edit=limited(memory=64 * MIB))
+    result = runtime("run", "--bundle", path, "--keep", "oom")
+    assert result.returncode == 137, result.stderr
+    events = runtime("events", "oom", check=True).stdout.decode().splitlines()
+    assert [json.loads(line) for line in events] == [{"type": "oom", "id": "oom"}]
+    runtime("delete", "oom", check=True)
+
+
+def test_events_reports_an_oom_of_a_running_container(runtime, bundle, tmp_path):
+    trigger = tmp_path / "trigger"
+    trigger.mkdir()
+    script = "until [ -e /t/go ]; do sleep 0.1; done; dd if=/dev/zero of=/dev/null bs=100M count=1; sleep 600"
+    path = bundle("sh", "-c", script, edit=limited(memory=64 * MIB, binds=[("/t", trigger)]))
+    runtime.detached("run", "--detach", "--bundle", path, "oom2")
+    events = subprocess.Popen(runtime.argv("events", "--interval", "100ms", "oom2"), stdout=subprocess.PIPE)
+    try:
+        first = json.loads(events.stdout.readline())
+        assert first["type"] == "stats" and first["data"]["memory"]["usage"]["limit"] == 64 * MIB
+        (trigger / "go").touch()
+        seen = []
+        while not seen or seen[-1]["type"] != "oom":
+            seen.append(json.loads(events.stdout.readline()))
+        assert seen[-1] == {"type": "oom", "id": "oom2"}
+        assert runtime.state("oom2")["status"] == "running", "the shell lives on; dd was the OOM killer's pick"
+    finally:
+        events.kill()
+        events.wait()
+
+
+def test_pids_limit_stops_a_fork_bomb_in_the_guest(runtime, bundle):
+    # An inner shell forks until it cannot; the outer one counts what runs with builtins alone.
+    bomb = ("sh -c 'while :; do sleep 600 & done'; "
+            "n=0; for p in /proc/[0-9]*; do n=$((n+1)); done; echo $n")
+    path = bundle("sh", "-c", bomb, edit=limited(pids=10))
+    before = len(psutil.pids())
+    result = runtime("run", "--bundle", path, "bomb")
+    assert result.returncode == 0 and b"can't fork" in result.stderr, result.stderr
+    assert int(result.stdout.split()[-1]) <= 10
+    assert abs(len(psutil.pids()) - before) < 10, "the host is untouched"
+
+
+def guest_memory_max(runtime, container_id):
+    return runtime("exec", container_id, "cat", "/sys/fs/cgroup/memory.max", check=True).stdout.strip()
+
+
+def test_update_on_running_paused_and_stopped_containers(runtime, bundle, cgroup_path):
+    path = bundle("sleep", "600", edit=limited(memory=128 * MIB, path=cgroup_path))
+    runtime.detached("run", "--detach", "--bundle", path, "upd")
+    limit_file = os.path.join(host_dir("memory", cgroup_path), "memory.limit_in_bytes")
+    runtime("update", "--memory", "64m", "upd", check=True)
+    assert guest_memory_max(runtime, "upd") == str(64 * MIB).encode()
+    with open(limit_file) as f:
+        assert int(f.read()) == (64 + 32 + 128) * MIB
+    stats = json.loads(runtime("events", "--stats", "upd", check=True).stdout)
+    assert stats["data"]["memory"]["usage"]["limit"] == 64 * MIB
+
+    runtime("pause", "upd", check=True)
+    runtime("update", "--memory", "100m", "--pids-limit", "50", "upd", check=True)
+    runtime("resume", "upd", check=True)
+    assert wait_until(lambda: guest_memory_max(runtime, "upd") == str(100 * MIB).encode())
+    assert runtime("exec", "upd", "cat", "/sys/fs/cgroup/pids.max", check=True).stdout.strip() == b"50"
+
+    refused = runtime("update", "--memory", "1g", "upd")
+    assert "cannot update upd: a memory limit of 1024 MiB needs a VM of 1056 MiB, beyond the 160 MiB it booted" \
+        in one_line_error(refused)
+    runtime("kill", "upd", "KILL", check=True)
+    assert wait_until(lambda: runtime.state("upd")["status"] == "stopped")
+    assert "cannot update container upd in state stopped" in one_line_error(runtime("update", "--memory", "64m", "upd"))
+
+
+def test_events_stats_see_a_containers_memory_grow(runtime, bundle, tmp_path):
+    trigger = tmp_path / "trigger"
+    trigger.mkdir()
+    script = "until [ -e /t/go ]; do sleep 0.1; done; head -c 64m /dev/zero > /dev/shm/held; touch /t/done; sleep 600"
+    path = bundle("sh", "-c", script, edit=limited(memory=256 * MIB, binds=[("/t", trigger)]))
+    runtime.detached("run", "--detach", "--bundle", path, "grow")
+
+    def usage():
+        return json.loads(runtime("events", "--stats", "grow", check=True).stdout)["data"]["memory"]["usage"]["usage"]
+    idle = usage()
+    (trigger / "go").touch()
+    assert wait_until(lambda: (trigger / "done").exists(), timeout=DEADLINE * 2)
+    grown = usage()
+    assert 60 * MIB < grown - idle < 80 * MIB, (idle, grown)
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda c: c["linux"].update(cgroupsPath="../../escape"), "invalid cgroupsPath '../../escape'"),
+    (lambda c: c["linux"].update(resources={"memory": {"limit": -7}}), "invalid linux.resources.memory.limit: -7"),
+    (lambda c: c["linux"].update(resources={"pids": {"limit": 10 ** 30}}), "invalid linux.resources.pids.limit"),
+])
+def test_bad_limits_and_cgroup_paths_are_one_line(runtime, bundle, edit, problem):
+    result = runtime.detached("create", "--bundle", bundle("true", edit=edit), "bad", check=False)
+    assert problem in one_line_error(result)
+    assert runtime.leftovers() == []
+
+
+def test_update_of_an_unknown_container_is_one_line(runtime):
+    assert one_line_error(runtime("update", "--memory", "64m", "nosuch")) == "pyrunv: container nosuch does not exist"
+
+
+def test_a_pod_members_pid_file_process_goes_to_its_own_cgroup(runtime, bundle, cgroup_path, subreaper, tmp_path):
+    sandbox = bundle("sleep", "600", edit=lambda c: c.setdefault("annotations", {}).update(
+        {"io.kubernetes.cri.container-type": "sandbox"}))
+    runtime.detached("run", "--detach", "--bundle", sandbox, "sb")
+    member = bundle("sleep", "600", edit=limited(path=cgroup_path, annotations={
+        "io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": "sb"}))
+    runtime.detached("create", "--bundle", member, "--pid-file", tmp_path / "m.pid", "m")
+    waiter = int((tmp_path / "m.pid").read_text())
+    with open(os.path.join(host_dir("pids", cgroup_path), "cgroup.procs")) as f:
+        assert [int(line) for line in f] == [waiter]
+    runtime("delete", "--force", "m", check=True)
+    assert describe_status(wait_pid(waiter)) == "SIGKILL"
+    assert not os.path.exists(host_dir("pids", cgroup_path))
