@@ -11,6 +11,7 @@ import time
 from .errors import PyrunvError
 
 ROOT = "/sys/fs/cgroup"
+CPU_TIME = ("cpu", "cpuacct")
 
 
 def version() -> int:
@@ -104,8 +105,23 @@ class HostCgroup:
             except OSError as e:
                 raise PyrunvError(f"cgroup {directory}: {name} {value}: {e.strerror}") from None
 
-    def add(self, pid: int) -> None:
-        for directory in dict.fromkeys(self.directories.values()):
+    def add_tree(self, pid: int, cpu_time: bool) -> None:
+        """Moves a process and all its descendants (a VM's monitor, QEMU, virtiofsd) into the hierarchies
+        that count CPU time (cpu_time) or into the others."""
+        import psutil
+        try:
+            family = [pid] + [child.pid for child in psutil.Process(pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        for member in family:
+            self.add(member, cpu_time)
+
+    def add(self, pid: int, cpu_time: bool | None = None) -> None:
+        """Into every hierarchy, or only those that count CPU time (True) or the others (False). On cgroup v2
+        one hierarchy does both: it is the CPU time's."""
+        chosen = {directory for controller, directory in self.directories.items()
+                  if cpu_time is None or (controller in CPU_TIME or controller == "") == cpu_time}
+        for directory in sorted(chosen):
             try:
                 with open(os.path.join(directory, "cgroup.procs"), "w") as f:
                     f.write(str(pid))

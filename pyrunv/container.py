@@ -87,7 +87,7 @@ class Container:
         return container
 
     def _boot(self, spec, console_socket, cgroup, config) -> None:
-        """A VM of its own: the monitor boots it (in the host cgroup) and prepares the container's init in it."""
+        """A VM of its own: the monitor boots it and prepares the container's init in it."""
         from . import plan as plan_mod, sandbox
         plan = plan_mod.make(spec, config)
         log.debug("create %s: spec validated, VM planned", self.id)
@@ -166,6 +166,11 @@ class Container:
             after = self._check("start")
             hooks.run("startContainer", self.record.hooks.get("startContainer", ()), self.record.oci_state(Status.CREATED))
             self._control("start")
+            if self.record.cgroup and not self.record.sandbox:
+                # The VM's CPU time counts from the start on: the boot's is not the container's, and engines
+                # divide the cgroup's CPU time by the time since start (podman saw 12 cores' worth on 2).
+                from .cgroups import HostCgroup
+                HostCgroup(**self.record.cgroup).add_tree(self.record.pid, cpu_time=True)
             self.record.status = after.value
             self.store.save(self.record)
         hooks.run("poststart", self.record.hooks.get("poststart", ()), self.record.oci_state(after))

@@ -26,8 +26,9 @@ _BOOTSTRAP = ("import json, os, sys; data = json.load(os.fdopen(int(sys.argv[2])
 
 def launch(store: state.Store, record: state.Record, plan: VmPlan, config: Config, *,
            terminal: bool, console_socket: str | None, console_size: tuple | None, cgroup=None) -> tuple:
-    """Starts the monitor (in `cgroup`, a cgroups.HostCgroup, before it starts QEMU and virtiofsd) and
-    returns (pid, accel) once the container's process is prepared in the VM."""
+    """Starts the monitor and returns (pid, accel) once the container's process is prepared in the VM.
+    The monitor enters `cgroup` (a cgroups.HostCgroup) before it starts QEMU and virtiofsd, so that their
+    memory is charged there from the first page; the hierarchies that count CPU time wait for `start`."""
     read_end, write_end = os.pipe()
     data_read, data_write = os.pipe()
     pid = os.fork()
@@ -43,9 +44,9 @@ def launch(store: state.Store, record: state.Record, plan: VmPlan, config: Confi
             os._exit(1)  # the monitor never returns into the CLI's code
     os.close(write_end)
     os.close(data_read)
-    if cgroup:  # the monitor waits for its data below before it starts anything
+    if cgroup:  # the monitor reads its data below before it starts anything
         try:
-            cgroup.add(pid)
+            cgroup.add(pid, cpu_time=False)
         except BaseException:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)

@@ -175,3 +175,16 @@ def test_delete_force_running(containerd, cid):
     containerd("containers", "delete", cid, check=True)
     assert status(containerd, cid) is None
     assert cid not in containers(containerd)
+
+
+def test_task_metrics_show_the_vms_cpu_and_memory(containerd, cid, background):
+    proc = background("sh", "-c", "while :; do :; done")
+    assert started(containerd, cid, proc), proc.stderr.read()
+
+    def metrics():
+        return dict(line.split(None, 1) for line in containerd("tasks", "metrics", cid, check=True).stdout.splitlines()
+                    if len(line.split(None, 1)) == 2)
+    assert wait_for(lambda: int(metrics().get("cpuacct.usage", "0").strip() or 0) > 0, timeout=60), metrics()
+    assert int(metrics()["memory.usage_in_bytes"]) > 16 << 20, metrics()  # QEMU and the guest's RAM it touched
+    containerd("tasks", "kill", "--signal", "SIGKILL", cid, check=True)
+    assert proc.wait(60) == 137

@@ -4,6 +4,7 @@ kill, pause, rm; and podman's rlimits.
 `docker top` runs the host's ps on the pids pyrunv reports, so it cannot show guest processes and is not
 tested."""
 import functools
+import os
 import http.server
 import socket
 import threading
@@ -177,3 +178,37 @@ def test_podman_default_rlimits_apply_in_the_guest(podman, name):
         assert (result.returncode, result.stdout) == (0, "1048576\n1048576\n"), result.stderr
     finally:
         podman(*RM_FORCE["podman"], name)
+
+
+def test_a_memory_limit_oom_kills_with_137(engine, cid):
+    result = engine("run", "--name", cid, "--memory", "64m", IMAGE, "dd", "if=/dev/zero", "of=/dev/null",
+                    "bs=100M", "count=1")
+    assert result.returncode == 137, result.stderr
+    assert inspect(engine, cid, ".State.OOMKilled") in ("true", "false")  # the engine's own bookkeeping
+
+
+def test_stats_of_a_busy_container_show_cpu_and_memory(engine, engine_name, cid):
+    run_detached(engine, cid, "sh", "-c", "while :; do :; done")
+
+    def figures():
+        out = engine("stats", "--no-stream", "--format", "{{.CPUPerc}} {{.MemUsage}}", cid, check=True).stdout
+        cpu, memory = out.split(maxsplit=1)
+        return float(cpu.rstrip("%")), memory
+    assert wait_for(lambda: figures()[0] > 0, timeout=60), figures()
+    time.sleep(2)  # podman's one sample averages over the time since start: let that be more than a moment
+    cpu, memory = figures()
+    assert 0 < cpu <= 100 * os.cpu_count(), (cpu, memory)  # never more than the host's cores allow
+    assert not memory.startswith("0B"), memory
+
+
+def test_docker_update_memory_is_seen_in_the_guest_and_on_the_host(docker, name):
+    docker("run", "-d", "--name", name, "--memory", "128m", IMAGE, "sleep", "600", check=True)
+    try:
+        result = docker("update", "--memory", "96m", "--memory-swap", "-1", name)
+        assert result.returncode == 0, result.stderr
+        assert docker("exec", name, "cat", "/sys/fs/cgroup/memory.max", check=True).stdout == f"{96 << 20}\n"
+        full_id = inspect(docker, name, ".Id")
+        with open(f"/sys/fs/cgroup/memory/docker/{full_id}/memory.limit_in_bytes") as f:
+            assert int(f.read()) == (96 + 32 + 128) << 20  # the VM's RAM, and the host overhead beyond it
+    finally:
+        docker("rm", "--force", name)
