@@ -1,7 +1,8 @@
 """The benchmark suite: python -m benchmarks [--iterations N] [--quick] [--out docs/performance.md]
 
-Seven figures, each measured side by side with what it is compared with (runc, the bare-QEMU floor, the
-bare interpreter), printed with their ratios and written to a markdown page with a PNG plot next to it."""
+Eight figures, each measured side by side with what it is compared with (runc, the bare-QEMU floor, the
+bare interpreter), printed with their ratios and written to a markdown page with a PNG plot next to it.
+Figure 8 (pods) drives pyrunv and runc through containerd's CRI, as a kubelet would."""
 import argparse
 import os
 import shlex
@@ -14,19 +15,22 @@ import traceback
 
 from pyrunv import config as config_mod, vm
 
-from . import boot, figures, report
+from . import boot, figures, pods, report
 from .harness import REPO, BenchError, Workspace, process_table
+
+FIGURES = [*figures.ALL, pods.pods]
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, help="runs of each side of figure 1 (default 10; --quick: 1); "
-                        "figure 2 runs 5x as many, figures 5-7 a fifth as many rounds (at least 1)")
+                        "figure 2 runs 5x as many, figures 5-7 a fifth as many rounds (at least 1), "
+                        "figure 8 as many pods of each runtime")
     parser.add_argument("--quick", action="store_true", help="the smoke run: 1 iteration, small N and sizes (~1 min)")
     parser.add_argument("--out", default=os.path.join(REPO, "docs", "performance.md"),
                         help="the markdown page to write; the PNG goes next to it (default: docs/performance.md)")
-    parser.add_argument("--only", help="comma-separated figure numbers to run, e.g. 1,2 (default: all seven)")
+    parser.add_argument("--only", help="comma-separated figure numbers to run, e.g. 1,2 (default: all eight)")
     parser.add_argument("--idle", type=int, help="idle containers for figure 3 (default 20; --quick: 2)")
     parser.add_argument("--density", type=int, help="the largest N of figure 4 (default 50; --quick: 3)")
     parser.add_argument("--parallel", type=int, help="containers started at once in figure 5 (default 10; --quick: 2)")
@@ -50,10 +54,11 @@ def parse_args(argv):
         idle=pick(args.idle, 20, 2), density=pick(args.density, 50, 3), parallel=pick(args.parallel, 10, 2),
         throughput_mib=pick(args.throughput_mib, 256, 8), file_mib=pick(args.file_mib, 256, 16),
         small_files=pick(args.small_files, 10000, 200), settle=pick(args.settle, 5.0, 1.0), quick=quick)
-    only = sorted({int(n) for n in args.only.split(",")}) if args.only else list(range(1, 8))
-    if any(n not in range(1, 8) for n in only) or min(settings.iterations, settings.idle, settings.density,
+    numbers = range(1, len(FIGURES) + 1)
+    only = sorted({int(n) for n in args.only.split(",")}) if args.only else list(numbers)
+    if any(n not in numbers for n in only) or min(settings.iterations, settings.idle, settings.density,
                                                       settings.parallel, settings.rounds) < 1:
-        parser.error("figures are numbered 1 to 7, and every count must be at least 1")
+        parser.error(f"figures are numbered 1 to {len(FIGURES)}, and every count must be at least 1")
     return args, settings, only
 
 
@@ -98,7 +103,7 @@ def foreign_qemu(base: str) -> str:
 
 
 def runtime_accel(config, kvm: dict) -> str:
-    """What `create` picks for figures 2-7: the configured accelerator, or with `auto` KVM where it works."""
+    """What `create` picks for figures 2-8: the configured accelerator, or with `auto` KVM where it works."""
     return config.accel if config.accel != "auto" else ("kvm" if kvm["usable"] else "tcg")
 
 
@@ -111,7 +116,7 @@ def metadata(ws: Workspace, settings, args, kvm: dict) -> dict:
                            capture_output=True, text=True).stdout.strip()
     return {
         "date": report.now(), "cores": str(os.cpu_count()), "memory": f"{mem_kib / 1024 / 1024:.1f} GiB",
-        "accel": (f"figure 1: TCG{' and KVM' if kvm['usable'] else ''}; figures 2-7: the runtime's own choice "
+        "accel": (f"figure 1: TCG{' and KVM' if kvm['usable'] else ''}; figures 2-8: the runtime's own choice "
                   f"(accel = {config.accel}): {runtime_accel(config, kvm).upper()}"),
         "runtime_accel": runtime_accel(config, kvm),
         "kvm": ("usable (pyrunv.vm.probe_kvm booted the guest)" if kvm["usable"]
@@ -163,7 +168,7 @@ def main(argv=None) -> int:
         meta = metadata(ws, settings, args, kvm)
         print(f"benchmarks: KVM {meta['kvm']}; {meta['foreign_qemu']}; load {meta['load_start']}", flush=True)
         for number in only:
-            func = figures.ALL[number - 1]
+            func = FIGURES[number - 1]
             print(f"benchmarks: figure {number} ({func.__name__}) ...", flush=True)
             started = time.monotonic()
             try:

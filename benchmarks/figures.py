@@ -1,4 +1,4 @@
-"""The seven figures. Each function measures pyrunv and what it is compared with side by side, in
+"""Figures 1 to 7 (figure 8, pods, is in pods.py). Each function measures pyrunv and what it is compared with side by side, in
 alternating runs (A, B, A, B ...), and returns a Figure: tables for the page, ratios, one summary
 line, and the raw samples. Nothing here asserts a time: every figure is reported."""
 import dataclasses

@@ -7,13 +7,12 @@ import os
 import re
 import shlex
 import subprocess
-import time
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from enginelib import IMAGE, Engine, make_image, start_daemon, stop_daemon, wait_for  # noqa: F401 (for the tests)
+
 RUNTIME = os.environ.get("PYRUNV_BIN", "/usr/local/bin/pyrunv")  # the -S launcher tools/setup writes
-IMAGE = "localhost/busybox:latest"
 
 
 def vm_processes(under=None):
@@ -37,15 +36,6 @@ def vm_processes(under=None):
         ppid, line = procs.get(pid, (None, ""))
         return mark in line or (depth > 0 and names_it(ppid, depth - 1))
     return [line for pid, line in found if names_it(pid, 3)]
-
-
-def wait_for(predicate, timeout=30.0, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def tty_run(argv, env=None, rows=33, cols=111, timeout=180):
@@ -102,26 +92,7 @@ def name(request):
 
 @pytest.fixture(scope="session")
 def image_archive(tmp_path_factory):
-    path = tmp_path_factory.mktemp("image") / "busybox.tar"
-    subprocess.run([os.path.join(HERE, "make-image.sh"), str(path)], check=True)
-    return str(path)
-
-
-class Engine:
-    """Runs an engine's CLI; the result is a CompletedProcess with text output."""
-
-    def __init__(self, argv, env=None):
-        self.base, self.env = list(argv), env
-
-    def __call__(self, *args, input=None, timeout=180, check=False):
-        result = subprocess.run(self.base + list(args), input=input, capture_output=True, text=True,
-                                timeout=timeout, env=self.env)
-        if check and result.returncode:
-            raise AssertionError(f"{' '.join(self.base + list(args))}: {result.returncode}: {result.stderr}")
-        return result
-
-    def argv(self, *args):
-        return self.base + list(args)
+    return make_image(tmp_path_factory.mktemp("image") / "busybox.tar")
 
 
 @pytest.fixture(scope="session")
@@ -138,23 +109,6 @@ def podman(tmp_path_factory, image_archive):
     yield engine
     engine("rm", "--all", "--force")
     engine("system", "reset", "--force")
-
-
-def _start_daemon(argv, log, ready):
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    if not wait_for(ready, timeout=60):
-        proc.kill()
-        raise RuntimeError(f"{argv[0]} did not start; see {log.name}")
-    return proc
-
-
-def _stop_daemon(proc):
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -175,14 +129,14 @@ state = "{top}/state"
     BinaryName = "{RUNTIME}"
 ''')
     with open(top / "containerd.log", "wb") as log:
-        proc = _start_daemon(["containerd", "--config", str(config)], log, sock.exists)
+        proc = start_daemon(["containerd", "--config", str(config)], log, sock.exists)
     engine = Engine(["ctr", "--address", str(sock)])
     engine("images", "import", image_archive, check=True)
     engine.runtime_flags = ["--runc-binary", RUNTIME]
     try:
         yield engine
     finally:
-        _stop_daemon(proc)
+        stop_daemon(proc)
 
 
 @pytest.fixture(scope="session")
@@ -196,7 +150,7 @@ def docker(tmp_path_factory, image_archive):
         "data-root": str(top / "data"), "exec-root": str(top / "exec"), "pidfile": str(top / "docker.pid"),
         "hosts": [f"unix://{sock}"]}))
     with open(top / "dockerd.log", "wb") as log:
-        proc = _start_daemon(["dockerd", "--config-file", str(config)], log, sock.exists)
+        proc = start_daemon(["dockerd", "--config-file", str(config)], log, sock.exists)
     engine = Engine(["/usr/bin/docker", "--host", f"unix://{sock}"])
     assert wait_for(lambda: engine("info").returncode == 0)
     engine("load", "-i", image_archive, check=True)
@@ -204,7 +158,7 @@ def docker(tmp_path_factory, image_archive):
         yield engine
         engine("rm", "--force", *engine("ps", "-aq").stdout.split())
     finally:
-        _stop_daemon(proc)
+        stop_daemon(proc)
 
 
 @pytest.fixture(autouse=True)
@@ -217,82 +171,17 @@ def no_vm_left_behind(tmp_path_factory):
 # containerd's CRI plugin, the kubelet's side of a pod: see cri.py and test_cri.py.
 CRI_BRIDGE = "pyrunvcri0"
 CRI_SUBNET = "10.213.99.0/24"
-PAUSE_IMAGE = "localhost/pause:latest"
 
 
 @pytest.fixture(scope="session")
 def cri(tmp_path_factory, image_archive):
-    """A containerd of its own with the CRI plugin, serving pods on a CNI bridge of their own (CRI_BRIDGE,
-    CRI_SUBNET, no masquerading: nothing leaves the machine) with the runtime handlers "runc" and "pyrunv"; the
-    busybox and pause images imported. Yields a cri.CRI whose .handler comes from $PYRUNV_CRI_HANDLER (by default
-    pyrunv), with .top (the temporary directory; containerd's state is .top/state), .runtime_root (the --root
-    the shim gives the runtime: each handler has its own under .top) and .ctr (ctr in namespace k8s.io)."""
-    from cri import CRI
+    """A containerd of its own with the CRI plugin (cri.serve), serving pods on a CNI bridge of their own
+    (CRI_BRIDGE, CRI_SUBNET) with the runtime handlers "runc" and "pyrunv"; the busybox and pause images imported.
+    Yields a cri.CRI whose .handler comes from $PYRUNV_CRI_HANDLER (by default pyrunv), with .top (the temporary
+    directory; containerd's state is .top/state), .runtime_root (the --root the shim gives the runtime: each
+    handler has its own under .top) and .ctr (ctr in namespace k8s.io)."""
+    from cri import serve
     handler = os.environ.get("PYRUNV_CRI_HANDLER", "pyrunv")
     assert handler in ("pyrunv", "runc"), f"PYRUNV_CRI_HANDLER={handler}: pyrunv or runc"
-    top = tmp_path_factory.mktemp("cri")
-    sock = top / "containerd.sock"
-    (top / "cni").mkdir()
-    (top / "cni" / "10-pyrunv.conflist").write_text(json.dumps({
-        "cniVersion": "1.0.0", "name": "pyrunv-cri", "plugins": [{
-            "type": "bridge", "bridge": CRI_BRIDGE, "isGateway": True, "ipMasq": False,
-            "ipam": {"type": "host-local", "ranges": [[{"subnet": CRI_SUBNET}]], "dataDir": str(top / "ipam"),
-                     "routes": [{"dst": "0.0.0.0/0"}]}}]}))
-    pause = top / "pause.tar"
-    subprocess.run([os.path.join(HERE, "make-pause-image.sh"), image_archive, str(pause)], check=True)
-    config = top / "config.toml"
-    # restrict_oom_score_adj: without it the sandbox's spec asks for oom_score_adj -998, which runc cannot set
-    # here (the bounding set lacks CAP_SYS_RESOURCE); with it the score is clamped to containerd's own, 0.
-    cri_plugin = 'plugins."io.containerd.grpc.v1.cri"'
-    config.write_text(f'''version = 2
-root = "{top}/root"
-state = "{top}/state"
-[grpc]
-  address = "{sock}"
-[{cri_plugin}]
-  sandbox_image = "{PAUSE_IMAGE}"
-  restrict_oom_score_adj = true
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-[{cri_plugin}.cni]
-  bin_dir = "/usr/lib/cni"
-  conf_dir = "{top}/cni"
-  max_conf_num = 1
-[{cri_plugin}.containerd]
-  default_runtime_name = "runc"
-[{cri_plugin}.containerd.runtimes.runc]
-  runtime_type = "io.containerd.runc.v2"
-  [{cri_plugin}.containerd.runtimes.runc.options]
-    Root = "{top}/runc"
-[{cri_plugin}.containerd.runtimes.pyrunv]
-  runtime_type = "io.containerd.runc.v2"
-  [{cri_plugin}.containerd.runtimes.pyrunv.options]
-    BinaryName = "{RUNTIME}"
-    Root = "{top}/pyrunv"
-''')
-    with open(top / "containerd.log", "wb") as log:
-        proc = _start_daemon(["containerd", "--config", str(config)], log, sock.exists)
-    client = CRI(sock, handler=handler)
-    client.top = top
-    client.runtime_root = top / client.handler / "k8s.io"  # the shim's --root: Root/NAMESPACE
-    client.ctr = Engine(["ctr", "--address", str(sock), "--namespace", "k8s.io"])
-    try:
-        plugins = client.ctr("plugins", "ls", check=True).stdout
-        assert re.search(r"io\.containerd\.grpc\.v1\s+cri\s+\S+\s+ok", plugins), plugins
-        for archive in (image_archive, pause):
-            client.ctr("images", "import", str(archive), check=True)
-        assert wait_for(lambda: {IMAGE, PAUSE_IMAGE} <= set(client.image_names()), timeout=30), \
-            client.image_names()
-        assert wait_for(lambda: _network_ready(client), timeout=30), f"CNI not ready; see {top}/containerd.log"
+    with serve(tmp_path_factory.mktemp("cri"), image_archive, RUNTIME, CRI_BRIDGE, CRI_SUBNET, handler) as client:
         yield client
-        client.remove_all()
-    finally:
-        client.close()
-        _stop_daemon(proc)
-        subprocess.run(["ip", "link", "delete", CRI_BRIDGE], stderr=subprocess.DEVNULL)
-
-
-def _network_ready(client):
-    from cri import api
-    conditions = client.runtime.Status(api.StatusRequest(), timeout=client.timeout).status.conditions
-    return any(c.type == "NetworkReady" and c.status for c in conditions)

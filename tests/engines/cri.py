@@ -1,14 +1,24 @@
-"""A small client of the Kubernetes CRI (runtime.v1) over a unix socket, as a kubelet would use it.
+"""A small client of the Kubernetes CRI (runtime.v1) over a unix socket, as a kubelet would use it, and `serve`: a
+containerd of its own with the CRI plugin, for the engine tests (the `cri` fixture) and the benchmark suite alike.
 
 It speaks to containerd's CRI plugin through the gRPC stubs of the container-runtime-interface-api package.
 Pods and containers are made as the kubelet makes them by default: network and IPC namespaces shared by the
-pod, a PID namespace of each container's own."""
+pod, a PID namespace of each container's own. Nothing here needs pytest."""
+import contextlib
 import json
+import os
+import pathlib
+import re
+import subprocess
 import uuid
 
 import grpc
 from cri_api.v1 import api_pb2 as api
 from cri_api.v1.api_pb2_grpc import ImageServiceStub, RuntimeServiceStub
+
+from enginelib import HERE, IMAGE, Engine, start_daemon, stop_daemon, wait_for
+
+PAUSE_IMAGE = "localhost/pause:latest"
 
 # The kubelet's defaults (shareProcessNamespace: false).
 NAMESPACES = api.NamespaceOption(network=api.POD, pid=api.CONTAINER, ipc=api.POD)
@@ -33,6 +43,10 @@ class CRI:
 
     def version(self):
         return self.runtime.Version(api.VersionRequest(), timeout=self.timeout)
+
+    def network_ready(self):
+        conditions = self.runtime.Status(api.StatusRequest(), timeout=self.timeout).status.conditions
+        return any(c.type == "NetworkReady" and c.status for c in conditions)
 
     def image_names(self):
         return [tag for image in self.images.ListImages(api.ListImagesRequest(), timeout=self.timeout).images
@@ -140,3 +154,84 @@ class CRI:
         for pod in self.pods():
             self.stop_pod(pod)
             self.remove_pod(pod)
+
+
+@contextlib.contextmanager
+def serve(top, image_archive, pyrunv, bridge, subnet, handler="pyrunv", runc=None):
+    """A containerd of its own under the directory `top`, with the CRI plugin serving pods on a CNI bridge of their
+    own (`bridge`, `subnet`, no masquerading: nothing leaves the machine) and the runtime handlers "runc" (the
+    command `runc`, or PATH's) and "pyrunv" (the command `pyrunv`); the busybox image (`image_archive`, from
+    enginelib.make_image) and a pause image derived from it imported. Yields a CRI client whose calls default to
+    `handler`, with .top, .roots (handler -> the --root the shim gives that runtime), .runtime_root (`handler`'s)
+    and .ctr (ctr in namespace k8s.io). On the way out, even on an error, every pod is stopped and removed,
+    containerd is stopped and the bridge deleted. Raises RuntimeError if containerd or its CRI does not come up."""
+    top = pathlib.Path(top)
+    sock = top / "containerd.sock"
+    (top / "cni").mkdir(parents=True, exist_ok=True)
+    (top / "cni" / "10-pyrunv.conflist").write_text(json.dumps({
+        "cniVersion": "1.0.0", "name": "pyrunv-cri", "plugins": [{
+            "type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]], "dataDir": str(top / "ipam"),
+                     "routes": [{"dst": "0.0.0.0/0"}]}}]}))
+    pause = top / "pause.tar"
+    subprocess.run([os.path.join(HERE, "make-pause-image.sh"), str(image_archive), str(pause)], check=True,
+                   timeout=300)
+    # restrict_oom_score_adj: without it the sandbox's spec asks for oom_score_adj -998, which runc cannot set
+    # here (the bounding set lacks CAP_SYS_RESOURCE); with it the score is clamped to containerd's own, 0.
+    cri_plugin = 'plugins."io.containerd.grpc.v1.cri"'
+    runc_binary = f'\n    BinaryName = "{runc}"' if runc else ""
+    (top / "config.toml").write_text(f'''version = 2
+root = "{top}/root"
+state = "{top}/state"
+[grpc]
+  address = "{sock}"
+[{cri_plugin}]
+  sandbox_image = "{PAUSE_IMAGE}"
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+[{cri_plugin}.cni]
+  bin_dir = "/usr/lib/cni"
+  conf_dir = "{top}/cni"
+  max_conf_num = 1
+[{cri_plugin}.containerd]
+  default_runtime_name = "runc"
+[{cri_plugin}.containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+  [{cri_plugin}.containerd.runtimes.runc.options]
+    Root = "{top}/runc"{runc_binary}
+[{cri_plugin}.containerd.runtimes.pyrunv]
+  runtime_type = "io.containerd.runc.v2"
+  [{cri_plugin}.containerd.runtimes.pyrunv.options]
+    BinaryName = "{pyrunv}"
+    Root = "{top}/pyrunv"
+''')
+    try:
+        with open(top / "containerd.log", "wb") as log:
+            proc = start_daemon(["containerd", "--config", str(top / "config.toml")], log, sock.exists)
+        client = CRI(sock, handler=handler)
+        try:
+            client.top = top
+            client.roots = {name: top / name / "k8s.io" for name in ("runc", "pyrunv")}  # the shim's Root/NAMESPACE
+            client.runtime_root = client.roots[handler]
+            client.ctr = Engine(["ctr", "--address", str(sock), "--namespace", "k8s.io"])
+            plugins = client.ctr("plugins", "ls").stdout
+            if not re.search(r"io\.containerd\.grpc\.v1\s+cri\s+\S+\s+ok", plugins):
+                raise RuntimeError(f"containerd's CRI plugin is not ok; see {top}/containerd.log:\n{plugins}")
+            for archive in (image_archive, pause):
+                result = client.ctr("images", "import", str(archive))
+                if result.returncode:
+                    raise RuntimeError(f"ctr images import {archive}: {result.stderr.strip()}")
+            if not wait_for(lambda: {IMAGE, PAUSE_IMAGE} <= set(client.image_names()), timeout=30):
+                raise RuntimeError(f"images not listed by the CRI: {client.image_names()}")
+            if not wait_for(client.network_ready, timeout=30):
+                raise RuntimeError(f"CNI not ready; see {top}/containerd.log")
+            yield client
+        finally:
+            try:
+                client.remove_all()
+            finally:
+                client.close()
+                stop_daemon(proc)
+    finally:
+        subprocess.run(["ip", "link", "delete", bridge], stderr=subprocess.DEVNULL, timeout=60)
