@@ -61,6 +61,10 @@ class Connection:
             raise PyrunvError(reply["error"])
         return reply
 
+    def pending(self) -> bytes:
+        """What arrived after the last line receive() returned."""
+        return self._buffer
+
     def close(self) -> None:
         self.sock.close()
 

@@ -3,11 +3,9 @@
 The waiter hands its stdio (or a pty slave) to the monitor over the control socket, forwards the
 signals it receives, and exits with the process's status."""
 import contextlib
-import json
 import os
-import signal
 
-from . import control, monitor, spec as spec_mod, state
+from . import control, monitor, spec as spec_mod, state, waiter
 from .errors import PyrunvError
 
 
@@ -78,44 +76,27 @@ def run(state_dir: str, container: str, process: dict, console_socket, detach: b
     conn.sock.settimeout(None)  # from here on we wait as long as the process runs
     own_terminal = process.get("terminal") and not console_socket
     with monitor.raw_terminal(0) if own_terminal else contextlib.nullcontext():
-        return wait(conn)["exit"]  # 128+N for a signal: the foreground never dies of the process's signal itself
+        # 128+N for a signal: the foreground never dies of the process's signal itself
+        return waiter.wait(conn.sock, conn.pending())["exit"]
 
 
 def start_waiter(conn: control.Connection, exit_file: str | None = None) -> int:
-    """Forks the process that stands for a guest process on the host, the one a --pid-file names: it
-    forwards the signals it gets and exits as the guest process did, having written its status to
-    exit_file (for a container's init). Returns its pid."""
+    """Starts the waiter (waiter.py) on the connection, detached from the CLI; returns its pid. For a
+    container's init it writes the exit status to exit_file before it exits."""
+    fd = conn.sock.fileno()
+    argv = waiter.exec_argv(fd, exit_file or "", conn.pending())
     pid = os.fork()
     if pid:
         conn.close()
         return pid
     try:
         os.setsid()
-        keep = conn.sock.fileno()
-        os.closerange(3, keep)  # nothing of the CLI's, such as a container's lock, may outlive it
-        os.closerange(keep + 1, 1 << 16)
+        os.closerange(3, fd)  # nothing of the CLI's, such as a container's lock, may outlive it
+        os.closerange(fd + 1, 1 << 16)
+        os.set_inheritable(fd, True)
         null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)  # the monitor has the real ones: the engine's pipes close with the process
-        conn.sock.settimeout(None)
-        reply = wait(conn)
-        if exit_file:
-            with contextlib.suppress(OSError), open(exit_file, "w") as f:
-                json.dump(reply, f)
-        monitor._exit_like((reply["exit"], reply["signal"]))
+        for std in (0, 1, 2):
+            os.dup2(null, std)  # the monitor has the real ones: the engine's pipes close with the process
+        os.execv(argv[0], argv)
     finally:
-        os._exit(1)
-
-
-def wait(conn: control.Connection) -> tuple:
-    def forward(number, frame):
-        try:
-            conn.sock.sendall(json.dumps({"signal": number}).encode() + b"\n")
-        except OSError:
-            pass
-    for sig in monitor.FORWARDED:
-        signal.signal(sig, forward)
-    try:
-        return conn.receive()
-    except PyrunvError:
-        return {"exit": 128 + signal.SIGKILL, "signal": signal.SIGKILL}  # the monitor (and so the VM) died
+        os._exit(127)

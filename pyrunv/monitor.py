@@ -10,8 +10,6 @@ import contextlib
 import ctypes
 import json
 import os
-import resource
-import signal
 import socket
 import termios
 import tty
@@ -20,13 +18,10 @@ from . import control, hostmount, logs, network, state, vm
 from .config import Config
 from .errors import PyrunvError
 from .plan import SharedPath, VmPlan
+from .waiter import exit_like
 
 log = logs.log
 PR_SET_NAME = 15
-FORWARDED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
-             signal.SIGTERM, signal.SIGALRM, signal.SIGPWR, signal.SIGTSTP, signal.SIGCONT)
-UNKILLABLE = (signal.SIGCHLD, signal.SIGWINCH, signal.SIGURG, signal.SIGCONT, signal.SIGSTOP, signal.SIGTSTP,
-              signal.SIGTTIN, signal.SIGTTOU)
 
 
 def main(data: dict, report_fd: int) -> None:
@@ -39,21 +34,9 @@ def main(data: dict, report_fd: int) -> None:
         size = data["console_size"]
         monitor = Monitor(state.Store(data["root"]), state.Record(**data["record"]), plan, Config(**data["config"]),
                           data["terminal"], data["console_socket"], tuple(size) if size else None)
-        _exit_like(monitor.run(report_fd))
+        exit_like(*monitor.run(report_fd))
     finally:
         os._exit(1)
-
-
-def _exit_like(status: tuple) -> None:
-    """Exit as the container did: its code, or death by the very signal that killed it."""
-    code, sig = status
-    if sig and sig not in UNKILLABLE:
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if sig != signal.SIGKILL:
-            signal.signal(sig, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
-        os.kill(os.getpid(), sig)
-    os._exit(code & 0xFF)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,8 @@ from . import control, hostmount, network, plan as plan_mod, spec as spec_mod, s
 from .channel import FLAG, Channel, F, PAIR, ProcessIO
 from .errors import PyrunvError
 from .logs import log
-from .monitor import FORWARDED, Monitor, open_console, raw_terminal
+from .monitor import Monitor, open_console, raw_terminal
+from .waiter import FORWARDED
 
 INIT_ID = state.VM_INIT
 BALLOON_TIMEOUT = 10.0
