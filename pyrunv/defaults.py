@@ -62,17 +62,20 @@ def features() -> dict:
         "hooks": list(HOOK_KINDS),
         "mountOptions": ["ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec", "bind", "rbind",
                          "private", "rprivate", "shared", "rshared", "slave", "rslave", "noatime", "relatime",
-                         "strictatime"],
+                         "strictatime", "tmpcopyup"],
         "linux": {
-            "namespaces": ["mount", "uts", "ipc", "pid", "network"],  # network: the monitor's, on the host
+            # network: the VM's, which the engine's namespace on the host is plumbed into
+            "namespaces": ["mount", "uts", "ipc", "pid", "network", "user", "cgroup"],
             "capabilities": list(CAPABILITIES),
-            "cgroup": {"v1": False, "v2": True, "systemd": False, "systemdUser": False},
+            # The VM's processes in the host's cgroups, v1 or v2; the systemd form of cgroupsPath is mapped onto
+            # cgroupfs (no scope is asked of systemd). The container's own limits are its cgroup's in the guest.
+            "cgroup": {"v1": True, "v2": True, "systemd": False, "systemdUser": False, "rdma": False},
             "seccomp": {"enabled": False},
             "apparmor": {"enabled": False},
             "selinux": {"enabled": False},
         },
         "annotations": {
-            "io.github.pyrunv.vm": "each container runs in its own QEMU virtual machine",
+            "io.github.pyrunv.vm": "each container runs in a QEMU virtual machine: its own, or its pod's sandbox's",
             **{config.ANNOTATION_PREFIX + k: v for k, v in ANNOTATIONS.items()},
         },
     }

@@ -166,3 +166,18 @@ def test_a_namespace_path_of_another_type_is_refused(runtime, bundle, kind, path
     assert result.returncode == 1
     assert result.stderr.decode().strip() == f"pyrunv: invalid config.json: {problem}"
     assert runtime.leftovers() == []
+
+
+def test_tmpcopyup_fills_a_tmpfs_with_what_the_image_has_there(runtime, bundle):
+    """podman's --tmpfs option, which runc and crun understand: owners, modes and links come along."""
+    def edit(config):
+        config["mounts"].append({"destination": "/etc", "type": "tmpfs", "source": "tmpfs",
+                                 "options": ["nosuid", "nodev", "tmpcopyup", "mode=755"]})
+    path = bundle("sh", "-c", "cat /etc/group; stat -c '%a %u' /etc/passwd; grep -c ' /etc tmpfs' /proc/mounts; "
+                  "echo new > /etc/new", edit=edit)
+    os.chmod(os.path.join(path, "rootfs", "etc", "passwd"), 0o640)
+    os.chown(os.path.join(path, "rootfs", "etc", "passwd"), 7, 7)
+    result = runtime("run", "--bundle", path, "copyup")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().splitlines() == ["root:x:0:", "nogroup:x:65534:", "640 7", "1"]
+    assert not os.path.exists(os.path.join(path, "rootfs", "etc", "new")), "writes stay in the tmpfs"

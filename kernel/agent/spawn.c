@@ -3,6 +3,7 @@
 #include "agent.h"
 #include "protocol.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -169,6 +170,75 @@ static int touch_p(const char *path)
     return 0;
 }
 
+/* Removes `name` from a comma-separated option list; 1 if it was there. */
+static int take_option(char *data, const char *name)
+{
+    size_t n = strlen(name);
+    for (char *p = data; *p; ) {
+        char *end = strchr(p, ',');
+        size_t len = end ? (size_t)(end - p) : strlen(p);
+        if (len == n && !strncmp(p, name, n)) {
+            memmove(p, end ? end + 1 : p + len, strlen(end ? end + 1 : p + len) + 1);
+            if (!end && p > data) p[-1] = 0;  /* it was the last: drop the comma before it */
+            return 1;
+        }
+        p += len + (end != NULL);
+    }
+    return 0;
+}
+
+/* Copies a directory's contents (files, directories, links, nodes; owners and modes) into another. */
+static int copy_tree(const char *from, const char *to)
+{
+    DIR *d = opendir(from);
+    struct dirent *e;
+    int result = 0;
+    if (!d) return errno == ENOENT ? 0 : -1;
+    while (result == 0 && (e = readdir(d))) {
+        char src[PATH_MAX], dst[PATH_MAX], link[PATH_MAX];
+        struct stat st;
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        snprintf(src, sizeof src, "%s/%s", from, e->d_name);
+        snprintf(dst, sizeof dst, "%s/%s", to, e->d_name);
+        if (lstat(src, &st) < 0) { result = -1; break; }
+        if (S_ISDIR(st.st_mode)) {
+            result = mkdir(dst, st.st_mode & 07777) < 0 ? -1 : copy_tree(src, dst);
+        } else if (S_ISREG(st.st_mode)) {
+            int in = open(src, O_RDONLY | O_CLOEXEC), out = open(dst, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, st.st_mode & 07777);
+            char buf[65536];
+            ssize_t n = 0;
+            while (in >= 0 && out >= 0 && (n = read(in, buf, sizeof buf)) > 0)
+                if (write(out, buf, (size_t)n) != n) { n = -1; break; }
+            if (in < 0 || out < 0 || n < 0) result = -1;
+            if (in >= 0) close(in);
+            if (out >= 0) close(out);
+        } else if (S_ISLNK(st.st_mode)) {
+            ssize_t n = readlink(src, link, sizeof link - 1);
+            if (n < 0) { result = -1; break; }
+            link[n] = 0;
+            result = symlink(link, dst);
+        } else {
+            result = mknod(dst, st.st_mode, st.st_rdev);
+        }
+        if (result == 0 && lchown(dst, st.st_uid, st.st_gid) < 0) result = -1;
+        if (result == 0 && !S_ISLNK(st.st_mode)) chmod(dst, st.st_mode & 07777); /* past the umask */
+    }
+    closedir(d);
+    return result;
+}
+
+/* A tmpfs over what the image has at dest, holding a copy of it (podman's --tmpfs; runc's tmpcopyup). */
+static void mount_tmpfs_copy(const char *dest, unsigned long flags, const char *data, const char *shown, int sync_fd)
+{
+    char staging[] = "/run/tmpcopyup.XXXXXX";
+    if (!mkdtemp(staging)) fail(sync_fd, "mount %s: tmpcopyup: %s", shown, strerror(errno));
+    if (mount("tmpfs", staging, "tmpfs", flags, *data ? data : NULL) < 0)
+        fail(sync_fd, "mount %s (tmpfs): %s", shown, strerror(errno));
+    if (copy_tree(dest, staging) < 0) fail(sync_fd, "mount %s: tmpcopyup: %s", shown, strerror(errno));
+    if (mount(staging, dest, NULL, MS_MOVE, NULL) < 0) fail(sync_fd, "mount %s: tmpcopyup: %s", shown, strerror(errno));
+    rmdir(staging);
+}
+
 static void do_mount(const char *root, char *record, int sync_fd)
 {
     char *field[6];
@@ -183,7 +253,8 @@ static void do_mount(const char *root, char *record, int sync_fd)
     }
     unsigned long flags = strtoul(field[0], NULL, 16);
     unsigned long propagation = strtoul(field[1], NULL, 16);
-    const char *type = field[2], *source = field[3], *data = field[5];
+    const char *type = field[2], *source = field[3];
+    char *data = field[5];
     char dest[PATH_MAX];
     snprintf(dest, sizeof dest, "%s%s", root, field[4]);
 
@@ -207,6 +278,10 @@ static void do_mount(const char *root, char *record, int sync_fd)
                 fprintf(stderr, "agent: mount cgroup2 on %s: %s\n", field[4], strerror(errno));
             return;
         }
+        if (!strcmp(type, "tmpfs") && take_option(data, "tmpcopyup")) {
+            mount_tmpfs_copy(dest, flags, data, field[4], sync_fd);
+            goto propagate;
+        }
         int r = mount(source, dest, type, flags, *data ? data : NULL);
         /* sysfs needs a network namespace of the user namespace's own; a VM's containers share the
          * guest's, so a user namespace gets the guest's sysfs, bound, as runc does without a netns. */
@@ -215,6 +290,7 @@ static void do_mount(const char *root, char *record, int sync_fd)
                 : mount(NULL, dest, NULL, MS_REMOUNT | MS_BIND | (flags & ~MS_REC), NULL);
         if (r < 0) fail(sync_fd, "mount %s (%s): %s", field[4], type, strerror(errno));
     }
+propagate:
     if (propagation && mount(NULL, dest, NULL, propagation, NULL) < 0)
         fail(sync_fd, "mount %s: propagation: %s", field[4], strerror(errno));
 }

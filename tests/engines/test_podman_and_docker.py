@@ -212,3 +212,9 @@ def test_docker_update_memory_is_seen_in_the_guest_and_on_the_host(docker, name)
             assert int(f.read()) == (96 + 32 + 128) << 20  # the VM's RAM, and the host overhead beyond it
     finally:
         docker("rm", "--force", name)
+
+
+def test_podman_tmpfs_copies_the_images_files_up(podman, name):
+    result = podman("run", "--rm", "--name", name, "--tmpfs", "/etc", IMAGE, "sh", "-c",
+                    "head -1 /etc/passwd; touch /etc/new; mount | grep -c ' /etc type tmpfs'")
+    assert (result.returncode, result.stdout) == (0, "root:x:0:0:root:/root:/bin/sh\n1\n"), result.stderr
