@@ -119,7 +119,7 @@ def metadata(ws: Workspace, settings, args, kvm: dict) -> dict:
         "accel": (f"figure 1: TCG{' and KVM' if kvm['usable'] else ''}; figures 2-8: the runtime's own choice "
                   f"(accel = {config.accel}): {runtime_accel(config, kvm).upper()}"),
         "runtime_accel": runtime_accel(config, kvm),
-        "kvm": ("usable (pyrunv.vm.probe_kvm booted the guest)" if kvm["usable"]
+        "kvm": ("usable (pyrunv.vm.probe booted the guest)" if kvm["usable"]
                 else f"not usable: {kvm['reason']}"),
         "qemu": first_line([config.qemu, "--version"]), "host_kernel": os.uname().release,
         "guest_kernel": guest_kernel(config.kernel), "runc": first_line([ws.runc, "--version"]),
@@ -135,9 +135,9 @@ def probe_kvm() -> dict:
     if not os.path.exists("/dev/kvm"):
         return {"usable": False, "reason": "no /dev/kvm"}
     started = time.monotonic()
-    usable = vm.probe_kvm(config, boot.plan_for(config, "kvm"))
+    usable = vm.probe(config, boot.plan_for(config, "kvm"), "kvm")
     return {"usable": usable,
-            "reason": "" if usable else f"pyrunv.vm.probe_kvm did not boot the guest with KVM "
+            "reason": "" if usable else f"pyrunv.vm.probe did not boot the guest with KVM "
                                         f"({time.monotonic() - started:.1f} s probe)"}
 
 

@@ -318,9 +318,7 @@ def density(ws: Workspace, s: Settings, kvm: dict) -> Figure:
                 break
             containers[cid] = ws.state("pyrunv", root, cid)["pid"]
             avg = average(measure_containers(ws, root, containers))
-            with open("/proc/loadavg") as f:
-                load = float(f.read().split()[0])
-            points.append({"n": n, "start_s": elapsed, "avg_kib": avg["total"], "load": load})
+            points.append({"n": n, "start_s": elapsed, "avg_kib": avg["total"], "load": os.getloadavg()[0]})
     finally:
         errors = ws.delete_many("pyrunv", root, list(containers))
         if errors:

@@ -12,9 +12,12 @@ import tempfile
 import threading
 import time
 
+import psutil
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAKE_BUNDLE = os.path.join(REPO, "tools", "make-busybox-bundle.sh")
 MIB = 1 << 20
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class BenchError(Exception):
@@ -44,33 +47,27 @@ def tail(path: str, lines: int = 3) -> str:
 def pss_kib(pid: int) -> int:
     """The process's proportional set size in KiB (0 if it is gone)."""
     try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        pass
-    return 0
+        return psutil.Process(pid).memory_full_info().pss // 1024
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return 0
 
 
 def process_table() -> dict:
-    """pid -> (ppid, start time, comm) for every process on the host."""
-    table = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+    """pid -> (ppid, start time, comm) for every process on the host, the start time in clock ticks since boot
+    (as in helpers.json). Fresh Process objects: process_iter() caches create_time(), which a clock step puts off."""
+    table, boot = {}, psutil.boot_time()
+    for pid in psutil.pids():
         try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        comm = data[data.index(b"(") + 1:data.rindex(b")")].decode(errors="replace")
-        fields = data.rsplit(b")", 1)[1].split()
-        table[int(name)] = (int(fields[1]), int(fields[19]), comm)
+            proc = psutil.Process(pid)
+            with proc.oneshot():
+                table[pid] = (proc.ppid(), round((proc.create_time() - boot) * CLOCK_TICKS), proc.name())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
     return table
 
 
 def descendants(table: dict, pid: int) -> list:
+    """The pids below pid in one process_table(): all of a container's roles are read from the same snapshot."""
     children: dict = {}
     for child, (ppid, _, _) in table.items():
         children.setdefault(ppid, []).append(child)
@@ -84,9 +81,8 @@ def descendants(table: dict, pid: int) -> list:
 
 def cmdline(pid: int) -> str:
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
+        return " ".join(psutil.Process(pid).cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return ""
 
 
@@ -259,6 +255,7 @@ class Workspace:
                 pass
 
     def mounts(self) -> list:
+        # By hand: the raw lines are what is reported, and psutil.disk_partitions() rewrites their devices.
         with open("/proc/mounts") as f:
             return [line.strip() for line in f if self.base in line]
 

@@ -4,6 +4,8 @@ import os
 import signal
 import time
 
+import psutil
+
 DEADLINE = 30.0  # generous: TCG on 2 cores, with other VM tests running beside us
 
 
@@ -45,32 +47,33 @@ def one_line_error(result):
     return err.strip()
 
 
-def reap_zombie_children(names=(b"qemu", b"virtiofsd", b"pyrunv", b"python")):
+def reap_zombie_children(names=("qemu", "virtiofsd", "pyrunv", "python")):
     """As a subreaper we adopt the helpers of a monitor that died: reap those that are zombies now."""
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        comm = stat[stat.index(b"(") + 1:stat.rindex(b")")]
-        fields = stat.rsplit(b")", 1)[1].split()
-        if fields[0] == b"Z" and int(fields[1]) == me and comm.startswith(names):
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(int(entry), os.WNOHANG)
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.NoSuchProcess, ChildProcessError):
+            if child.status() == psutil.STATUS_ZOMBIE and child.name().startswith(names):
+                os.waitpid(child.pid, os.WNOHANG)
 
 
 def process_alive(pid, start_time):
-    """True if pid is still the process that had start_time (and not a zombie)."""
+    """True if pid is still the process that had start_time (clock ticks since boot) and not a zombie."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except OSError:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            ticks = round((proc.create_time() - psutil.boot_time()) * os.sysconf("SC_CLK_TCK"))
+            return proc.status() != psutil.STATUS_ZOMBIE and ticks == start_time
+    except psutil.NoSuchProcess:
         return False
-    return fields[0] != b"Z" and int(fields[19]) == start_time
+
+
+def fd_targets(pid):
+    """Where the process's open fds point. By hand: psutil's open_files() lists only regular files that still
+    exist, and a directory or a deleted file held under a state directory is a leftover too."""
+    targets = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return targets
 
 
 def holders(root):
@@ -78,20 +81,15 @@ def holders(root):
     in its command line, but it keeps its log and control socket open in its state directory."""
     root = str(root)
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
             continue
         try:
-            fds = os.listdir(f"/proc/{entry}/fd")
-            links = [os.readlink(f"/proc/{entry}/cwd")]
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    links.append(os.readlink(f"/proc/{entry}/fd/{fd}"))
-            with open(f"/proc/{entry}/comm") as f:
-                comm = f.read().strip()
-        except OSError:
+            links = [proc.cwd(), *fd_targets(proc.pid)]
+            comm = proc.name()
+        except (OSError, psutil.NoSuchProcess, psutil.AccessDenied):
             continue  # gone meanwhile
         held = [link for link in links if link == root or link.startswith(root + "/")]
         if held:
-            found.append(f"process {entry} ({comm}) holds {held[0]}")
+            found.append(f"process {proc.pid} ({comm}) holds {held[0]}")
     return found

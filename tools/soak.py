@@ -32,6 +32,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
 import fuzzgen  # noqa: E402  (tests/fuzzgen.py)
+import psutil  # noqa: E402
+from faultlib import fd_targets  # noqa: E402  (tests/faultlib.py)
 from hypothesis import HealthCheck, given, seed as hypothesis_seed, settings, strategies as st  # noqa: E402
 from pyrunv import cli, launch  # noqa: E402
 
@@ -268,24 +270,19 @@ def leftovers(root: str, cid: str | None = None) -> list:
             return link.startswith(root + "/")
         return link.startswith((f"{root}/{cid}/", f"{root}/.deleted:{cid}:"))
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
             continue
         try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                args = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-            links = []
-            for fd in os.listdir(f"/proc/{entry}/fd"):
-                try:
-                    links.append(os.readlink(f"/proc/{entry}/fd/{fd}"))
-                except OSError:
-                    pass
-        except OSError:
-            continue
+            args = " ".join(proc.cmdline())
+            links = fd_targets(proc.pid)
+        except (OSError, psutil.NoSuchProcess, psutil.AccessDenied):
+            continue  # gone meanwhile
         if mine(args) and any(name in args for name in ("qemu-system", "virtiofsd", "pyrunv")):
-            found.append(f"process {entry}: {args[:200]}")
+            found.append(f"process {proc.pid}: {args[:200]}")
         elif any(holds(link) for link in links):
-            found.append(f"process {entry} holds {[link for link in links if holds(link)][0]}: {args[:100]}")
+            found.append(f"process {proc.pid} holds {[link for link in links if holds(link)][0]}: {args[:100]}")
+    # By hand: the raw lines are what is reported, and psutil.disk_partitions() rewrites their devices.
     with open("/proc/mounts") as f:
         found += [f"mount: {line.strip()}" for line in f if mine(line.split()[1])]
     if cid is not None:

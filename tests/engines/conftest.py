@@ -8,6 +8,7 @@ import re
 import shlex
 import subprocess
 
+import psutil
 import pytest
 
 from enginelib import IMAGE, Engine, make_image, start_daemon, stop_daemon, wait_for  # noqa: F401 (for the tests)
@@ -20,12 +21,11 @@ def vm_processes(under=None):
 
     With `under` (a directory), only those of the engines whose state is there: a process counts if it or an
     ancestor up to conmon or the containerd shim names a path under it. Other sessions on the machine may run
-    VMs of their own meanwhile. (-ww: without it ps cuts the lines at 80 columns.)"""
-    out = subprocess.run(["ps", "-ww", "-eo", "pid,ppid,comm,args"], capture_output=True, text=True).stdout
+    VMs of their own meanwhile. Each is a line "pid ppid comm args", as `ps -eo pid,ppid,comm,args` prints it."""
     procs = {}
-    for line in out.splitlines()[1:]:
-        pid, ppid, _ = line.split(None, 2)
-        procs[pid] = (ppid, line)
+    for p in psutil.process_iter(["ppid", "name", "cmdline"]):
+        args = " ".join(p.info["cmdline"] or [])  # None for a zombie
+        procs[p.pid] = (p.info["ppid"], f"{p.pid} {p.info['ppid']} {p.info['name']} {args}")
     found = [(pid, line) for pid, (_, line) in procs.items()
              if "pyrunv-monitor" in line or "pyrunv.agent" in line or ("virtiofsd" in line and "/share" in line)]
     if under is None:
