@@ -4,6 +4,8 @@
 #   PYRUNV_CACHE       build cache, outside the work tree (default: /var/cache/pyrunv)
 #   PYRUNV_GUEST_DIR   where the runtime finds vmlinux, bzImage and initrd.img (default: /var/lib/pyrunv/guest)
 #   CC, AGENT_CC       compilers for the kernel (default: gcc) and the static agent (default: musl-gcc)
+# `build.sh --keys` prints the keys of the kernel and initrd the inputs make, without building anything;
+# a build writes them to PYRUNV_GUEST_DIR/build.txt, where `pyrunv check` compares them.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 src=${PYRUNV_KERNEL_SRC:-/usr/src/linux-source-6.1.tar.xz}
@@ -38,9 +40,13 @@ kernel_tree() {
   echo "$tree"
 }
 
+# A build's key: its inputs, and the text of the function that builds it.
+kernel_key() { { cat "$here/guest.config"; source_id; $cc --version | head -1; sed -n '/^build_kernel/,/^}/p' "$here/build.sh"; } | hash_of; }
+initrd_key() { { cat "$here"/agent/*.c "$here"/agent/*.h "$here/agent/Makefile"; $agent_cc --version | head -1; sed -n '/^build_initrd/,/^}/p' "$here/build.sh"; } | hash_of; }
+
 build_kernel() {
-  local key out tree
-  key=$( { cat "$here/guest.config"; source_id; $cc --version | head -1; sed -n '/^build_kernel/,/^}/p' "$here/build.sh"; } | hash_of)
+  local out tree key
+  key=$(kernel_key)
   out="$cache/kernel-$key"
   if [ -f "$out/vmlinux" ]; then KERNEL_OUT=$out; return; fi
   tree=$(kernel_tree)
@@ -64,8 +70,8 @@ build_kernel() {
 }
 
 build_initrd() {
-  local key out stage
-  key=$( { cat "$here"/agent/*.c "$here"/agent/*.h "$here/agent/Makefile"; $agent_cc --version | head -1; sed -n '/^build_initrd/,/^}/p' "$here/build.sh"; } | hash_of)
+  local out stage key
+  key=$(initrd_key)
   out="$cache/initrd-$key"
   if [ -f "$out/initrd.img" ]; then INITRD_OUT=$out; return; fi
   say "building agent"
@@ -88,7 +94,11 @@ install_if_changed() {
   done
 }
 
+keys() { printf 'kernel-%s initrd-%s\n' "$(kernel_key)" "$(initrd_key)"; }
+if [ "${1:-}" = --keys ]; then keys; exit 0; fi
+
 build_initrd
 build_kernel
 install_if_changed "$KERNEL_OUT/vmlinux" "$KERNEL_OUT/bzImage" "$INITRD_OUT/initrd.img"
-say "ready: $dest (kernel-$(basename "$KERNEL_OUT" | cut -d- -f2), initrd-$(basename "$INITRD_OUT" | cut -d- -f2))"
+keys >"$dest/build.txt"
+say "ready: $dest ($(cat "$dest/build.txt"))"

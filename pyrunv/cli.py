@@ -343,6 +343,40 @@ def spec(bundle, rootless):
 
 
 @cli.command()
+@click.option("--json", "as_json", is_flag=True, help="the lines as a JSON list")
+def check(as_json):
+    """Check whether this host can run pyrunv's containers, and how well; exit 1 if it cannot."""
+    import dataclasses
+    from . import check as check_mod
+    lines = check_mod.run()
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(line) for line in lines], indent=2))
+    else:
+        click.echo("\n".join(line.text() for line in lines))
+    if any(line.level == "fail" for line in lines):
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("container_id")
+@click.argument("command", required=False)
+@click.argument("arguments", required=False)
+@pass_ctx
+def qmp(obj, container_id, command, arguments):
+    """QMP on the container's VM: COMMAND with ARGUMENTS (a JSON object), or without one qemu.qmp's shell."""
+    obj.container(container_id).qmp(command, arguments)
+
+
+@cli.command()
+@click.option("-f", "--follow", is_flag=True, help="keep printing while the VM runs")
+@click.argument("container_id")
+@pass_ctx
+def console(obj, follow, container_id):
+    """Print the VM's serial console, with the guest kernel's log, from the VM's start."""
+    obj.container(container_id).console(follow)
+
+
+@cli.command()
 def features():
     """Print the runtime-spec features document, with pyrunv's annotations."""
     from . import defaults

@@ -220,6 +220,28 @@ class Container:
         except (OSError, ValueError):
             return {}
 
+    def _vm_running(self) -> "Container":
+        """The container that owns this container's VM, if that VM runs (or is paused)."""
+        owner = Container.load(self.store, self.record.sandbox) if self.record.sandbox else self
+        if owner.status not in (Status.CREATED, Status.RUNNING, Status.PAUSED):
+            raise PyrunvError(f"container {self.id} is stopped: its VM is gone")
+        return owner
+
+    def qmp(self, command: str | None, arguments: str | None) -> None:
+        from . import vmaccess
+        vmaccess.qmp(self._vm_running().vm_dir, command, arguments)
+
+    def console(self, follow: bool) -> None:
+        """The VM's serial console from the VM's start, with the guest kernel's log in it."""
+        from . import vmaccess
+        owner = Container.load(self.store, self.record.sandbox) if self.record.sandbox else self
+        if owner.status is not Status.STOPPED:
+            try:
+                control.call(owner.vm_dir, "kmsg", timeout=15)
+            except PyrunvError as e:
+                log.debug("kmsg of %s: %s", owner.id, e)  # what the console has so far is still worth showing
+        vmaccess.console(owner.vm_dir, follow, lambda: owner.status is not Status.STOPPED)
+
     def processes(self) -> list:
         self._check("ps")
         return self._control("ps")["processes"]

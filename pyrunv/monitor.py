@@ -132,6 +132,12 @@ class Monitor:
             listener.listen(1)
             fs_client.connect(path)
             os.unlink(path)
+        # QMP for people (`pyrunv qmp`), beside the monitor's own: QEMU listens on the socket we made.
+        user_qmp = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        with control.socket_path(self.state_dir, vm.QMP_SOCKET) as path:
+            user_qmp.bind(path)
+            os.chmod(path, 0o600)
+        user_qmp.listen(1)
         self.agent_socket, agent_guest = socket.socketpair()
         self.qmp_socket, qmp_guest = socket.socketpair()
         for s in (self.agent_socket, agent_guest, self.qmp_socket, qmp_guest):
@@ -142,7 +148,7 @@ class Monitor:
         console = os.open(self.path("console.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         stack.callback(os.close, console)
         # A container with a network namespace gets a NIC; at start it takes the engine's veth's place.
-        handed = [agent_guest, qmp_guest, fs_client]
+        handed = [agent_guest, qmp_guest, fs_client, user_qmp]
         tap = None
         if self.plan.network_namespace is not None:
             tap_fd, self.tap_name = network.make_tap()
@@ -150,7 +156,7 @@ class Monitor:
             handed.append(tap)
         argv = vm.qemu_argv(self.config, self.plan, accel, agent_fd=agent_guest.fileno(),
                             qmp_fd=qmp_guest.fileno(), fs_fd=fs_client.fileno(), console_fd=console,
-                            tap_fd=tap.fileno() if tap else None)
+                            tap_fd=tap.fileno() if tap else None, user_qmp_fd=user_qmp.fileno())
         log.debug("starting %s", " ".join(argv))
         self.qemu = stack.enter_context(vm.Daemon(
             "qemu", argv, [f.fileno() for f in handed] + [console], self.path("qemu.log"), user=self.config.qemu_user))

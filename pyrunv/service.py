@@ -303,6 +303,12 @@ class Service:
         text = (await asyncio.wait_for(self.channel.request(F.STATS, container), 10)).decode()
         return {k: int(v) for k, v in (line.split() for line in text.splitlines() if line)}
 
+    async def _op_kmsg(self, request, fds, conn):
+        """The guest's kernel log to the console log, from its start and as it grows (`pyrunv console`)."""
+        if not self.paused:
+            await asyncio.wait_for(self.channel.request(F.KMSG), 10)
+        return {"ok": True}
+
     async def _op_update(self, request, fds, conn):
         """New limits: the container's cgroup in the guest and, for the VM's own container, the VM's memory
         through the balloon. A frozen VM takes them when it thaws."""

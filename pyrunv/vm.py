@@ -17,6 +17,7 @@ from .plan import VmPlan
 log = logging.getLogger("pyrunv")
 
 AGENT_PORT = "pyrunv.agent"
+QMP_SOCKET = "qmp.sock"  # in the state directory: `pyrunv qmp` and qmp-shell connect to it
 SHARE_TAG = "pyrunv"
 PR_SET_PDEATHSIG = 1
 # noreplace-smp: a one-vCPU guest would otherwise rewrite every LOCK prefix in its text at boot, one
@@ -138,7 +139,8 @@ TCG_CPU = "max,-erms,-fsrm"
 
 
 def qemu_argv(config: Config, plan: VmPlan, accel: str, *, agent_fd: int, qmp_fd: int, fs_fd: int | None,
-              console_fd: int, tap_fd: int | None = None, extra_params: str = "") -> list:
+              console_fd: int, tap_fd: int | None = None, user_qmp_fd: int | None = None,
+              extra_params: str = "") -> list:
     """Every file QEMU needs besides the kernel and initrd comes as an fd, so that it can run as an
     unprivileged user who cannot open the 0700 state directory."""
     tcg = f"tcg,thread={'multi' if plan.vcpus > 1 else 'single'},tb-size={config.tcg_tb_size_mib}"
@@ -163,14 +165,18 @@ def qemu_argv(config: Config, plan: VmPlan, accel: str, *, agent_fd: int, qmp_fd
     if fs_fd is not None:
         argv += ["-chardev", f"socket,id=fs,fd={fs_fd}",
                  "-device", f"{device(plan, 'vhost-user-fs')},chardev=fs,tag={SHARE_TAG}"]
+    if user_qmp_fd is not None:
+        argv += ["-chardev", f"socket,id=userqmp,fd={user_qmp_fd},server=on,wait=off",
+                 "-mon", "chardev=userqmp,mode=control"]
     if tap_fd is not None:
         argv += ["-netdev", f"tap,id=net,fd={tap_fd}", "-device", f"{device(plan, 'virtio-net')},netdev=net"]
     return argv
 
 
-def probe_kvm(config: Config, plan: VmPlan, deadline: float = 5.0) -> bool:
-    """Opening /dev/kvm proves nothing (a PVM host aborts or hangs a normal guest): boot the guest and see."""
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+def probe(config: Config, plan: VmPlan, accel: str, deadline: float = 5.0) -> bool:
+    """Whether the guest boots under accel. For KVM, opening /dev/kvm proves nothing (a PVM host aborts or
+    hangs a normal guest): boot the guest and see."""
+    if accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False
     import tempfile
     with tempfile.TemporaryDirectory(prefix="pyrunv-probe-") as tmp:
@@ -178,10 +184,10 @@ def probe_kvm(config: Config, plan: VmPlan, deadline: float = 5.0) -> bool:
         agent_host, agent_guest = socket.socketpair()
         qmp_host, qmp_guest = socket.socketpair()
         console_fd = os.open(console, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        argv = qemu_argv(config, plan, "kvm", agent_fd=agent_guest.fileno(), qmp_fd=qmp_guest.fileno(),
+        argv = qemu_argv(config, plan, accel, agent_fd=agent_guest.fileno(), qmp_fd=qmp_guest.fileno(),
                          fs_fd=None, console_fd=console_fd, extra_params="pyrunv.probe")
         fds = (agent_guest.fileno(), qmp_guest.fileno(), console_fd)
-        with agent_host, qmp_host, agent_guest, qmp_guest, Daemon("qemu (kvm probe)", argv, fds,
+        with agent_host, qmp_host, agent_guest, qmp_guest, Daemon(f"qemu ({accel} probe)", argv, fds,
                                                                    os.path.join(tmp, "qemu.log")) as qemu:
             os.close(console_fd)
             try:
@@ -192,7 +198,7 @@ def probe_kvm(config: Config, plan: VmPlan, deadline: float = 5.0) -> bool:
                 with open(console, "rb") as f:
                     return b"pyrunv-agent: probe ok" in f.read()
             except FileNotFoundError:
-                return False  # QEMU refused to start with KVM
+                return False  # QEMU refused to start with this accelerator
 
 
 VERDICT_PATH = "/run/pyrunv-accel.json"  # tmpfs: a reboot or a new kvm module asks again
@@ -210,7 +216,7 @@ def choose_accel(config: Config, plan: VmPlan) -> str:
         if saved.get("key") == key:
             return saved["accel"]
     started = time.monotonic()
-    accel = "kvm" if probe_kvm(config, plan) else "tcg"
+    accel = "kvm" if probe(config, plan, "kvm") else "tcg"
     log.info("accel probe: %s in %.2fs", accel, time.monotonic() - started)
     tmp = f"{verdict_path}.{os.getpid()}"
     with contextlib.suppress(OSError):

@@ -49,12 +49,12 @@ struct proc {
     int exited, code, sig;
 };
 
-static int chan = -1, epfd = -1, sigfd = -1, root_pidns = -1;
+static int chan = -1, epfd = -1, sigfd = -1, root_pidns = -1, kmsg = -1;
 static struct buf chan_out, chan_in;
 static int chan_watching_out;
 static struct proc procs[MAX_PROCS];
 
-enum role { R_CHAN = 0, R_SIGNAL = 1, R_OUT = 2, R_ERR = 3, R_IN = 4 };
+enum role { R_CHAN = 0, R_SIGNAL = 1, R_OUT = 2, R_ERR = 3, R_IN = 4, R_KMSG = 5 };
 #define TAG(slot, role) (((uint64_t)(slot) << 8) | (role))
 
 static void die(const char *what)
@@ -661,6 +661,36 @@ static void remove_container(uint32_t container)
     send_frame(FR_OK, container, NULL, 0);
 }
 
+/* The kernel's log records, as the kernel prints them, to the serial console (our stderr). The kernel
+ * itself prints little (quiet): console output costs boot time under TCG, so this waits to be asked. */
+static void forward_kmsg(void)
+{
+    char record[8192];
+    for (;;) {
+        ssize_t n = read(kmsg, record, sizeof record - 1);
+        if (n < 0 && errno == EPIPE) continue; /* records overwritten before we read them */
+        if (n <= 0) break;
+        record[n] = 0;
+        unsigned long long usec = 0;
+        char *text = strchr(record, ';');
+        if (!text || sscanf(record, "%*u,%*u,%llu", &usec) != 1) continue;
+        text[strcspn(text, "\n")] = 0;
+        fprintf(stderr, "[%5llu.%06llu] %s\n", usec / 1000000, usec % 1000000, text + 1);
+    }
+}
+
+static void start_kmsg(uint32_t id)
+{
+    int watching = 0;
+    if (kmsg < 0) {
+        kmsg = open("/dev/kmsg", O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+        if (kmsg < 0) { send_text(FR_ERROR, id, strerror(errno)); return; }
+        epoll_set(kmsg, TAG(0, R_KMSG), EPOLLIN, &watching);
+    }
+    forward_kmsg();
+    send_frame(FR_OK, id, NULL, 0);
+}
+
 /* UPDATE: new limits for a running container's cgroup, as "cgroup=file value" records. */
 static void update_container(uint32_t container, char *payload, uint32_t len)
 {
@@ -726,6 +756,7 @@ static void handle_frame(const struct frame_header *h, char *payload)
     }
     case FR_REMOVE: remove_container(h->id); break;
     case FR_UPDATE: update_container(h->id, payload, h->len); break;
+    case FR_KMSG: start_kmsg(h->id); break;
     case FR_FREEZE: freeze_container(h->id, payload, h->len); break;
     case FR_POWEROFF:
         sync();
@@ -913,6 +944,7 @@ int main(int argc, char **argv)
             case R_OUT: if (p->used) pump_output(p, S_STDOUT); break;
             case R_ERR: if (p->used) pump_output(p, S_STDERR); break;
             case R_IN: if (p->used) pump_input(p); break;
+            case R_KMSG: forward_kmsg(); break;
             }
         }
     }

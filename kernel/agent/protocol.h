@@ -35,6 +35,7 @@ enum frame_type {
     FR_REMOVE = 12,  /* id: a container's init; kills what is left of the container and frees it */
     FR_FREEZE = 13,  /* id: a container's init; payload: u32 1 (freeze) or 0 (thaw) */
     FR_UPDATE = 14,  /* id: a container's init; payload: records (cgroup); its cgroup's limits */
+    FR_KMSG = 15,    /* the kernel log to the serial console, from its start, and from then on as it grows */
     /* guest -> host */
     FR_READY = 64,   /* payload: version text */
     FR_OK = 65,

@@ -1,0 +1,148 @@
+"""`pyrunv check`: can this host run pyrunv's containers, and how well? Each line says ok, warning or fail,
+with the fix; a fail means containers cannot run."""
+import dataclasses
+import os
+import re
+import subprocess
+
+from . import config as config_mod
+from .errors import PyrunvError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILD = os.path.join(REPO, "kernel", "build.sh")
+CHECKPOINT_QEMU = (8, 2)      # QEMU that migrates a vhost-user-fs device
+CHECKPOINT_VIRTIOFSD = (1, 11)  # virtiofsd that migrates its state (--migration-mode)
+
+
+@dataclasses.dataclass
+class Line:
+    level: str   # ok, warning or fail
+    name: str
+    detail: str
+    fix: str = ""
+
+    def text(self) -> str:
+        return f"{self.level:<8}{self.name}: {self.detail}" + (f" (fix: {self.fix})" if self.fix else "")
+
+
+def _version(argv: list) -> str:
+    try:
+        result = subprocess.run(argv + ["--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"!{getattr(e, 'strerror', None) or e}"
+    first = (result.stdout or result.stderr).strip().splitlines()
+    return first[0] if first and result.returncode == 0 else f"!exit status {result.returncode}"
+
+
+def _numbers(text: str) -> tuple:
+    found = re.search(r"(\d+)\.(\d+)", text)
+    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+
+
+def run() -> list:
+    lines = []
+    try:
+        config = config_mod.load()
+        where = os.environ.get("PYRUNV_CONFIG") or config_mod.DEFAULT_PATH
+        lines.append(Line("ok", "config", f"{where}" + ("" if os.path.exists(where) else " (absent: defaults)")))
+    except PyrunvError as e:
+        return [Line("fail", "config", e.message, "correct the file (docs/configuration.md)")]
+
+    qemu = _version([config.qemu])
+    lines.append(Line("fail", "qemu", f"{config.qemu}: {qemu[1:]}", "apt-get install qemu-system-x86, or set qemu")
+                 if qemu.startswith("!") else Line("ok", "qemu", f"{config.qemu}: {qemu}"))
+    virtiofsd = _version([config.virtiofsd])
+    if virtiofsd.startswith("!"):
+        lines.append(Line("fail", "virtiofsd", f"{config.virtiofsd}: {virtiofsd[1:]}",
+                          "apt-get install qemu-system-common (Debian 12) or virtiofsd, or set virtiofsd"))
+    else:
+        lines.append(Line("ok", "virtiofsd", f"{config.virtiofsd}: {virtiofsd}"))
+    lines.append(_checkpoint(qemu, virtiofsd))
+    lines += _guest(config)
+    if not any(line.level == "fail" for line in lines):
+        lines += _accelerators(config)
+    lines += [_device("/dev/net/tun", "warning", "containers get no network", "modprobe tun"),
+              _device("/dev/vhost-net", "warning", "not used yet: the NIC's data goes through QEMU", "modprobe vhost_net"),
+              _device("/dev/vhost-vsock", "warning", "not used yet: the agent talks over virtio-serial",
+                      "modprobe vhost_vsock")]
+    lines.append(_cgroups())
+    lines.append(_memfd())
+    return lines
+
+
+def _checkpoint(qemu: str, virtiofsd: str) -> Line:
+    # QEMU's own C virtiofsd says "virtiofsd version 7.2.x"; the Rust one, which can migrate, "virtiofsd 1.13.2".
+    rust = "version" not in virtiofsd.split()
+    found = (f"QEMU {'.'.join(map(str, _numbers(qemu)))}, "
+             f"{'' if rust else 'the C '}virtiofsd {'.'.join(map(str, _numbers(virtiofsd)))}")
+    if _numbers(qemu) >= CHECKPOINT_QEMU and rust and _numbers(virtiofsd) >= CHECKPOINT_VIRTIOFSD:
+        return Line("ok", "checkpoint", f"possible with {found}, not yet implemented")
+    return Line("warning", "checkpoint", f"not possible with {found}: saving a VM with virtio-fs needs QEMU >= 8.2 "
+                "and the Rust virtiofsd >= 1.11", "Debian 13's qemu-system-x86 and virtiofsd")
+
+
+def _guest(config) -> list:
+    missing = [path for path in (config.kernel, config.initrd) if not os.path.isfile(path)]
+    if missing:
+        return [Line("fail", "guest", f"{', '.join(missing)} missing", "tools/setup, or kernel/build.sh")]
+    built = os.path.join(os.path.dirname(config.initrd), "build.txt")
+    if not os.path.exists(BUILD):
+        return [Line("ok", "guest", f"{config.kernel}, {config.initrd} (no checkout here to compare with)")]
+    try:
+        with open(built) as f:
+            installed = f.read().strip()
+        wanted = subprocess.run([BUILD, "--keys"], capture_output=True, text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return [Line("warning", "guest", f"cannot tell whether it matches the checkout: {e}", "kernel/build.sh")]
+    if installed != wanted:
+        return [Line("warning", "guest", f"built from other sources ({installed}) than the checkout's ({wanted})",
+                     "kernel/build.sh")]
+    return [Line("ok", "guest", f"{installed}, as the checkout builds it")]
+
+
+def _accelerators(config) -> list:
+    from . import plan as plan_mod, vm
+    plan = plan_mod.VmPlan(machine=config.machine, accel="auto", vcpus=1, memory_mib=config.memory_mib,
+                           kernel=config.kernel, initrd=config.initrd, kernel_params=config.kernel_params,
+                           shared=(), init_records=b"")
+    kvm = os.path.exists("/dev/kvm") and vm.probe(config, plan, "kvm")
+    if not os.path.exists("/dev/kvm"):
+        line = Line("warning", "kvm", "no /dev/kvm: the VMs run under TCG, much slower",
+                    "load kvm_intel or kvm_amd; enable nested virtualisation in a VM")
+    elif kvm:
+        line = Line("ok", "kvm", "the probe guest boots under KVM")
+    else:
+        line = Line("warning", "kvm", "/dev/kvm opens but the probe guest does not boot under it (a PVM or broken "
+                    "nested KVM): the VMs run under TCG", "a host whose KVM runs standard guests")
+    tcg = vm.probe(config, plan, "tcg", deadline=30)
+    return [line, Line("ok", "tcg", "the probe guest boots under TCG") if tcg else
+            Line("warning" if kvm else "fail", "tcg", "the probe guest does not boot under TCG"),
+            Line("ok" if kvm or tcg else "fail", "accelerator",
+                 f"containers run under {'KVM' if kvm else 'TCG' if tcg else 'nothing'}")]
+
+
+def _device(path: str, level: str, without: str, fix: str) -> Line:
+    if os.path.exists(path):
+        return Line("ok", os.path.basename(path), path)
+    return Line(level, os.path.basename(path), f"{path} missing: {without}", fix)
+
+
+def _cgroups() -> Line:
+    from . import cgroups
+    try:
+        found = cgroups.hierarchies()
+    except OSError as e:
+        return Line("warning", "cgroups", f"cannot read the mounts: {e.strerror}")
+    if not found:
+        return Line("warning", "cgroups", "no cgroup hierarchy mounted: cgroupsPath cannot be honoured",
+                    "mount cgroup2 on /sys/fs/cgroup")
+    version = cgroups.version()
+    return Line("ok", "cgroups", f"v{version}" + (f" ({', '.join(sorted(found))})" if version == 1 else ""))
+
+
+def _memfd() -> Line:
+    try:
+        os.close(os.memfd_create("pyrunv-check"))
+    except OSError as e:
+        return Line("fail", "memfd", f"memfd_create: {e.strerror}: the guest's memory cannot be shared with virtiofsd")
+    return Line("ok", "memfd", "memfd_create works")
