@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the guest: a minimal kernel and the agent's initrd, cached by a hash of their inputs.
-#   PYRUNV_KERNEL_SRC  kernel source: a tree or a .tar.xz (default: Debian's linux-source-6.1)
+#   PYRUNV_KERNEL_SRC  kernel source: a tree or a .tar.xz (default: Debian's linux-source-*.tar.xz, the newest)
 #   PYRUNV_CACHE       build cache, outside the work tree (default: /var/cache/pyrunv)
 #   PYRUNV_GUEST_DIR   where the runtime finds vmlinux, bzImage and initrd.img (default: /var/lib/pyrunv/guest)
 #   CC, AGENT_CC       compilers for the kernel (default: gcc) and the static agent (default: musl-gcc)
@@ -8,7 +8,7 @@
 # a build writes them to PYRUNV_GUEST_DIR/build.txt, where `pyrunv check` compares them.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-src=${PYRUNV_KERNEL_SRC:-/usr/src/linux-source-6.1.tar.xz}
+src=${PYRUNV_KERNEL_SRC:-$(ls /usr/src/linux-source-*.tar.xz 2>/dev/null | sort -V | tail -n 1)}
 cache=${PYRUNV_CACHE:-/var/cache/pyrunv}
 dest=${PYRUNV_GUEST_DIR:-/var/lib/pyrunv/guest}
 cc=${CC:-gcc}

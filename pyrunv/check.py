@@ -2,7 +2,6 @@
 with the fix; a fail means containers cannot run."""
 import dataclasses
 import os
-import re
 import subprocess
 
 from . import config as config_mod
@@ -10,8 +9,6 @@ from .errors import PyrunvError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.path.join(REPO, "kernel", "build.sh")
-CHECKPOINT_QEMU = (8, 2)      # QEMU that migrates a vhost-user-fs device
-CHECKPOINT_VIRTIOFSD = (1, 11)  # virtiofsd that migrates its state (--migration-mode)
 
 
 @dataclasses.dataclass
@@ -25,20 +22,6 @@ class Line:
         return f"{self.level:<8}{self.name}: {self.detail}" + (f" (fix: {self.fix})" if self.fix else "")
 
 
-def _version(argv: list) -> str:
-    try:
-        result = subprocess.run(argv + ["--version"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"!{getattr(e, 'strerror', None) or e}"
-    first = (result.stdout or result.stderr).strip().splitlines()
-    return first[0] if first and result.returncode == 0 else f"!exit status {result.returncode}"
-
-
-def _numbers(text: str) -> tuple:
-    found = re.search(r"(\d+)\.(\d+)", text)
-    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
-
-
 def run() -> list:
     lines = []
     try:
@@ -48,16 +31,18 @@ def run() -> list:
     except PyrunvError as e:
         return [Line("fail", "config", e.message, "correct the file (docs/configuration.md)")]
 
-    qemu = _version([config.qemu])
-    lines.append(Line("fail", "qemu", f"{config.qemu}: {qemu[1:]}", "apt-get install qemu-system-x86, or set qemu")
-                 if qemu.startswith("!") else Line("ok", "qemu", f"{config.qemu}: {qemu}"))
-    virtiofsd = _version([config.virtiofsd])
-    if virtiofsd.startswith("!"):
-        lines.append(Line("fail", "virtiofsd", f"{config.virtiofsd}: {virtiofsd[1:]}",
-                          "apt-get install qemu-system-common (Debian 12) or virtiofsd, or set virtiofsd"))
-    else:
-        lines.append(Line("ok", "virtiofsd", f"{config.virtiofsd}: {virtiofsd}"))
-    lines.append(_checkpoint(qemu, virtiofsd))
+    from . import vm
+    for name, binary, fix in (("qemu", config.qemu, "apt-get install qemu-system-x86, or set qemu"),
+                              ("virtiofsd", config.virtiofsd, "apt-get install qemu-system-common (Debian 12) "
+                               "or virtiofsd (Debian 13), or set virtiofsd")):
+        try:
+            lines.append(Line("ok", name, f"{binary}: {vm.version(binary)}"))
+        except PyrunvError as e:
+            lines.append(Line("fail", name, e.message, fix))
+    if not any(line.level == "fail" for line in lines):
+        refusal = vm.checkpoint_refusal(config)
+        lines.append(Line("warning", "checkpoint", f"not possible: {refusal}", "Debian 13's QEMU and virtiofsd")
+                     if refusal else Line("ok", "checkpoint", "possible with this QEMU and virtiofsd"))
     lines += _guest(config)
     if not any(line.level == "fail" for line in lines):
         lines += _accelerators(config)
@@ -68,17 +53,6 @@ def run() -> list:
     lines.append(_cgroups())
     lines.append(_memfd())
     return lines
-
-
-def _checkpoint(qemu: str, virtiofsd: str) -> Line:
-    # QEMU's own C virtiofsd says "virtiofsd version 7.2.x"; the Rust one, which can migrate, "virtiofsd 1.13.2".
-    rust = "version" not in virtiofsd.split()
-    found = (f"QEMU {'.'.join(map(str, _numbers(qemu)))}, "
-             f"{'' if rust else 'the C '}virtiofsd {'.'.join(map(str, _numbers(virtiofsd)))}")
-    if _numbers(qemu) >= CHECKPOINT_QEMU and rust and _numbers(virtiofsd) >= CHECKPOINT_VIRTIOFSD:
-        return Line("ok", "checkpoint", f"possible with {found}, not yet implemented")
-    return Line("warning", "checkpoint", f"not possible with {found}: saving a VM with virtio-fs needs QEMU >= 8.2 "
-                "and the Rust virtiofsd >= 1.11", "Debian 13's qemu-system-x86 and virtiofsd")
 
 
 def _guest(config) -> list:

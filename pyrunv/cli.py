@@ -343,6 +343,47 @@ def spec(bundle, rootless):
 
 
 @cli.command()
+@click.option("--image-path", required=True, help="directory for the saved VM")
+@click.option("--work-path", help="accepted: a VM's state needs no work directory")
+@click.option("--leave-running", is_flag=True, help="keep the container running afterwards")
+@click.option("--parent-path", hidden=True)
+@click.option("--tcp-established", is_flag=True, hidden=True)
+@click.option("--ext-unix-sk", is_flag=True, hidden=True)
+@click.option("--shell-job", is_flag=True, hidden=True)
+@click.option("--file-locks", is_flag=True, hidden=True)
+@click.option("--manage-cgroups-mode", hidden=True)
+@click.argument("container_id")
+@pass_ctx
+def checkpoint(obj, image_path, work_path, leave_running, parent_path, tcp_established, ext_unix_sk, shell_job,
+               file_locks, manage_cgroups_mode, container_id):
+    """Checkpoint the container: save its whole VM (needs QEMU >= 8.2 and the Rust virtiofsd >= 1.11)."""
+    obj.container(container_id).checkpoint()
+
+
+@cli.command()
+@click.option("--image-path", required=True, help="directory of a saved VM")
+@click.option("-b", "--bundle", default=".", help="path to the bundle directory")
+@click.option("--work-path", help="accepted: a VM's state needs no work directory")
+@click.option("-d", "--detach", is_flag=True, help="detach from the container's process")
+@click.option("--pid-file", help="file to write the container's pid-file process's pid to")
+@click.option("--console-socket", help="AF_UNIX socket that receives the pty master")
+@click.option("--tcp-established", is_flag=True, hidden=True)
+@click.option("--ext-unix-sk", is_flag=True, hidden=True)
+@click.option("--shell-job", is_flag=True, hidden=True)
+@click.option("--file-locks", is_flag=True, hidden=True)
+@click.option("--manage-cgroups-mode", hidden=True)
+@click.option("--no-subreaper", is_flag=True, hidden=True)
+@click.option("--no-pivot", is_flag=True, hidden=True)
+@click.argument("container_id")
+@pass_ctx
+def restore(obj, image_path, bundle, work_path, detach, pid_file, console_socket, tcp_established, ext_unix_sk,
+            shell_job, file_locks, manage_cgroups_mode, no_subreaper, no_pivot, container_id):
+    """Restore a container from a checkpoint: its VM resumes where it was saved."""
+    from . import container
+    container.restore(obj.store, container_id, image_path)
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True, help="the lines as a JSON list")
 def check(as_json):
     """Check whether this host can run pyrunv's containers, and how well; exit 1 if it cannot."""

@@ -14,7 +14,9 @@ ACCELS = ("auto", "kvm", "tcg")
 @dataclasses.dataclass
 class Config:
     qemu: str = "/usr/bin/qemu-system-x86_64"
-    virtiofsd: str = "/usr/lib/qemu/virtiofsd"
+    # Debian 13's Rust virtiofsd, else Debian 12's C one, which came with QEMU (vm.virtiofsd knows both).
+    virtiofsd: str = next((p for p in ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd") if os.path.exists(p)),
+                          "/usr/lib/qemu/virtiofsd")
     kernel: str = os.path.join(GUEST_DIR, "vmlinux")
     initrd: str = os.path.join(GUEST_DIR, "initrd.img")
     vcpus: int = 1

@@ -128,6 +128,9 @@ class Container:
         for other in pod_members(self.store, sandbox.id):
             idents[other.record.pid] = other.record.ident
         plan = plan_mod.container(spec, share_prefix=f"{self.id}/", joins=pod.joins(spec.namespaces, idents))
+        if plan.disks:
+            raise PyrunvError(f"container {self.id}: a block device of the host reaches a VM at its boot only; "
+                              f"the VM of pod {sandbox.id} runs already")
         # The VM's monitor lives in a mount namespace copied before the engine mounted this container's rootfs:
         # copies of the mount trees carry them there.
         trees = []
@@ -198,8 +201,9 @@ class Container:
             config = config_mod.load()
             merged = resources.merge(resources.Resources(**self.record.resources), limits)
             memory_mib = 0
-            if self.record.memory_mib and limits.memory_limit:
-                memory_mib = plan_mod.vm_memory_mib(merged.memory_limit, config)
+            if self.record.memory_mib and limits.memory_limit:  # without a limit, the VM's boot size again
+                memory_mib = (self.record.memory_mib if merged.memory_limit == resources.UNLIMITED
+                              else plan_mod.vm_memory_mib(merged.memory_limit, config))
                 if memory_mib > self.record.memory_mib:
                     raise PyrunvError(
                         f"cannot update {self.id}: a memory limit of {merged.memory_limit >> 20} MiB needs a VM of "
@@ -241,6 +245,17 @@ class Container:
             except PyrunvError as e:
                 log.debug("kmsg of %s: %s", owner.id, e)  # what the console has so far is still worth showing
         vmaccess.console(owner.vm_dir, follow, lambda: owner.status is not Status.STOPPED)
+
+    def checkpoint(self) -> None:
+        """A VM's saved state, where its QEMU and virtiofsd can save one; otherwise refused, the container
+        untouched."""
+        from . import config as config_mod, vm
+        self._check("checkpoint")
+        if self.record.sandbox:
+            raise PyrunvError(f"cannot checkpoint {self.id}: it runs in the VM of pod {self.record.sandbox}")
+        refusal = vm.checkpoint_refusal(config_mod.load())
+        raise PyrunvError(f"cannot checkpoint {self.id}: "
+                          + (refusal or "this version of pyrunv saves no VM yet"))
 
     def processes(self) -> list:
         self._check("ps")
@@ -304,3 +319,18 @@ def write_pid_file(path: str | None, pid: int) -> None:
         os.rename(tmp, path)
     except OSError as e:
         raise PyrunvError(f"cannot write pid file {path}: {e.strerror}") from None
+
+
+CHECKPOINT_FILE = "pyrunv-checkpoint.json"
+
+
+def restore(store: state.Store, container_id: str, image_path: str) -> None:
+    """What `restore` can check before it would start a VM from a checkpoint."""
+    from . import config as config_mod, vm
+    state.validate_id(container_id)
+    if store.exists(container_id):
+        raise PyrunvError(f"container with id exists: {container_id}")
+    if not os.path.isfile(os.path.join(image_path, CHECKPOINT_FILE)):
+        raise PyrunvError(f"{image_path} is not a pyrunv checkpoint: it has no {CHECKPOINT_FILE}")
+    refusal = vm.checkpoint_refusal(config_mod.load())
+    raise PyrunvError(f"cannot restore {container_id}: " + (refusal or "this version of pyrunv restores no VM yet"))

@@ -56,6 +56,12 @@ ANNOTATIONS = {
 
 
 def features() -> dict:
+    from . import config as config_mod, vm
+    from .errors import PyrunvError
+    try:
+        refusal = vm.checkpoint_refusal(config_mod.load())
+    except PyrunvError as e:
+        refusal = e.message
     return {
         "ociVersionMin": "1.0.0",
         "ociVersionMax": "1.0.2",
@@ -77,5 +83,7 @@ def features() -> dict:
         "annotations": {
             "io.github.pyrunv.vm": "each container runs in a QEMU virtual machine: its own, or its pod's sandbox's",
             **{config.ANNOTATION_PREFIX + k: v for k, v in ANNOTATIONS.items()},
+            # checkpoint and restore save and resume the whole VM, where this host's QEMU and virtiofsd can
+            "io.pyrunv.checkpoint": f"not available: {refusal}" if refusal else "available",
         },
     }

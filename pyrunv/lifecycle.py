@@ -21,6 +21,7 @@ TRANSITIONS: dict[str, tuple[frozenset[Status], Status | None]] = {
     "kill": (frozenset({S.CREATED, S.RUNNING, S.PAUSED}), None),
     "exec": (frozenset({S.CREATED, S.RUNNING}), None),
     "update": (frozenset({S.CREATED, S.RUNNING, S.PAUSED}), None),
+    "checkpoint": (frozenset({S.RUNNING, S.PAUSED}), None),  # runc: CRIU dumps a frozen container too
     # A frozen VM cannot answer: ps and events need it running (or created).
     "ps": (frozenset({S.CREATED, S.RUNNING}), None),
     "events": (frozenset({S.CREATED, S.RUNNING}), None),

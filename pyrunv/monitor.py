@@ -30,7 +30,8 @@ def main(data: dict, report_fd: int) -> None:
         logs.configure(**data["log"])
         plan_data = data["plan"]
         plan = VmPlan(**dict(plan_data, init_records=bytes.fromhex(plan_data["init_records"]),
-                             shared=tuple(SharedPath(**shared) for shared in plan_data["shared"])))
+                             shared=tuple(SharedPath(**shared) for shared in plan_data["shared"]),
+                             disks=tuple(map(tuple, plan_data["disks"]))))
         size = data["console_size"]
         monitor = Monitor(state.Store(data["root"]), state.Record(**data["record"]), plan, Config(**data["config"]),
                           data["terminal"], data["console_socket"], tuple(size) if size else None)
@@ -154,12 +155,23 @@ class Monitor:
             tap_fd, self.tap_name = network.make_tap()
             tap = stack.enter_context(open(tap_fd, "rb", buffering=0))
             handed.append(tap)
+        # The host's block devices, opened here: QEMU may run as a user who could not open them. QEMU takes
+        # from the fd set the fd whose access mode it asks for: read-only to probe, then read-write.
+        disks = []
+        for path, serial in self.plan.disks:
+            try:
+                disks.append(([stack.enter_context(open(path, mode, buffering=0)).fileno() for mode in ("rb", "r+b")],
+                              serial))
+            except OSError as e:
+                raise PyrunvError(f"cannot open block device {path}: {e.strerror}") from None
         argv = vm.qemu_argv(self.config, self.plan, accel, agent_fd=agent_guest.fileno(),
                             qmp_fd=qmp_guest.fileno(), fs_fd=fs_client.fileno(), console_fd=console,
-                            tap_fd=tap.fileno() if tap else None, user_qmp_fd=user_qmp.fileno())
+                            tap_fd=tap.fileno() if tap else None, user_qmp_fd=user_qmp.fileno(), disks=disks)
         log.debug("starting %s", " ".join(argv))
         self.qemu = stack.enter_context(vm.Daemon(
-            "qemu", argv, [f.fileno() for f in handed] + [console], self.path("qemu.log"), user=self.config.qemu_user))
+            "qemu", argv, [f.fileno() for f in handed] + [console] + [fd for fds, _ in disks for fd in fds],
+            self.path("qemu.log"),
+            user=self.config.qemu_user))
         for s in [listener] + handed:
             s.close()
         with open(self.path("helpers.json"), "w") as f:

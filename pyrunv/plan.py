@@ -36,6 +36,7 @@ class VmPlan:
     shared: tuple           # SharedPath, the rootfs first
     init_records: bytes     # the agent's CREATE payload
     network_namespace: str | None = None  # where the monitor and QEMU live (see hostmount)
+    disks: tuple = ()       # (host block device, serial): virtio-blk disks for the spec's block devices
 
 
 def records(pairs) -> bytes:
@@ -104,6 +105,7 @@ class ContainerPlan:
     """One container inside a VM: what the share must hold for it, and the agent's CREATE records."""
     shared: tuple           # SharedPath, the rootfs first
     records: bytes
+    disks: tuple = ()       # (host block device, serial in the guest)
 
 
 def container(spec: Spec, share_prefix: str = "", joins=()) -> ContainerPlan:
@@ -128,7 +130,25 @@ def container(spec: Spec, share_prefix: str = "", joins=()) -> ContainerPlan:
         pairs.append(("mount", mount_record(m, name)))
     pairs += [("masked", p) for p in spec.masked_paths] + [("readonly", p) for p in spec.readonly_paths]
     pairs += [("sysctl", f"{k}={v}") for k, v in spec.sysctl]
-    return ContainerPlan(shared=tuple(shared), records=records(pairs))
+    disks = []
+    for d in spec.devices:
+        serial = ""
+        if d.type == "b":  # the host's device, as a virtio-blk disk the agent finds by its serial
+            serial = f"pyrunv{len(disks)}"
+            disks.append((host_block_device(d), serial))
+        pairs.append(("device", f"{d.type} {d.major} {d.minor} {d.mode:o} {d.uid} {d.gid} {d.path} {serial}".rstrip()))
+    return ContainerPlan(shared=tuple(shared), records=records(pairs), disks=tuple(disks))
+
+
+def host_block_device(device) -> str:
+    """The host's block device with the spec's numbers (engines name devices by numbers, not paths)."""
+    try:
+        with open(f"/sys/dev/block/{device.major}:{device.minor}/uevent") as f:
+            name = dict(line.strip().split("=", 1) for line in f if "=" in line)["DEVNAME"]
+    except (OSError, KeyError):
+        raise PyrunvError(f"linux.devices {device.path}: no block device {device.major}:{device.minor} "
+                          "on the host") from None
+    return "/dev/" + name
 
 
 # What containerd's CRI plugin says of a pod's resources in the sandbox's spec (where it knows them).
@@ -173,4 +193,4 @@ def make(spec: Spec, config: config_mod.Config) -> VmPlan:
         machine=sized.machine, accel=sized.accel, vcpus=int(sized.vcpus), memory_mib=int(sized.memory_mib),
         kernel=sized.kernel, initrd=config.initrd,
         kernel_params=" ".join(p for p in (config.kernel_params, extra_params) if p),
-        shared=init.shared, init_records=init.records, network_namespace=spec.network_namespace)
+        shared=init.shared, init_records=init.records, network_namespace=spec.network_namespace, disks=init.disks)

@@ -8,9 +8,12 @@ MIB = 1 << 20
 INT64_MAX = (1 << 63) - 1
 
 
+UNLIMITED = -1  # in an update: lift the limit
+
+
 @dataclasses.dataclass(frozen=True)
 class Resources:
-    memory_limit: int = 0        # bytes; 0: none
+    memory_limit: int = 0        # bytes; 0: not set (in an update: unchanged), UNLIMITED: none
     memory_reservation: int = 0
     memory_swap: int = 0         # memory + swap, as the runtime spec counts it; the guest has no swap
     cpu_shares: int = 0
@@ -21,9 +24,12 @@ class Resources:
     pids_limit: int = 0
 
 
-def _limit(section: dict, key: str, what: str) -> int:
-    """A limit as the runtime spec gives it: absent, 0 or -1 mean none; other negatives are refused."""
+def _limit(section: dict, key: str, what: str, update: bool) -> int:
+    """A limit as the runtime spec gives it: absent or 0 mean none, and so does -1 (which an update keeps, as
+    UNLIMITED: it lifts the limit in force); other negatives are refused."""
     value = section.get(key)
+    if value == -1 and update and key in ("limit", "quota"):
+        return UNLIMITED
     if value is None or value in (0, -1):
         return 0
     if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= INT64_MAX:
@@ -32,21 +38,21 @@ def _limit(section: dict, key: str, what: str) -> int:
     return value
 
 
-def parse(resources: dict, where: str = "linux.resources") -> Resources:
+def parse(resources: dict, where: str = "linux.resources", update: bool = False) -> Resources:
     memory, cpu, pids = (resources.get(k) or {} for k in ("memory", "cpu", "pids"))
     for name, section in (("memory", memory), ("cpu", cpu), ("pids", pids)):
         if not isinstance(section, dict):
             raise PyrunvError(f"invalid {where}.{name}: not an object")
     parsed = Resources(
-        memory_limit=_limit(memory, "limit", f"{where}.memory.limit"),
-        memory_reservation=_limit(memory, "reservation", f"{where}.memory.reservation"),
-        memory_swap=_limit(memory, "swap", f"{where}.memory.swap"),
-        cpu_shares=_limit(cpu, "shares", f"{where}.cpu.shares"),
-        cpu_quota=_limit(cpu, "quota", f"{where}.cpu.quota"),
-        cpu_period=_limit(cpu, "period", f"{where}.cpu.period"),
+        memory_limit=_limit(memory, "limit", f"{where}.memory.limit", update),
+        memory_reservation=_limit(memory, "reservation", f"{where}.memory.reservation", update),
+        memory_swap=_limit(memory, "swap", f"{where}.memory.swap", update),
+        cpu_shares=_limit(cpu, "shares", f"{where}.cpu.shares", update),
+        cpu_quota=_limit(cpu, "quota", f"{where}.cpu.quota", update),
+        cpu_period=_limit(cpu, "period", f"{where}.cpu.period", update),
         cpuset_cpus=str(cpu.get("cpus") or ""), cpuset_mems=str(cpu.get("mems") or ""),
-        pids_limit=_limit(pids, "limit", f"{where}.pids.limit"))
-    if parsed.memory_limit and parsed.memory_limit < 4 * MIB:
+        pids_limit=_limit(pids, "limit", f"{where}.pids.limit", update))
+    if 0 < parsed.memory_limit < 4 * MIB:
         raise PyrunvError(f"invalid {where}.memory.limit: {parsed.memory_limit} is below the 4 MiB a process needs")
     if parsed.cpu_period and not 1000 <= parsed.cpu_period <= 1000000:
         raise PyrunvError(f"invalid {where}.cpu.period: {parsed.cpu_period} is not between 1000 and 1000000")
@@ -64,17 +70,21 @@ def cpu_weight(shares: int) -> int:
     return min(10000, max(1, 1 + ((max(shares, 2) - 2) * 9999) // 262142))
 
 
+def _max(value: int):
+    return "max" if value == UNLIMITED else value
+
+
 def guest_files(r: Resources) -> list:
     """(file, value) of the container's cgroup in the guest (cgroup v2) for what the limits set."""
     files = []
     if r.memory_limit:
-        files.append(("memory.max", r.memory_limit))
+        files.append(("memory.max", _max(r.memory_limit)))
     if r.memory_reservation:
         files.append(("memory.low", r.memory_reservation))
     if r.pids_limit:
-        files.append(("pids.max", r.pids_limit))
+        files.append(("pids.max", _max(r.pids_limit)))
     if r.cpu_quota or r.cpu_period:
-        files.append(("cpu.max", f"{r.cpu_quota or 'max'} {r.cpu_period or 100000}"))
+        files.append(("cpu.max", f"{_max(r.cpu_quota or UNLIMITED)} {r.cpu_period or 100000}"))
     if r.cpu_shares:
         files.append(("cpu.weight", cpu_weight(r.cpu_shares)))
     return files
@@ -92,12 +102,12 @@ def host_files(r: Resources, version: int, memory_mib: int, overhead_mib: int, p
     files = []
     if r.memory_limit:
         limit = (memory_mib + overhead_mib) * MIB if memory_mib else r.memory_limit
-        files.append(("memory.limit_in_bytes" if version == 1 else "memory.max", limit))
+        files.append(("memory.limit_in_bytes", limit) if version == 1 else ("memory.max", _max(limit)))
     if r.cpu_quota or r.cpu_period:
         if version == 1:
             files += [("cpu.cfs_period_us", r.cpu_period or 100000), ("cpu.cfs_quota_us", r.cpu_quota or -1)]
         else:
-            files.append(("cpu.max", f"{r.cpu_quota or 'max'} {r.cpu_period or 100000}"))
+            files.append(("cpu.max", f"{_max(r.cpu_quota or UNLIMITED)} {r.cpu_period or 100000}"))
     if r.cpu_shares:
         files.append(("cpu.shares", r.cpu_shares) if version == 1 else ("cpu.weight", cpu_weight(r.cpu_shares)))
     if r.cpuset_cpus:
@@ -105,7 +115,7 @@ def host_files(r: Resources, version: int, memory_mib: int, overhead_mib: int, p
     if r.cpuset_mems:
         files.append(("cpuset.mems", r.cpuset_mems))
     if r.pids_limit:
-        files.append(("pids.max", pids))
+        files.append(("pids.max", "max" if r.pids_limit == UNLIMITED else pids))
     return files
 
 
@@ -130,4 +140,4 @@ def from_update(document: dict | None, flags: dict) -> Resources:
     for (section, key), value in flags.items():
         if value is not None:
             document[section] = dict(document.get(section) or {}, **{key: value})
-    return parse(document, "update")
+    return parse(document, "update", update=True)

@@ -54,6 +54,17 @@ class Mount:
 
 
 @dataclasses.dataclass(frozen=True)
+class Device:
+    path: str        # in the container
+    type: str        # c, b, u or p
+    major: int = 0
+    minor: int = 0
+    mode: int = 0o666
+    uid: int = 0
+    gid: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class Spec:
     bundle: str
     rootfs: str
@@ -70,6 +81,7 @@ class Spec:
     cgroups_path: str = ""
     network_namespace: str | None = None  # None: the host's; "": a new one; else the path to join
     namespaces: tuple = ()           # (type, path) as the spec lists them; path "" for a new one
+    devices: tuple = ()              # Device
     uid_mappings: tuple = ()         # (containerID, hostID, size) of a new user namespace
     gid_mappings: tuple = ()
 
@@ -204,4 +216,8 @@ def load(bundle: str) -> Spec:
         annotations=dict(document.get("annotations", {})),
         resources=resources_mod.parse(resources), cgroups_path=linux.get("cgroupsPath", ""),
         network_namespace=network[0] if network else None, namespaces=namespaces,
-        uid_mappings=mappings["uidMappings"], gid_mappings=mappings["gidMappings"])
+        uid_mappings=mappings["uidMappings"], gid_mappings=mappings["gidMappings"],
+        # podman's fileMode carries the type bits too (0o60600 for a block device): the type is the entry's.
+        devices=tuple(Device(d["path"], d["type"], d.get("major", 0), d.get("minor", 0),
+                             d.get("fileMode", 0o666) & 0o7777, d.get("uid", 0), d.get("gid", 0))
+                      for d in linux.get("devices", ())))

@@ -4,6 +4,7 @@ import ctypes
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import socket
@@ -97,10 +98,19 @@ def unprivileged(user: str) -> dict:
     return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": groups}
 
 
+def is_c_virtiofsd(version_line: str) -> bool:
+    """QEMU's own C virtiofsd (Debian 12) says "virtiofsd version 7.2.x"; the Rust one "virtiofsd 1.13.2"."""
+    return "version" in version_line.split()
+
+
 def virtiofsd(config: Config, share_dir: str, listen_fd: int, log_path: str) -> Daemon:
-    # C virtiofsd (Debian 12): namespace sandbox by default; it pivots into the share.
-    argv = [config.virtiofsd, f"--fd={listen_fd}", "-o", f"source={share_dir}", "-o", "cache=auto",
-            "-o", "announce_submounts", "--thread-pool-size=1"]
+    """Either virtiofsd, each with its own flags; both sandbox themselves in namespaces, in the share."""
+    if is_c_virtiofsd(version(config.virtiofsd)):
+        argv = [config.virtiofsd, f"--fd={listen_fd}", "-o", f"source={share_dir}", "-o", "cache=auto",
+                "-o", "announce_submounts", "--thread-pool-size=1"]
+    else:
+        argv = [config.virtiofsd, f"--fd={listen_fd}", f"--shared-dir={share_dir}", "--cache=auto",
+                "--announce-submounts", "--thread-pool-size=1", "--sandbox=namespace"]
     return Daemon("virtiofsd", argv, (listen_fd,), log_path)
 
 
@@ -140,7 +150,7 @@ TCG_CPU = "max,-erms,-fsrm"
 
 def qemu_argv(config: Config, plan: VmPlan, accel: str, *, agent_fd: int, qmp_fd: int, fs_fd: int | None,
               console_fd: int, tap_fd: int | None = None, user_qmp_fd: int | None = None,
-              extra_params: str = "") -> list:
+              disks=(), extra_params: str = "") -> list:
     """Every file QEMU needs besides the kernel and initrd comes as an fd, so that it can run as an
     unprivileged user who cannot open the 0700 state directory."""
     tcg = f"tcg,thread={'multi' if plan.vcpus > 1 else 'single'},tb-size={config.tcg_tb_size_mib}"
@@ -168,6 +178,11 @@ def qemu_argv(config: Config, plan: VmPlan, accel: str, *, agent_fd: int, qmp_fd
     if user_qmp_fd is not None:
         argv += ["-chardev", f"socket,id=userqmp,fd={user_qmp_fd},server=on,wait=off",
                  "-mon", "chardev=userqmp,mode=control"]
+    for number, (fds, serial) in enumerate(disks, start=2):  # fd set 1 is the console's
+        for fd in fds:
+            argv += ["-add-fd", f"fd={fd},set={number}"]
+        argv += ["-drive", f"file=/dev/fdset/{number},file.driver=host_device,format=raw,if=none,id={serial}",
+                 "-device", f"{device(plan, 'virtio-blk')},drive={serial},serial={serial}"]
     if tap_fd is not None:
         argv += ["-netdev", f"tap,id=net,fd={tap_fd}", "-device", f"{device(plan, 'virtio-net')},netdev=net"]
     return argv
@@ -199,6 +214,39 @@ def probe(config: Config, plan: VmPlan, accel: str, deadline: float = 5.0) -> bo
                     return b"pyrunv-agent: probe ok" in f.read()
             except FileNotFoundError:
                 return False  # QEMU refused to start with this accelerator
+
+
+def version(binary: str) -> str:
+    """The first line `binary --version` prints; the user's error if it cannot say."""
+    try:
+        result = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise PyrunvError(f"{binary}: {getattr(e, 'strerror', None) or e}") from None
+    lines = (result.stdout or result.stderr).strip().splitlines()
+    if result.returncode or not lines:
+        raise PyrunvError(f"{binary}: --version gave exit status {result.returncode}")
+    return lines[0]
+
+
+def _numbers(text: str) -> tuple:
+    found = re.search(r"(\d+)\.(\d+)", text)
+    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+
+
+CHECKPOINT_QEMU = (8, 2)        # QEMU that migrates a vhost-user-fs device
+CHECKPOINT_VIRTIOFSD = (1, 11)  # the Rust virtiofsd that migrates its state (--migration-mode)
+
+
+def checkpoint_refusal(config: Config) -> str | None:
+    """Why this host's QEMU and virtiofsd cannot save a VM with its virtio-fs share; None if they can."""
+    qemu, virtiofsd = version(config.qemu), version(config.virtiofsd)
+    rust = not is_c_virtiofsd(virtiofsd)
+    found = (f"QEMU {'.'.join(map(str, _numbers(qemu)))} and {'the Rust' if rust else 'the C'} "
+             f"virtiofsd {'.'.join(map(str, _numbers(virtiofsd)))}")
+    if _numbers(qemu) >= CHECKPOINT_QEMU and rust and _numbers(virtiofsd) >= CHECKPOINT_VIRTIOFSD:
+        return None
+    return (f"saving a VM with its virtio-fs share needs QEMU >= 8.2 and the Rust virtiofsd >= 1.11 "
+            f"(Debian 13's); this host has {found}")
 
 
 VERDICT_PATH = "/run/pyrunv-accel.json"  # tmpfs: a reboot or a new kvm module asks again

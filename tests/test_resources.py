@@ -131,6 +131,8 @@ def test_update_on_running_paused_and_stopped_containers(runtime, bundle, cgroup
     assert wait_until(lambda: guest_memory_max(runtime, "upd") == str(100 * MIB).encode())
     assert runtime("exec", "upd", "cat", "/sys/fs/cgroup/pids.max", check=True).stdout.strip() == b"50"
 
+    runtime("update", "--memory", "-1", "upd", check=True)  # lifts the limit: the VM's boot size again
+    assert guest_memory_max(runtime, "upd") == b"max"
     refused = runtime("update", "--memory", "1g", "upd")
     assert "cannot update upd: a memory limit of 1024 MiB needs a VM of 1056 MiB, beyond the 160 MiB it booted" \
         in one_line_error(refused)

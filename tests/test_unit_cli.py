@@ -127,6 +127,15 @@ def test_features_lists_pyrunvs_annotations(root):
         f"io.pyrunv.vm.{k}" for k in ("memory_mib", "vcpus", "kernel_params", "machine", "accel", "kernel")}
     assert "CAP_SYS_ADMIN" in features["linux"]["capabilities"]
     assert features["ociVersionMax"] == "1.0.2"
+    assert features["linux"]["cgroup"]["v1"] and "user" in features["linux"]["namespaces"]
+
+
+def test_features_say_whether_checkpoint_is_available(root, tmp_path, monkeypatch):
+    config = tmp_path / "config.toml"
+    config.write_text('qemu = "/bin/true"\n')  # says nothing of a version: not 8.2
+    monkeypatch.setenv("PYRUNV_CONFIG", str(config))
+    result = pyrunv(root, "features")
+    assert json.loads(result.stdout)["annotations"]["io.pyrunv.checkpoint"].startswith("not available: ")
 
 
 @pytest.mark.parametrize("name", ["NOPE", "SIGNOPE", "0", "65", "9.5"])

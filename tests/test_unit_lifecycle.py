@@ -13,7 +13,8 @@ EXPECTED = {
     "resume": {S.PAUSED: S.RUNNING},
     "kill": {S.CREATED: None, S.RUNNING: None, S.PAUSED: None},
     "exec": {S.CREATED: None, S.RUNNING: None},
-    "update": {S.CREATED: None, S.RUNNING: None, S.PAUSED: None},  # runc: "container not running" when stopped
+    "update": {S.CREATED: None, S.RUNNING: None, S.PAUSED: None},
+    "checkpoint": {S.RUNNING: None, S.PAUSED: None},  # runc: "container not running" when stopped
     "ps": {S.CREATED: None, S.RUNNING: None},  # a frozen VM cannot answer
     "events": {S.CREATED: None, S.RUNNING: None},
     "delete": {S.CREATED: None, S.STOPPED: None},

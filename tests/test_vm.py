@@ -1,5 +1,7 @@
 """The VM as a first-class entity: `check`, `qmp`, `console`."""
 import json
+import os
+import subprocess
 
 import pytest
 from faultlib import one_line_error, wait_until
@@ -60,3 +62,90 @@ def test_the_vm_of_an_unknown_or_stopped_container_is_one_line(runtime, bundle, 
             "pyrunv: container done is stopped: its VM is gone"
     else:
         assert runtime("console", "done").returncode == 0, "a stopped VM's console is still there to read"
+
+
+@pytest.fixture
+def loop_device(tmp_path):
+    """A loop device over a 32 MiB image file: (device path, image path)."""
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(32 << 20)
+    device = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    yield device, image
+    subprocess.run(["losetup", "--detach", device])
+
+
+def test_the_specs_devices_exist_with_their_type_numbers_and_mode(runtime, bundle, loop_device):
+    rdev = os.stat(loop_device[0]).st_rdev
+    devices = [{"path": "/dev/mynull", "type": "c", "major": 1, "minor": 3, "fileMode": 0o620, "uid": 1, "gid": 2},
+               {"path": "/dev/xvdb", "type": "b", "major": os.major(rdev), "minor": os.minor(rdev), "fileMode": 0o660},
+               {"path": "/dev/sub/myfifo", "type": "p", "fileMode": 0o600}]
+    path = bundle("stat", "-c", "%n %F %t:%T %a %u:%g", "/dev/mynull", "/dev/xvdb", "/dev/sub/myfifo",
+                  edit=lambda c: c["linux"].update(devices=devices))
+    result = runtime("run", "--bundle", path, "devices")
+    assert result.returncode == 0, result.stderr
+    null, disk, fifo = result.stdout.decode().splitlines()
+    assert null == "/dev/mynull character special file 1:3 620 1:2"
+    assert disk.startswith("/dev/xvdb block special file ") and disk.endswith(" 660 0:0")  # the guest's disk numbers
+    assert fifo == "/dev/sub/myfifo fifo 0:0 600 0:0"
+
+
+def test_a_host_block_device_is_a_disk_the_container_can_format_and_write(runtime, bundle, loop_device, tmp_path):
+    device, image = loop_device
+    rdev = os.stat(device).st_rdev
+
+    def edit(config):
+        config["linux"]["devices"] = [{"path": "/dev/xvdb", "type": "b", "major": os.major(rdev),
+                                       "minor": os.minor(rdev), "fileMode": 0o660}]
+        config["process"]["capabilities"] = {k: ["CAP_SYS_ADMIN", "CAP_MKNOD"] for k in
+                                             ("bounding", "effective", "permitted")}
+    path = bundle("sh", "-c", "mke2fs -q /dev/xvdb && mkdir -p /mnt && mount -t ext2 /dev/xvdb /mnt && "
+                  "echo written-in-the-vm > /mnt/proof && umount /mnt", edit=edit)
+    result = runtime("run", "--bundle", path, "disk")
+    assert result.returncode == 0, result.stderr
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-o", "ro", device, str(mountpoint)], check=True)
+    try:
+        assert (mountpoint / "proof").read_text() == "written-in-the-vm\n"
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+    assert runtime.leftovers() == []
+
+
+def test_a_block_device_the_host_does_not_have_is_one_line(runtime, bundle):
+    device = {"path": "/dev/xvdb", "type": "b", "major": 250, "minor": 99}
+    path = bundle("true", edit=lambda c: c["linux"].update(devices=[device]))
+    result = runtime.detached("create", "--bundle", path, "nodisk", check=False)
+    assert one_line_error(result) == "pyrunv: linux.devices /dev/xvdb: no block device 250:99 on the host"
+    assert runtime.leftovers() == []
+
+
+def test_checkpoint_refuses_in_one_line_without_the_qemu_it_needs_and_leaves_the_container(runtime, bundle,
+                                                                                           tmp_path):
+    """Debian 12's QEMU 7.2 cannot save a VM with a vhost-user-fs device; the container goes on untouched."""
+    from pyrunv import config, vm
+    refusal = vm.checkpoint_refusal(config.load())
+    if refusal is None:
+        pytest.skip("this host's QEMU and virtiofsd could save a VM")
+    runtime.detached("run", "--detach", "--bundle", bundle("sleep", "600"), "cp")
+    result = runtime("checkpoint", "--image-path", tmp_path / "image", "cp")
+    assert one_line_error(result) == f"pyrunv: cannot checkpoint cp: {refusal}"
+    assert "QEMU >= 8.2" in refusal and "this host has QEMU 7.2" in refusal
+    assert runtime.state("cp")["status"] == "running"
+    assert runtime("exec", "cp", "true").returncode == 0
+    runtime("kill", "cp", "KILL", check=True)
+    assert wait_until(lambda: runtime.state("cp")["status"] == "stopped")
+    assert "cannot checkpoint container cp in state stopped" in one_line_error(
+        runtime("checkpoint", "--image-path", tmp_path / "image", "cp"))
+
+
+def test_restore_refuses_what_is_not_a_checkpoint_and_an_id_that_exists(runtime, bundle, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert one_line_error(runtime("restore", "--image-path", tmp_path / "empty", "new")) == \
+        f"pyrunv: {tmp_path / 'empty'} is not a pyrunv checkpoint: it has no pyrunv-checkpoint.json"
+    runtime.detached("create", "--bundle", bundle("true"), "taken")
+    assert one_line_error(runtime("restore", "--image-path", tmp_path / "empty", "taken")) == \
+        "pyrunv: container with id exists: taken"
+    assert not (runtime.root / "new").exists()

@@ -29,6 +29,8 @@ struct spec {
     uint32_t container; /* exec: the container whose namespaces and cgroup it joins */
     /* container-only */
     uint32_t join[3];   /* the container whose pid, ipc, uts namespace it joins; 0: a new one */
+    const char *devices[MAX_LIST]; /* "type major minor mode uid gid path [disk serial]" */
+    int ndevices;
     const char *cgroup[MAX_LIST]; /* "file value": the container's cgroup limits */
     int ncgroup;
     int userns;         /* a user namespace of its own, with these mappings ("inside outside count") */

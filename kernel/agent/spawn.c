@@ -83,6 +83,7 @@ int spec_parse(struct spec *s, char *buf, size_t len, char *err, size_t errlen)
         else if (!strcmp(p, "readonly")) LIST(s->readonly, s->nreadonly);
         else if (!strcmp(p, "sysctl")) LIST(s->sysctls, s->nsysctls);
         else if (!strcmp(p, "cgroup")) LIST(s->cgroup, s->ncgroup);
+        else if (!strcmp(p, "device")) LIST(s->devices, s->ndevices);
         else if (!strcmp(p, "uidmap")) LIST(s->uidmap, s->nuidmap);
         else if (!strcmp(p, "gidmap")) LIST(s->gidmap, s->ngidmap);
         else if (!strcmp(p, "userns")) s->userns = atoi(v);
@@ -168,6 +169,49 @@ static int touch_p(const char *path)
     if (fd < 0) return errno == EISDIR ? 0 : -1;
     close(fd);
     return 0;
+}
+
+/* The guest's numbers of the virtio-blk disk whose serial the host gave it. */
+static int disk_numbers(const char *serial, unsigned *major, unsigned *minor)
+{
+    DIR *d = opendir("/sys/block");
+    struct dirent *e;
+    int found = -1;
+    while (d && found < 0 && (e = readdir(d))) {
+        char path[300], text[64] = "";
+        snprintf(path, sizeof path, "/sys/block/%s/serial", e->d_name);
+        FILE *f = fopen(path, "re");
+        if (!f) continue;
+        if (fgets(text, sizeof text, f)) text[strcspn(text, "\n")] = 0;
+        fclose(f);
+        if (strcmp(text, serial)) continue;
+        snprintf(path, sizeof path, "/sys/block/%s/dev", e->d_name);
+        if ((f = fopen(path, "re"))) {
+            if (fscanf(f, "%u:%u", major, minor) == 2) found = 0;
+            fclose(f);
+        }
+    }
+    if (d) closedir(d);
+    return found;
+}
+
+/* A node of linux.devices, with the spec's type, numbers, mode and owner; a block device of the host is the
+ * virtio-blk disk that carries it, so the node gets that disk's numbers in the guest. */
+static void make_device(const char *root, const char *record, int sync_fd)
+{
+    char type, path[1025], serial[64] = "", full[PATH_MAX + sizeof path];  /* paths: 1024 bytes at most */
+    unsigned major, minor, mode, uid, gid;
+    if (sscanf(record, "%c %u %u %o %u %u %1024s %63s", &type, &major, &minor, &mode, &uid, &gid, path, serial) < 7)
+        fail(sync_fd, "bad device record %s", record);
+    if (*serial && disk_numbers(serial, &major, &minor) < 0) fail(sync_fd, "device %s: no disk %s in the VM", path, serial);
+    snprintf(full, sizeof full, "%s%s", root, path);
+    mode_t kind = type == 'b' ? S_IFBLK : type == 'p' ? S_IFIFO : S_IFCHR;
+    mode_t old = umask(0);
+    unlink(full);
+    if (touch_p(full) < 0 || unlink(full) < 0 || mknod(full, kind | (mode & 07777), makedev(major, minor)) < 0
+        || lchown(full, uid, gid) < 0)
+        fail(sync_fd, "device %s: %s", path, strerror(errno));
+    umask(old);
 }
 
 /* Removes `name` from a comma-separated option list; 1 if it was there. */
@@ -503,6 +547,7 @@ void prepare_container(const struct spec *s, const pid_t join_pids[3], int sync_
     if (s->hostname && !join_pids[J_UTS] && sethostname(s->hostname, strlen(s->hostname)) < 0)
         fail(sync_fd, "sethostname: %s", strerror(errno));
     if (dev_is_tmpfs) make_default_devices(root, s->userns, sync_fd);
+    for (int i = 0; i < s->ndevices; i++) make_device(root, s->devices[i], sync_fd);
     if (chdir(root) < 0 || syscall(SYS_pivot_root, ".", ".") < 0 || umount2(".", MNT_DETACH) < 0 || chdir("/") < 0)
         fail(sync_fd, "pivot_root: %s", strerror(errno));
     /* sysctls go in before readonlyPaths make /proc/sys read-only, as runc does it */

@@ -7,6 +7,7 @@ import functools
 import os
 import http.server
 import socket
+import subprocess
 import threading
 import time
 import urllib.request
@@ -218,3 +219,23 @@ def test_podman_tmpfs_copies_the_images_files_up(podman, name):
     result = podman("run", "--rm", "--name", name, "--tmpfs", "/etc", IMAGE, "sh", "-c",
                     "head -1 /etc/passwd; touch /etc/new; mount | grep -c ' /etc type tmpfs'")
     assert (result.returncode, result.stdout) == (0, "root:x:0:0:root:/root:/bin/sh\n1\n"), result.stderr
+
+
+def test_podman_device_passes_a_host_block_device_through(podman, name, tmp_path):
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(32 << 20)
+    device = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    try:
+        result = podman("run", "--rm", "--name", name, "--device", f"{device}:/dev/xvdb", "--cap-add", "SYS_ADMIN",
+                        IMAGE, "sh", "-c", "mke2fs -q /dev/xvdb && mkdir -p /mnt && mount -t ext2 /dev/xvdb /mnt && "
+                        "echo through-podman > /mnt/proof && umount /mnt")
+        assert result.returncode == 0, result.stderr
+        subprocess.run(["mount", "-o", "ro", device, str(mountpoint)], check=True)
+        assert (mountpoint / "proof").read_text() == "through-podman\n"
+        subprocess.run(["umount", str(mountpoint)], check=True)
+    finally:
+        subprocess.run(["losetup", "--detach", device])
