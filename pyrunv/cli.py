@@ -146,7 +146,6 @@ def run(obj, bundle, console_socket, detach, keep, pid_file, no_subreaper, no_pi
         import termios
         terminal_state = termios.tcgetattr(0)
     container = create_container(obj, container_id, bundle, pid_file, console_socket)
-    pid = container.record.pid
     try:
         container.start()
     except BaseException:
@@ -154,16 +153,24 @@ def run(obj, bundle, console_socket, detach, keep, pid_file, no_subreaper, no_pi
         raise
     if detach:
         return
-    for sig in (signals.SIGHUP, signals.SIGINT, signals.SIGQUIT, signals.SIGTERM, signals.SIGUSR1, signals.SIGUSR2):
-        signals.signal(sig, lambda number, frame: os.kill(pid, number))
-    _, status = os.waitpid(pid, 0)
+    code = wait_in_foreground(obj, container, keep)
     if terminal_state is not None:  # the monitor sets it raw and may not have lived to restore it
         import termios
         termios.tcsetattr(0, termios.TCSADRAIN, terminal_state)
-    log.debug("run %s: the monitor exited", container_id)
+    sys.exit(code)
+
+
+def wait_in_foreground(obj: Context, container, keep: bool) -> int:
+    """Forwards our signals to the container's pid-file process, our child, until it exits; returns its code
+    (128+N for a signal), and deletes the container unless keep."""
+    pid = container.record.pid
+    for sig in (signals.SIGHUP, signals.SIGINT, signals.SIGQUIT, signals.SIGTERM, signals.SIGUSR1, signals.SIGUSR2):
+        signals.signal(sig, lambda number, frame: os.kill(pid, number))
+    _, status = os.waitpid(pid, 0)
+    log.debug("%s: the monitor exited", container.id)
     if not keep:
-        delete_container(obj, container_id, force=True)
-    sys.exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+        delete_container(obj, container.id, force=True)
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
 
 
 @cli.command()
@@ -357,7 +364,7 @@ def spec(bundle, rootless):
 def checkpoint(obj, image_path, work_path, leave_running, parent_path, tcp_established, ext_unix_sk, shell_job,
                file_locks, manage_cgroups_mode, container_id):
     """Checkpoint the container: save its whole VM (needs QEMU >= 8.2 and the Rust virtiofsd >= 1.11)."""
-    obj.container(container_id).checkpoint()
+    obj.container(container_id).checkpoint(image_path, leave_running)
 
 
 @cli.command()
@@ -379,8 +386,11 @@ def checkpoint(obj, image_path, work_path, leave_running, parent_path, tcp_estab
 def restore(obj, image_path, bundle, work_path, detach, pid_file, console_socket, tcp_established, ext_unix_sk,
             shell_job, file_locks, manage_cgroups_mode, no_subreaper, no_pivot, container_id):
     """Restore a container from a checkpoint: its VM resumes where it was saved."""
-    from . import container
-    container.restore(obj.store, container_id, image_path)
+    from .container import Container
+    container = Container.create(obj.store, container_id, bundle, pid_file, console_socket, obj.systemd_cgroup,
+                                 restore_from=image_path)
+    if not detach:
+        sys.exit(wait_in_foreground(obj, container, keep=False))
 
 
 @cli.command()

@@ -46,13 +46,17 @@ class Container:
 
     @classmethod
     def create(cls, store: state.Store, container_id: str, bundle: str, pid_file, console_socket,
-               systemd_cgroup: bool = False) -> "Container":
+               systemd_cgroup: bool = False, restore_from: str | None = None) -> "Container":
+        """create, or with restore_from (a checkpoint's directory) restore: the VM resumes where it was saved,
+        and the container is running."""
         from . import cgroups, config as config_mod, hooks, spec as spec_mod
         state.validate_id(container_id)
         spec = spec_mod.load(bundle)
         if spec.process.terminal and not console_socket and not os.isatty(0):
             raise PyrunvError("cannot allocate tty if runc will detach without setting console socket")
         sandbox_id = pod.sandbox_of(container_id, spec.annotations)
+        if sandbox_id and restore_from:
+            raise PyrunvError(f"cannot restore {container_id}: a container of a pod has no VM of its own")
         sandbox = cls._running_sandbox(store, sandbox_id) if sandbox_id else None
         spec_mod.check_namespace_paths(spec)
         record = state.Record(id=container_id, bundle=spec.bundle, rootfs=spec.rootfs, status=Status.CREATING.value,
@@ -71,9 +75,9 @@ class Container:
                 if sandbox:
                     container._join(sandbox, spec, console_socket, cgroup, config)
                 else:
-                    container._boot(spec, console_socket, cgroup, config)
+                    container._boot(spec, console_socket, cgroup, config, restore_from)
                 record.pid_start = state.process_start_time(record.pid)
-                record.status = Status.CREATED.value
+                record.status = (Status.RUNNING if restore_from else Status.CREATED).value
                 store.save(record)
                 for kind in ("prestart", "createRuntime", "createContainer"):
                     hooks.run(kind, spec.hooks[kind], record.oci_state(Status.CREATED))
@@ -86,17 +90,24 @@ class Container:
                  f", in the VM of {sandbox_id}" if sandbox_id else f", accel {record.accel}")
         return container
 
-    def _boot(self, spec, console_socket, cgroup, config) -> None:
-        """A VM of its own: the monitor boots it and prepares the container's init in it."""
-        from . import plan as plan_mod, sandbox
+    def _boot(self, spec, console_socket, cgroup, config, restore_from) -> None:
+        """A VM of its own: the monitor boots it and prepares the container's init in it (or resumes a saved
+        one, whose init runs already)."""
+        from . import plan as plan_mod, sandbox, snapshot
         plan = plan_mod.make(spec, config)
+        state_file = None
+        if restore_from:
+            plan, state_file = snapshot.load(restore_from, self.id, plan, config)
         log.debug("create %s: spec validated, VM planned", self.id)
         self.record.ident, self.record.memory_mib = state.VM_INIT, plan.memory_mib
         if cgroup:
             cgroup.set(self._host_limits(spec.resources, config, plan.memory_mib))
         self.record.pid, self.record.accel = sandbox.launch(
             self.store, self.record, plan, config, terminal=spec.process.terminal,
-            console_socket=console_socket, console_size=spec.process.console_size, cgroup=cgroup)
+            console_socket=console_socket, console_size=spec.process.console_size, cgroup=cgroup,
+            restore_from=state_file)
+        if cgroup and restore_from:
+            cgroup.add_tree(self.record.pid, cpu_time=True)  # running already: see start
 
     @staticmethod
     def _host_limits(limits, config, memory_mib: int) -> list:
@@ -246,16 +257,16 @@ class Container:
                 log.debug("kmsg of %s: %s", owner.id, e)  # what the console has so far is still worth showing
         vmaccess.console(owner.vm_dir, follow, lambda: owner.status is not Status.STOPPED)
 
-    def checkpoint(self) -> None:
-        """A VM's saved state, where its QEMU and virtiofsd can save one; otherwise refused, the container
-        untouched."""
-        from . import config as config_mod, vm
-        self._check("checkpoint")
-        if self.record.sandbox:
-            raise PyrunvError(f"cannot checkpoint {self.id}: it runs in the VM of pod {self.record.sandbox}")
-        refusal = vm.checkpoint_refusal(config_mod.load())
-        raise PyrunvError(f"cannot checkpoint {self.id}: "
-                          + (refusal or "this version of pyrunv saves no VM yet"))
+    def checkpoint(self, image_path: str, leave_running: bool) -> None:
+        """The VM saved to image_path (snapshot.py); without leave_running the container then ends as if
+        SIGKILLed. Refused, the container untouched, where QEMU and virtiofsd cannot save a VM."""
+        from . import config as config_mod, snapshot
+        with self.store.lock(self.id):
+            self.record = self.store.load(self.id)
+            self._check("checkpoint")
+            if self.record.sandbox:
+                raise PyrunvError(f"cannot checkpoint {self.id}: it runs in the VM of pod {self.record.sandbox}")
+            snapshot.save(self, image_path, leave_running, config_mod.load())
 
     def processes(self) -> list:
         self._check("ps")
@@ -297,15 +308,7 @@ class Container:
 
 
 def pod_members(store: state.Store, sandbox_id: str) -> list:
-    members = []
-    for container_id in store.ids():
-        try:
-            record = store.load(container_id)
-        except PyrunvError:
-            continue  # deleted meanwhile
-        if record.sandbox == sandbox_id:
-            members.append(Container(store, record))
-    return members
+    return [Container(store, record) for record in store.records() if record.sandbox == sandbox_id]
 
 
 def write_pid_file(path: str | None, pid: int) -> None:
@@ -319,18 +322,3 @@ def write_pid_file(path: str | None, pid: int) -> None:
         os.rename(tmp, path)
     except OSError as e:
         raise PyrunvError(f"cannot write pid file {path}: {e.strerror}") from None
-
-
-CHECKPOINT_FILE = "pyrunv-checkpoint.json"
-
-
-def restore(store: state.Store, container_id: str, image_path: str) -> None:
-    """What `restore` can check before it would start a VM from a checkpoint."""
-    from . import config as config_mod, vm
-    state.validate_id(container_id)
-    if store.exists(container_id):
-        raise PyrunvError(f"container with id exists: {container_id}")
-    if not os.path.isfile(os.path.join(image_path, CHECKPOINT_FILE)):
-        raise PyrunvError(f"{image_path} is not a pyrunv checkpoint: it has no {CHECKPOINT_FILE}")
-    refusal = vm.checkpoint_refusal(config_mod.load())
-    raise PyrunvError(f"cannot restore {container_id}: " + (refusal or "this version of pyrunv restores no VM yet"))

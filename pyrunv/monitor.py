@@ -35,6 +35,7 @@ def main(data: dict, report_fd: int) -> None:
         size = data["console_size"]
         monitor = Monitor(state.Store(data["root"]), state.Record(**data["record"]), plan, Config(**data["config"]),
                           data["terminal"], data["console_socket"], tuple(size) if size else None)
+        monitor.restore_from = data["restore_from"]
         exit_like(*monitor.run(report_fd))
     finally:
         os._exit(1)
@@ -76,6 +77,7 @@ class Monitor:
         self.terminal, self.console_socket, self.console_size = terminal, console_socket, console_size
         self.state_dir = store.path(record.id)
         self.tap_name = None  # the VM's tap, if the spec has a network namespace (see network.py)
+        self.restore_from = None  # a saved VM's state file: QEMU waits for it instead of booting
 
     def run(self, report_fd: int) -> tuple:
         status = (1, 0)
@@ -166,7 +168,8 @@ class Monitor:
                 raise PyrunvError(f"cannot open block device {path}: {e.strerror}") from None
         argv = vm.qemu_argv(self.config, self.plan, accel, agent_fd=agent_guest.fileno(),
                             qmp_fd=qmp_guest.fileno(), fs_fd=fs_client.fileno(), console_fd=console,
-                            tap_fd=tap.fileno() if tap else None, user_qmp_fd=user_qmp.fileno(), disks=disks)
+                            tap_fd=tap.fileno() if tap else None, user_qmp_fd=user_qmp.fileno(), disks=disks,
+                            incoming=self.restore_from is not None)
         log.debug("starting %s", " ".join(argv))
         self.qemu = stack.enter_context(vm.Daemon(
             "qemu", argv, [f.fileno() for f in handed] + [console] + [fd for fds, _ in disks for fd in fds],

@@ -18,13 +18,7 @@ def render_state(store: state.Store, container_id: str) -> str:
 
 
 def render_list(store: state.Store, fmt: str, quiet: bool) -> str:
-    rows = []
-    for container_id in store.ids():
-        try:
-            record = store.load(container_id)
-        except PyrunvError:
-            continue  # deleted meanwhile
-        rows.append(record.oci_state(store.status(record)))
+    rows = [record.oci_state(store.status(record)) for record in store.records()]
     if quiet:
         return "\n".join(row["id"] for row in rows)
     if fmt == "json":

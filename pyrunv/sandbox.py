@@ -25,7 +25,8 @@ _BOOTSTRAP = ("import json, os, sys; data = json.load(os.fdopen(int(sys.argv[2])
 
 
 def launch(store: state.Store, record: state.Record, plan: VmPlan, config: Config, *,
-           terminal: bool, console_socket: str | None, console_size: tuple | None, cgroup=None) -> tuple:
+           terminal: bool, console_socket: str | None, console_size: tuple | None, cgroup=None,
+           restore_from: str | None = None) -> tuple:
     """Starts the monitor and returns (pid, accel) once the container's process is prepared in the VM.
     The monitor enters `cgroup` (a cgroups.HostCgroup) before it starts QEMU and virtiofsd, so that their
     memory is charged there from the first page; the hierarchies that count CPU time wait for `start`."""
@@ -59,7 +60,8 @@ def launch(store: state.Store, record: state.Record, plan: VmPlan, config: Confi
         json.dump({"path": [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] + sys.path,
                    "log": logs.settings(), "root": store.root,
                    "record": dataclasses.asdict(record), "plan": plan_data, "config": dataclasses.asdict(config),
-                   "terminal": terminal, "console_socket": console_socket, "console_size": console_size}, f)
+                   "terminal": terminal, "console_socket": console_socket, "console_size": console_size,
+                   "restore_from": restore_from}, f)
     report = b""
     deadline = config.boot_timeout + 30
     with os.fdopen(read_end, "rb") as f:

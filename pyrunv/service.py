@@ -6,6 +6,7 @@ comes from that container's pid-file process (its waiter) and stays open until t
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import socket
 import time
 
 from . import control, hostmount, network, plan as plan_mod, spec as spec_mod, state
-from .channel import FLAG, Channel, F, PAIR, ProcessIO
+from .channel import FLAG, PAIR, STDERR, STDOUT, WINDOW, Channel, F, ProcessIO
 from .errors import PyrunvError
 from .logs import log
 from .monitor import Monitor, open_console, raw_terminal
@@ -21,6 +22,7 @@ from .waiter import FORWARDED
 
 INIT_ID = state.VM_INIT
 BALLOON_TIMEOUT = 10.0
+MIGRATION_TIMEOUT = 120.0  # saving or loading a VM's RAM to a file
 SCM_MAX_FD = 253  # the kernel's limit of fds in one message: stdio and a container's mount trees
 
 
@@ -59,7 +61,10 @@ class Service:
         await self.channel.open()
         stack.push_async_callback(self._disconnect_qmp)
         stack.push_async_callback(self._power_off)
-        log.debug("agent ready: %s", await self._booting(self.channel.ready))
+        if self.monitor.restore_from:
+            await self._booting(self._restore(self.monitor.restore_from))
+        else:
+            log.debug("agent ready: %s", await self._booting(self.channel.ready))
         fds = (0, 1, 2)
         if self.monitor.terminal:
             console_socket = self.monitor.console_socket
@@ -75,9 +80,15 @@ class Service:
                 os.close(null)
             fds = (slave, slave, slave)
         self.init = ProcessIO(self.channel, INIT_ID, fds, self.executor, tty=self.monitor.terminal)
-        await asyncio.wait_for(self.channel.request(F.CREATE, INIT_ID, self.plan.init_records), 60)
-        log.debug("init process prepared")
-        self.init.start_relay()
+        if self.monitor.restore_from:
+            self.init.start_relay()
+            # The credit the agent had left went with the old monitor's relay: a fresh window per stream.
+            for stream in (STDOUT, STDERR):
+                self.channel.send(F.CREDIT, INIT_ID, PAIR.pack(stream, WINDOW))
+        else:
+            await asyncio.wait_for(self.channel.request(F.CREATE, INIT_ID, self.plan.init_records), 60)
+            log.debug("init process prepared")
+            self.init.start_relay()
 
         control_sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
         with control.socket_path(self.monitor.state_dir, control.SOCKET_NAME) as path:
@@ -88,6 +99,50 @@ class Service:
         for sig in FORWARDED:
             loop.add_signal_handler(sig, self._forward, sig)
         self.shutdown = loop.create_future()
+
+    async def _restore(self, path: str) -> None:
+        """A saved VM instead of a boot: QEMU loads the state and the VM runs on from where it was saved."""
+        qmp = await self._qmp_client()
+        await qmp.execute("migrate-incoming", {"uri": f"file:{path}"})
+        await self._migration_done(qmp, "restore")
+        await qmp.execute("cont")
+        self.channel.ready.set_result("restored")
+
+    async def _migration_done(self, qmp, what: str) -> None:
+        """Waits for QEMU's migration (a save or a load) to end; the user's error if it failed."""
+        deadline = time.monotonic() + MIGRATION_TIMEOUT
+        while True:
+            info = await qmp.execute("query-migrate")
+            if info.get("status") == "completed" or (what == "restore" and not info):
+                return  # QEMU's destination side answers {} once the load is done
+            if info.get("status") in ("failed", "cancelled"):
+                raise PyrunvError(f"{what}: QEMU: {info.get('error-desc', info['status'])}")
+            if time.monotonic() > deadline:
+                raise PyrunvError(f"{what}: QEMU's migration did not end within {MIGRATION_TIMEOUT:g}s")
+            await asyncio.sleep(0.02)
+
+    async def _op_checkpoint(self, request, fds, conn):
+        """Saves the VM to request["path"]: stopped first, so that nothing changes while it is written. It
+        then runs on (leave_running), or ends as a container killed by SIGKILL would; on failure it runs on."""
+        qmp = await self._qmp_client()
+        was_running = not self.paused
+        if was_running:
+            await qmp.execute("stop")
+            self.paused = True
+        try:
+            await qmp.execute("migrate", {"uri": f"file:{request['path']}"})
+            await self._migration_done(qmp, "checkpoint")
+        except BaseException:
+            if was_running:
+                await self._resume_vm()
+            raise
+        if request.get("leave_running"):
+            if was_running:
+                await self._resume_vm()
+        elif not self.shutdown.done():
+            self.shutdown.set_result(None)
+        plan = dataclasses.asdict(self.plan)
+        return {"ok": True, "plan": dict(plan, init_records=self.plan.init_records.hex())}
 
     async def _power_off(self) -> None:
         """Asks the agent to power the VM off; QEMU (-no-reboot) exits. The monitor's exit stack kills

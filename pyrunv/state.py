@@ -188,6 +188,14 @@ class Store:
             return
         shutil.rmtree(grave, ignore_errors=True)
 
+    def records(self):
+        """Every container's record, in ID order; one deleted meanwhile is passed over."""
+        for container_id in self.ids():
+            try:
+                yield self.load(container_id)
+            except PyrunvError:
+                continue
+
     def ids(self) -> list[str]:
         try:
             names = os.listdir(self.root)

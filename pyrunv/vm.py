@@ -105,12 +105,15 @@ def is_c_virtiofsd(version_line: str) -> bool:
 
 def virtiofsd(config: Config, share_dir: str, listen_fd: int, log_path: str) -> Daemon:
     """Either virtiofsd, each with its own flags; both sandbox themselves in namespaces, in the share."""
-    if is_c_virtiofsd(version(config.virtiofsd)):
+    found = version(config.virtiofsd)
+    if is_c_virtiofsd(found):
         argv = [config.virtiofsd, f"--fd={listen_fd}", "-o", f"source={share_dir}", "-o", "cache=auto",
                 "-o", "announce_submounts", "--thread-pool-size=1"]
     else:
         argv = [config.virtiofsd, f"--fd={listen_fd}", f"--shared-dir={share_dir}", "--cache=auto",
                 "--announce-submounts", "--thread-pool-size=1", "--sandbox=namespace"]
+        if _numbers(found) >= CHECKPOINT_VIRTIOFSD:  # its open files travel with a saved VM, found by their paths
+            argv.append("--migration-mode=find-paths")
     return Daemon("virtiofsd", argv, (listen_fd,), log_path)
 
 
@@ -150,7 +153,7 @@ TCG_CPU = "max,-erms,-fsrm"
 
 def qemu_argv(config: Config, plan: VmPlan, accel: str, *, agent_fd: int, qmp_fd: int, fs_fd: int | None,
               console_fd: int, tap_fd: int | None = None, user_qmp_fd: int | None = None,
-              disks=(), extra_params: str = "") -> list:
+              disks=(), incoming: bool = False, extra_params: str = "") -> list:
     """Every file QEMU needs besides the kernel and initrd comes as an fd, so that it can run as an
     unprivileged user who cannot open the 0700 state directory."""
     tcg = f"tcg,thread={'multi' if plan.vcpus > 1 else 'single'},tb-size={config.tcg_tb_size_mib}"
@@ -183,6 +186,8 @@ def qemu_argv(config: Config, plan: VmPlan, accel: str, *, agent_fd: int, qmp_fd
             argv += ["-add-fd", f"fd={fd},set={number}"]
         argv += ["-drive", f"file=/dev/fdset/{number},file.driver=host_device,format=raw,if=none,id={serial}",
                  "-device", f"{device(plan, 'virtio-blk')},drive={serial},serial={serial}"]
+    if incoming:  # a saved VM's state comes through QMP's migrate-incoming (snapshot.py)
+        argv += ["-incoming", "defer"]
     if tap_fd is not None:
         argv += ["-netdev", f"tap,id=net,fd={tap_fd}", "-device", f"{device(plan, 'virtio-net')},netdev=net"]
     return argv

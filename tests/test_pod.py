@@ -105,7 +105,7 @@ def test_exec_ps_kill_all_and_stats_act_on_one_container_only(runtime, pod):
     app = pod("app", "sh", "-c", "sleep 600 & sleep 600 & wait")
     runtime("start", "app", check=True)
     assert wait_until(lambda: len(json.loads(runtime("ps", "--format", "json", "app", check=True).stdout)) == 3)
-    assert len(json.loads(runtime("ps", "--format", "json", "sb", check=True).stdout)) == 2  # sh and its sleep
+    assert sandbox_processes(runtime) in (1, 2)  # its sh, and its sleep 1 when one runs: none of app's three
     result = runtime("exec", "app", "sh", "-c", "hostname; exit 4")
     assert (result.returncode, result.stdout) == (4, b"pod-host\n")
     event = json.loads(runtime("events", "--stats", "app", check=True).stdout)
@@ -113,7 +113,11 @@ def test_exec_ps_kill_all_and_stats_act_on_one_container_only(runtime, pod):
     runtime("kill", "--all", "app", "KILL", check=True)
     assert describe_status(wait_pid(app)) == "SIGKILL"
     assert runtime.state("sb")["status"] == "running"
-    assert len(json.loads(runtime("ps", "--format", "json", "sb", check=True).stdout)) == 2
+    assert sandbox_processes(runtime) in (1, 2)
+
+
+def sandbox_processes(runtime):
+    return len(json.loads(runtime("ps", "--format", "json", "sb", check=True).stdout))
 
 
 def test_pause_of_a_member_freezes_only_it(runtime, pod, tmp_path):

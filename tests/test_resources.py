@@ -77,12 +77,19 @@ def test_a_process_beyond_the_memory_limit_is_oom_killed_and_events_says_so(runt
     runtime("delete", "oom", check=True)
 
 
-def test_events_reports_an_oom_of_a_running_container(runtime, bundle, tmp_path):
+def run_on_trigger(runtime, bundle, tmp_path, name, then, memory):
+    """Runs a container that does `then` once the test creates go in the returned directory (its /t)."""
     trigger = tmp_path / "trigger"
     trigger.mkdir()
-    script = "until [ -e /t/go ]; do sleep 0.1; done; dd if=/dev/zero of=/dev/null bs=100M count=1; sleep 600"
-    path = bundle("sh", "-c", script, edit=limited(memory=64 * MIB, binds=[("/t", trigger)]))
-    runtime.detached("run", "--detach", "--bundle", path, "oom2")
+    script = f"until [ -e /t/go ]; do sleep 0.1; done; {then}; sleep 600"
+    runtime.detached("run", "--detach", "--bundle",
+                     bundle("sh", "-c", script, edit=limited(memory=memory, binds=[("/t", trigger)])), name)
+    return trigger
+
+
+def test_events_reports_an_oom_of_a_running_container(runtime, bundle, tmp_path):
+    trigger = run_on_trigger(runtime, bundle, tmp_path, "oom2", "dd if=/dev/zero of=/dev/null bs=100M count=1",
+                             64 * MIB)
     events = subprocess.Popen(runtime.argv("events", "--interval", "100ms", "oom2"), stdout=subprocess.PIPE)
     try:
         first = json.loads(events.stdout.readline())
@@ -142,11 +149,8 @@ def test_update_on_running_paused_and_stopped_containers(runtime, bundle, cgroup
 
 
 def test_events_stats_see_a_containers_memory_grow(runtime, bundle, tmp_path):
-    trigger = tmp_path / "trigger"
-    trigger.mkdir()
-    script = "until [ -e /t/go ]; do sleep 0.1; done; head -c 64m /dev/zero > /dev/shm/held; touch /t/done; sleep 600"
-    path = bundle("sh", "-c", script, edit=limited(memory=256 * MIB, binds=[("/t", trigger)]))
-    runtime.detached("run", "--detach", "--bundle", path, "grow")
+    trigger = run_on_trigger(runtime, bundle, tmp_path, "grow", "head -c 64m /dev/zero > /dev/shm/held; touch /t/done",
+                             256 * MIB)
 
     def usage():
         return json.loads(runtime("events", "--stats", "grow", check=True).stdout)["data"]["memory"]["usage"]["usage"]

@@ -143,9 +143,11 @@ def test_checkpoint_refuses_in_one_line_without_the_qemu_it_needs_and_leaves_the
 
 def test_restore_refuses_what_is_not_a_checkpoint_and_an_id_that_exists(runtime, bundle, tmp_path):
     (tmp_path / "empty").mkdir()
-    assert one_line_error(runtime("restore", "--image-path", tmp_path / "empty", "new")) == \
-        f"pyrunv: {tmp_path / 'empty'} is not a pyrunv checkpoint: it has no pyrunv-checkpoint.json"
-    runtime.detached("create", "--bundle", bundle("true"), "taken")
-    assert one_line_error(runtime("restore", "--image-path", tmp_path / "empty", "taken")) == \
-        "pyrunv: container with id exists: taken"
+    path = bundle("sleep", "600")
+    result = runtime.detached("restore", "--image-path", tmp_path / "empty", "--bundle", path, "new", check=False)
+    assert one_line_error(result) == f"pyrunv: {tmp_path / 'empty'} is not a pyrunv checkpoint"
+    runtime.detached("create", "--bundle", path, "taken")
+    result = runtime.detached("restore", "--image-path", tmp_path / "empty", "--bundle", path, "taken", check=False)
+    assert one_line_error(result) == "pyrunv: container with id exists: taken"
     assert not (runtime.root / "new").exists()
+    assert runtime.state("taken")["status"] == "created"

@@ -1,4 +1,6 @@
 """podman pods: the infra container's VM holds the pod; `podman run --pod` containers join it."""
+import os
+
 import pytest
 
 from conftest import IMAGE, vm_processes, wait_for
@@ -6,7 +8,8 @@ from conftest import IMAGE, vm_processes, wait_for
 pytestmark = [pytest.mark.engine, pytest.mark.vm]
 
 
-def test_a_podman_pod_is_one_vm_and_its_containers_share_localhost(podman, name, tmp_path_factory):
+def test_a_podman_pod_is_one_vm_and_its_containers_share_localhost(podman, tmp_path_factory):
+    name = f"pyrunv-pod-{os.getpid()}"  # the pod's hostname: at most 63 characters
     podman("pod", "create", "--name", name, check=True)
     try:
         podman("run", "-d", "--pod", name, "--name", f"{name}-web", IMAGE,

@@ -1,0 +1,66 @@
+"""checkpoint and restore: the whole VM saved and resumed (QEMU >= 8.2 and the Rust virtiofsd >= 1.11, as
+Debian 13 has them: tools/debian13 runs these there). Where the host cannot, the refusal is tested in
+test_vm.py."""
+import os
+
+import pytest
+from faultlib import describe_status, wait_pid, wait_until
+
+from pyrunv import config, vm
+
+pytestmark = [pytest.mark.vm, pytest.mark.skipif(
+    vm.checkpoint_refusal(config.load()) is not None, reason="this host's QEMU and virtiofsd cannot save a VM")]
+
+# Counts into a file it keeps open on the share (its fd survives with virtiofsd's state), and exits 7 when
+# told to. Shell builtins only: under Debian 13's QEMU 10 (TCG) forked processes of the guest segfault now
+# and then (docs/vm.md), which would end the loop early.
+COUNTER = ("exec 3>/data/count; i=0; while [ ! -e /data/stop ]; do i=$((i+1)); "
+           "[ $((i % 2000)) = 0 ] && echo $i >&3; done; exit 7")
+
+
+@pytest.fixture
+def counter(runtime, bundle, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    bind = {"destination": "/data", "type": "bind", "source": str(data), "options": ["rbind"]}
+    path = bundle("sh", "-c", COUNTER, edit=lambda c: c["mounts"].append(bind))
+
+    def last():
+        lines = (data / "count").read_text().split()
+        return int(lines[-1]) if lines else 0
+    return path, data, last
+
+
+def test_a_counter_survives_checkpoint_and_restore_and_exits_with_its_code(runtime, counter, tmp_path, subreaper):
+    path, data, last = counter
+    runtime.detached("run", "--detach", "--bundle", path, "cnt")
+    assert wait_until(lambda: (data / "count").exists() and last() >= 4000)
+    image = tmp_path / "image"
+    runtime("checkpoint", "--image-path", image, "cnt", check=True)
+    assert wait_until(lambda: runtime.state("cnt")["status"] == "stopped")
+    saved = last()
+    runtime("delete", "cnt", check=True)
+    runtime.detached("restore", "--detach", "--image-path", image, "--bundle", path, "--pid-file",
+                     tmp_path / "pid", "cnt")
+    assert runtime.state("cnt")["status"] == "running"
+    assert wait_until(lambda: last() > saved), "it counts on"
+    counts = [int(n) for n in (data / "count").read_text().split()]
+    assert counts == list(range(2000, counts[-1] + 1, 2000)), "one file, written on from where it was, never reset"
+    execed = runtime("exec", "cnt", "cat", "/proc/1/cmdline")
+    assert execed.returncode == 0, execed.stderr  # a normal container afterwards
+    (data / "stop").touch()
+    assert describe_status(wait_pid(int((tmp_path / "pid").read_text()))) == "exit 7"
+    runtime("delete", "cnt", check=True)
+    assert runtime.leftovers() == []
+
+
+def test_leave_running_keeps_the_container_going(runtime, counter, tmp_path):
+    path, data, last = counter
+    runtime.detached("run", "--detach", "--bundle", path, "keep")
+    assert wait_until(lambda: (data / "count").exists() and last() >= 4000)
+    runtime("checkpoint", "--leave-running", "--image-path", tmp_path / "image", "keep", check=True)
+    assert runtime.state("keep")["status"] == "running"
+    saved = last()
+    assert wait_until(lambda: last() > saved)
+    assert os.path.getsize(tmp_path / "image" / "vm.state") > 1 << 20
+    runtime("delete", "--force", "keep", check=True)
