@@ -1,7 +1,9 @@
 """Small helpers shared by the fault, robustness, isolation and fuzz tests (not a test module)."""
 import contextlib
 import os
+import select
 import signal
+import socket
 import time
 
 import psutil
@@ -93,3 +95,35 @@ def holders(root):
         if held:
             found.append(f"process {proc.pid} ({comm}) holds {held[0]}")
     return found
+
+
+class ConsoleSocket:
+    """The receiving end of --console-socket, as conmon and the containerd shim have it."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(self.path)
+        self.server.listen(1)
+        self.server.settimeout(60)
+
+    def master(self):
+        conn, _ = self.server.accept()
+        with conn:
+            _, fds, _, _ = socket.recv_fds(conn, 1024, 1)
+        return fds[0]
+
+
+def read_until(fd, marker, timeout=30):
+    out = b""
+    deadline = time.monotonic() + timeout
+    while marker not in out and time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    return out

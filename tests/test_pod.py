@@ -6,10 +6,11 @@ import json
 import os
 import signal
 import subprocess
+import threading
 
 import psutil
 import pytest
-from faultlib import DEADLINE, describe_status, one_line_error, wait_pid, wait_until
+from faultlib import DEADLINE, ConsoleSocket, describe_status, one_line_error, read_until, wait_pid, wait_until
 
 pytestmark = pytest.mark.vm
 
@@ -37,7 +38,7 @@ def pod(runtime, bundle, tmp_path, subreaper):
     runtime("start", "sb", check=True)
     sandbox_pid = int((tmp_path / "sb.pid").read_text())
 
-    def member(name, *args, share=("ipc", "uts"), edit=None, check=True, stdout=None):
+    def member(name, *args, share=("ipc", "uts"), edit=None, check=True, stdout=None, console_socket=None):
         def mark(config):
             config.setdefault("annotations", {}).update({TYPE: "container", SANDBOX: "sb"})
             config.pop("hostname", None)
@@ -49,7 +50,8 @@ def pod(runtime, bundle, tmp_path, subreaper):
         path = bundle(*args, edit=mark)
         pid_file = tmp_path / f"{name}.pid"
         out = open(tmp_path / f"{name}.out", "w+b") if stdout is None else stdout
-        result = subprocess.run(runtime.argv("create", "--bundle", path, "--pid-file", pid_file, name),
+        console = ["--console-socket", console_socket] if console_socket else []
+        result = subprocess.run(runtime.argv("create", "--bundle", path, "--pid-file", pid_file, *console, name),
                                 stdout=out, stderr=out, stdin=subprocess.DEVNULL, timeout=DEADLINE * 2)
         if not check:
             out.seek(0)
@@ -215,3 +217,20 @@ def test_a_member_of_a_paused_or_stopped_sandbox_fails_in_one_line(runtime, pod)
     assert wait_until(lambda: runtime.state("sb")["status"] == "stopped")
     assert "pod sandbox sb is stopped" in one_line_error(pod("app", "true", check=False))
     assert not (runtime.root / "app").exists()
+
+
+def test_a_member_with_a_terminal_gets_its_pty_over_the_console_socket(runtime, pod, tmp_path):
+    console = ConsoleSocket(tmp_path / "console.sock")
+    result = {}
+
+    def create():
+        result["pid"] = pod("term", "sh", edit=lambda c: c["process"].update(terminal=True),
+                            console_socket=console.path)
+    creating = threading.Thread(target=create)
+    creating.start()
+    master = console.master()
+    creating.join(120)
+    runtime("start", "term", check=True)
+    os.write(master, b"tty; hostname; exit 3\n")
+    assert b"pod-host" in read_until(master, b"pod-host\r\n")
+    assert describe_status(wait_pid(result["pid"])) == "exit 3"

@@ -2,50 +2,16 @@
 import fcntl
 import json
 import os
-import select
 import shlex
-import socket
 import struct
 import subprocess
 import termios
 import time
 
 import pytest
-from faultlib import wait_until
+from faultlib import ConsoleSocket, read_until, wait_until
 
 pytestmark = pytest.mark.vm
-
-
-class ConsoleSocket:
-    """The receiving end of --console-socket, as conmon and the containerd shim have it."""
-
-    def __init__(self, path):
-        self.path = str(path)
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.bind(self.path)
-        self.server.listen(1)
-        self.server.settimeout(60)
-
-    def master(self):
-        conn, _ = self.server.accept()
-        with conn:
-            _, fds, _, _ = socket.recv_fds(conn, 1024, 1)
-        return fds[0]
-
-
-def read_until(fd, marker, timeout=30):
-    out = b""
-    deadline = time.monotonic() + timeout
-    while marker not in out and time.monotonic() < deadline:
-        if select.select([fd], [], [], 0.2)[0]:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
-    return out
 
 
 @pytest.fixture

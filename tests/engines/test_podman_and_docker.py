@@ -202,6 +202,23 @@ def test_stats_of_a_busy_container_show_cpu_and_memory(engine, engine_name, cid)
     assert not memory.startswith("0B"), memory
 
 
+def test_memory_the_guest_takes_shows_in_the_engines_stats(engine, cid):
+    """What the guest touches is QEMU's memory on the host, in the container's cgroup."""
+    run_detached(engine, cid, "sleep", "600")
+
+    def used_mib():
+        out = engine("stats", "--no-stream", "--format", "{{.MemUsage}}", cid, check=True).stdout.split("/")[0]
+        number, unit = float(out.strip().rstrip("BKMGTiB")), out.strip().lstrip("0123456789.")
+        return number * {"B": 2 ** -20, "kB": 2 ** -10, "KiB": 2 ** -10, "MB": 1, "MiB": 1, "GB": 1024,
+                         "GiB": 1024}[unit]
+    idle = used_mib()
+    # dd holds its 64 MiB buffer, written full, while the pipe it writes to is not read. Anonymous memory of
+    # the guest: a tmpfs such as docker's /dev/shm lives on the host and in the guest's cache, twice.
+    engine("exec", "-d", cid, "sh", "-c", "dd if=/dev/zero bs=64M count=1 | sleep 600", check=True)
+    assert wait_for(lambda: used_mib() - idle > 56, timeout=60), (idle, used_mib())
+    assert used_mib() - idle < 96, (idle, used_mib())
+
+
 def test_docker_update_memory_is_seen_in_the_guest_and_on_the_host(docker, name):
     docker("run", "-d", "--name", name, "--memory", "128m", IMAGE, "sleep", "600", check=True)
     try:
