@@ -266,6 +266,8 @@ class Container:
             self._check("checkpoint")
             if self.record.sandbox:
                 raise PyrunvError(f"cannot checkpoint {self.id}: it runs in the VM of pod {self.record.sandbox}")
+            if pod_members(self.store, self.id):  # restore would bring the VM back without their host side
+                raise PyrunvError(f"cannot checkpoint {self.id}: other containers of its pod run in its VM")
             snapshot.save(self, image_path, leave_running, config_mod.load())
 
     def processes(self) -> list:

@@ -107,6 +107,9 @@ class Service:
         await self._migration_done(qmp, "restore")
         await qmp.execute("cont")
         self.channel.ready.set_result("restored")
+        # A restore is a create and a start: the new namespace's veth takes over the VM's NIC, as at start.
+        if self.monitor.tap_name and network.interfaces_to_plumb():
+            await self._plumb_network(self.monitor.tap_name)
 
     async def _migration_done(self, qmp, what: str) -> None:
         """Waits for QEMU's migration (a save or a load) to end; the user's error if it failed."""
