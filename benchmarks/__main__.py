@@ -1,8 +1,9 @@
 """The benchmark suite: python -m benchmarks [--iterations N] [--quick] [--out docs/performance.md]
 
-Eight figures, each measured side by side with what it is compared with (runc, the bare-QEMU floor, the
+Nine figures, each measured side by side with what it is compared with (runc, the bare-QEMU floor, the
 bare interpreter), printed with their ratios and written to a markdown page with a PNG plot next to it.
-Figure 8 (pods) drives pyrunv and runc through containerd's CRI, as a kubelet would."""
+Figure 8 (pods) drives pyrunv and runc through containerd's CRI, as a kubelet would; figure 9 resizes a
+running VM's memory and saves and restores whole VMs."""
 import argparse
 import os
 import shlex
@@ -15,10 +16,10 @@ import traceback
 
 from pyrunv import config as config_mod, vm
 
-from . import boot, figures, pods, report
+from . import boot, figures, pods, report, resize
 from .harness import REPO, BenchError, Workspace, process_table
 
-FIGURES = [*figures.ALL, pods.pods]
+FIGURES = [*figures.ALL, pods.pods, resize.resize]
 
 
 def parse_args(argv):
@@ -26,15 +27,16 @@ def parse_args(argv):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, help="runs of each side of figure 1 (default 10; --quick: 1); "
                         "figure 2 runs 5x as many, figures 5-7 a fifth as many rounds (at least 1), "
-                        "figure 8 as many pods of each runtime")
+                        "figure 8 as many pods of each runtime, figure 9 as many rounds of `update`")
     parser.add_argument("--quick", action="store_true", help="the smoke run: 1 iteration, small N and sizes (~1 min)")
     parser.add_argument("--out", default=os.path.join(REPO, "docs", "performance.md"),
                         help="the markdown page to write; the PNG goes next to it (default: docs/performance.md)")
-    parser.add_argument("--only", help="comma-separated figure numbers to run, e.g. 1,2 (default: all eight)")
+    parser.add_argument("--only", help="comma-separated figure numbers to run, e.g. 1,2 (default: all nine)")
     parser.add_argument("--idle", type=int, help="idle containers for figure 3 (default 20; --quick: 2)")
     parser.add_argument("--density", type=int, help="the largest N of figure 4 (default 50; --quick: 3)")
     parser.add_argument("--parallel", type=int, help="containers started at once in figure 5 (default 10; --quick: 2)")
-    parser.add_argument("--rounds", type=int, help="rounds of figures 5-7 (default: iterations / 5, at least 1)")
+    parser.add_argument("--rounds", type=int, help="rounds of figures 5-7 and of figure 9's checkpoints "
+                        "(default: iterations / 5, at least 1)")
     parser.add_argument("--throughput-mib", type=int, help="MiB written to stdout in figure 6 (default 256; --quick: 8)")
     parser.add_argument("--file-mib", type=int, help="size of the big file in figure 7 (default 256; --quick: 16)")
     parser.add_argument("--small-files", type=int, help="small files in figure 7 (default 10000; --quick: 200)")
@@ -103,7 +105,7 @@ def foreign_qemu(base: str) -> str:
 
 
 def runtime_accel(config, kvm: dict) -> str:
-    """What `create` picks for figures 2-8: the configured accelerator, or with `auto` KVM where it works."""
+    """What `create` picks for figures 2-9: the configured accelerator, or with `auto` KVM where it works."""
     return config.accel if config.accel != "auto" else ("kvm" if kvm["usable"] else "tcg")
 
 
@@ -116,7 +118,7 @@ def metadata(ws: Workspace, settings, args, kvm: dict) -> dict:
                            capture_output=True, text=True).stdout.strip()
     return {
         "date": report.now(), "cores": str(os.cpu_count()), "memory": f"{mem_kib / 1024 / 1024:.1f} GiB",
-        "accel": (f"figure 1: TCG{' and KVM' if kvm['usable'] else ''}; figures 2-8: the runtime's own choice "
+        "accel": (f"figure 1: TCG{' and KVM' if kvm['usable'] else ''}; figures 2-9: the runtime's own choice "
                   f"(accel = {config.accel}): {runtime_accel(config, kvm).upper()}"),
         "runtime_accel": runtime_accel(config, kvm),
         "kvm": ("usable (pyrunv.vm.probe booted the guest)" if kvm["usable"]

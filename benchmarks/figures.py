@@ -1,6 +1,7 @@
-"""Figures 1 to 7 (figure 8, pods, is in pods.py). Each function measures pyrunv and what it is compared with side by side, in
-alternating runs (A, B, A, B ...), and returns a Figure: tables for the page, ratios, one summary
-line, and the raw samples. Nothing here asserts a time: every figure is reported."""
+"""Figures 1 to 7 (figure 8, pods, is in pods.py; figure 9, resizing and saving a VM, in resize.py). Each
+function measures pyrunv and what it is compared with side by side, in alternating runs (A, B, A, B ...), and
+returns a Figure: tables for the page, ratios, one summary line, and the raw samples. Nothing here asserts a
+time: every figure is reported."""
 import dataclasses
 import fcntl
 import os
@@ -30,7 +31,7 @@ TARGET_IDLE_N = 20
 class Settings:
     iterations: int         # runs of each side for figure 1
     cli_runs: int           # runs of each command for figure 2
-    rounds: int             # rounds of the heavy figures (5, 6, 7)
+    rounds: int             # rounds of the heavy figures (5, 6, 7) and of figure 9's checkpoints
     idle: int               # idle containers for figure 3
     density: int            # the largest N for figure 4
     parallel: int           # containers started at once for figure 5

@@ -86,6 +86,13 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def containers_under(root: str) -> list:
+    """The IDs of the containers a runtime root holds (its state directories), tracked or not."""
+    if not os.path.isdir(root):
+        return []
+    return [e for e in os.listdir(root) if not e.startswith(".") and os.path.isdir(os.path.join(root, e))]
+
+
 class Workspace:
     """One scratch directory for the whole run; every root, bundle, log and boot directory lives under it,
     so that anything left running afterwards can be found by its command line."""
@@ -154,29 +161,42 @@ class Workspace:
         binary = self.pyrunv if kind == "pyrunv" else self.runc
         return [binary, "--root", root, *args]
 
+    def command(self, kind: str, root: str, *args: str, stdout=subprocess.DEVNULL, env=None, timeout: float = 120,
+                log: str = "") -> tuple:
+        """`pyrunv` or `runc --root ROOT ARGS...`, timed from exec to exit: (seconds, its stdout: bytes with
+        stdout=subprocess.PIPE, else None). Its stderr goes to LOG.err under the workspace's logs. Raises
+        BenchError when it fails or outlives timeout. A command that leaves a container running (`run -d`,
+        `restore -d`) must not be given a pipe, which the container keeps open."""
+        err = os.path.join(self.logs, f"{log or self.unique(f'{kind}-{args[0]}')}.err")
+        what = f"{kind} {' '.join(args)}"
+        with open(err, "wb") as err_file:
+            started = time.perf_counter()
+            try:
+                result = subprocess.run(self._argv(kind, root, *args), stdin=subprocess.DEVNULL, stdout=stdout,
+                                        stderr=err_file, timeout=timeout, env=env)
+            except subprocess.TimeoutExpired:
+                raise BenchError(f"{what} did not finish within {timeout:g}s") from None
+            elapsed = time.perf_counter() - started
+        if result.returncode:
+            raise BenchError(f"{what} exited {result.returncode}: {tail(err)}")
+        return elapsed, result.stdout
+
     def run(self, kind: str, root: str, bundle: str, container_id: str, *, detach: bool = False,
             stdout=subprocess.DEVNULL, env=None, timeout: float = 300) -> tuple:
         """`run [-d]` of a container: (seconds, exit status). Raises BenchError when it fails.
         Not detached, it is deleted by `run` itself (pyrunv) or right after (runc)."""
-        err = os.path.join(self.logs, f"{kind}-{container_id}.err")
-        argv = self._argv(kind, root, "run", *(["--detach"] if detach else []), "--bundle", bundle, container_id)
         self._track(kind, root, container_id, True)
-        with open(err, "wb") as err_file:
-            started = time.perf_counter()
-            try:
-                result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=err_file,
-                                        timeout=timeout, env=env)
-            except subprocess.TimeoutExpired:
-                raise BenchError(f"{kind} run {container_id} did not finish within {timeout:g}s") from None
-            elapsed = time.perf_counter() - started
-        if not detach:  # `run` deletes the container when it exits (runc: unless --keep)
-            if os.path.exists(os.path.join(root, container_id)):
-                self.delete(kind, root, container_id)
-            else:
-                self._track(kind, root, container_id, False)
-        if result.returncode:
-            raise BenchError(f"{kind} run {container_id} exited {result.returncode}: {tail(err)}")
-        return elapsed, result.returncode
+        try:
+            elapsed, _ = self.command(kind, root, "run", *(["--detach"] if detach else []), "--bundle", bundle,
+                                      container_id, stdout=stdout, env=env, timeout=timeout,
+                                      log=f"{kind}-{container_id}")
+        finally:
+            if not detach:  # `run` deletes the container when it exits (runc: unless --keep)
+                if os.path.exists(os.path.join(root, container_id)):
+                    self.delete(kind, root, container_id)
+                else:
+                    self._track(kind, root, container_id, False)
+        return elapsed, 0
 
     def start_idle(self, kind: str, root: str, bundle: str, prefix: str = "idle") -> tuple:
         """A detached container (the bundle's process should be long-lived): (id, seconds to start)."""
@@ -218,9 +238,7 @@ class Workspace:
         roots_dir = os.path.join(self.base, "roots")
         for name in (os.listdir(roots_dir) if os.path.isdir(roots_dir) else []):
             kind, root = name.split("-", 1)[0], os.path.join(roots_dir, name)
-            for entry in os.listdir(root):
-                if not entry.startswith(".") and os.path.isdir(os.path.join(root, entry)):
-                    found.add((kind, root, entry))
+            found.update((kind, root, entry) for entry in containers_under(root))
         errors = []
         for kind in ("pyrunv", "runc"):
             by_root: dict = {}
