@@ -145,7 +145,11 @@ def test_deleting_the_sandbox_ends_every_container_of_the_pod(runtime, pod):
     for pid in (first, second):
         assert describe_status(wait_pid(pid)) == "SIGKILL"
     assert runtime.state("first")["status"] == runtime.state("second")["status"] == "stopped"
-    for name in ("first", "second"):
+    delete_leaving_nothing(runtime, "first", "second")
+
+
+def delete_leaving_nothing(runtime, *names):
+    for name in names:
         runtime("delete", name, check=True)
     assert runtime.leftovers() == []
 
@@ -158,9 +162,7 @@ def test_a_sigkill_of_qemu_ends_every_container_with_a_correct_state(runtime, po
     assert describe_status(wait_pid(app)) == "SIGKILL"
     assert wait_until(lambda: runtime.state("sb")["status"] == "stopped")
     assert runtime.state("app")["status"] == "stopped"
-    for name in ("app", "sb"):
-        runtime("delete", name, check=True)
-    assert runtime.leftovers() == []
+    delete_leaving_nothing(runtime, "app", "sb")
 
 
 def test_deleting_a_member_removes_only_it(runtime, pod):
