@@ -57,9 +57,10 @@ def parse_signal(text: str) -> int:
     raise PyrunvError(f"invalid signal: {text if text.isprintable() else repr(text)}")  # one line, always
 
 
-def create_container(obj: Context, container_id: str, bundle: str, pid_file, console_socket):
+def create_container(obj: Context, container_id: str, bundle: str, pid_file, console_socket, restore_from=None):
     from .container import Container
-    return Container.create(obj.store, container_id, bundle, pid_file, console_socket, obj.systemd_cgroup)
+    return Container.create(obj.store, container_id, bundle, pid_file, console_socket, obj.systemd_cgroup,
+                            restore_from)
 
 
 @cli.command()
@@ -289,14 +290,14 @@ def events(obj, once, interval, container_id):
     oom_kills = 0
     while True:
         container = obj.container(container_id)
-        if not once and container.status is Status.STOPPED:
-            if container.exit_status().get("oom_kills", 0) > oom_kills:
-                click.echo(json.dumps({"type": "oom", "id": container_id}))
-            return
-        stats = container.stats()
-        if not once and stats["oom_kills"] > oom_kills:
-            oom_kills = stats["oom_kills"]
+        ended = not once and container.status is Status.STOPPED  # its last count is in its exit status
+        stats = None if ended else container.stats()
+        counted = container.exit_status().get("oom_kills", 0) if ended else stats["oom_kills"]
+        if not once and counted > oom_kills:
+            oom_kills = counted
             click.echo(json.dumps({"type": "oom", "id": container_id}))
+        if ended:
+            return
         click.echo(json.dumps(stats_event(container_id, stats)))
         if once:
             return
@@ -386,9 +387,7 @@ def checkpoint(obj, image_path, work_path, leave_running, parent_path, tcp_estab
 def restore(obj, image_path, bundle, work_path, detach, pid_file, console_socket, tcp_established, ext_unix_sk,
             shell_job, file_locks, manage_cgroups_mode, no_subreaper, no_pivot, container_id):
     """Restore a container from a checkpoint: its VM resumes where it was saved."""
-    from .container import Container
-    container = Container.create(obj.store, container_id, bundle, pid_file, console_socket, obj.systemd_cgroup,
-                                 restore_from=image_path)
+    container = create_container(obj, container_id, bundle, pid_file, console_socket, restore_from=image_path)
     if not detach:
         sys.exit(wait_in_foreground(obj, container, keep=False))
 

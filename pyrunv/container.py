@@ -106,8 +106,16 @@ class Container:
             self.store, self.record, plan, config, terminal=spec.process.terminal,
             console_socket=console_socket, console_size=spec.process.console_size, cgroup=cgroup,
             restore_from=state_file)
-        if cgroup and restore_from:
-            cgroup.add_tree(self.record.pid, cpu_time=True)  # running already: see start
+        if restore_from:
+            self._count_cpu_time()  # a restored VM runs already
+
+    def _count_cpu_time(self) -> None:
+        """The VM joins the host cgroup's CPU hierarchies once it runs: the boot's CPU time is not the
+        container's, and engines divide the cgroup's CPU time by the time since start (podman saw 12 cores'
+        worth on 2)."""
+        if self.record.cgroup and not self.record.sandbox:
+            from .cgroups import HostCgroup
+            HostCgroup(**self.record.cgroup).add_tree(self.record.pid, cpu_time=True)
 
     @staticmethod
     def _host_limits(limits, config, memory_mib: int) -> list:
@@ -180,11 +188,7 @@ class Container:
             after = self._check("start")
             hooks.run("startContainer", self.record.hooks.get("startContainer", ()), self.record.oci_state(Status.CREATED))
             self._control("start")
-            if self.record.cgroup and not self.record.sandbox:
-                # The VM's CPU time counts from the start on: the boot's is not the container's, and engines
-                # divide the cgroup's CPU time by the time since start (podman saw 12 cores' worth on 2).
-                from .cgroups import HostCgroup
-                HostCgroup(**self.record.cgroup).add_tree(self.record.pid, cpu_time=True)
+            self._count_cpu_time()
             self.record.status = after.value
             self.store.save(self.record)
         hooks.run("poststart", self.record.hooks.get("poststart", ()), self.record.oci_state(after))
@@ -235,9 +239,13 @@ class Container:
         except (OSError, ValueError):
             return {}
 
+    def _vm_owner(self) -> "Container":
+        """The container whose VM this one runs in: itself, or its pod's sandbox."""
+        return Container.load(self.store, self.record.sandbox) if self.record.sandbox else self
+
     def _vm_running(self) -> "Container":
         """The container that owns this container's VM, if that VM runs (or is paused)."""
-        owner = Container.load(self.store, self.record.sandbox) if self.record.sandbox else self
+        owner = self._vm_owner()
         if owner.status not in (Status.CREATED, Status.RUNNING, Status.PAUSED):
             raise PyrunvError(f"container {self.id} is stopped: its VM is gone")
         return owner
@@ -249,7 +257,7 @@ class Container:
     def console(self, follow: bool) -> None:
         """The VM's serial console from the VM's start, with the guest kernel's log in it."""
         from . import vmaccess
-        owner = Container.load(self.store, self.record.sandbox) if self.record.sandbox else self
+        owner = self._vm_owner()
         if owner.status is not Status.STOPPED:
             try:
                 control.call(owner.vm_dir, "kmsg", timeout=15)

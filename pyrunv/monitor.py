@@ -14,10 +14,9 @@ import socket
 import termios
 import tty
 
-from . import control, hostmount, logs, network, state, vm
+from . import control, hostmount, logs, network, plan as plan_mod, state, vm
 from .config import Config
 from .errors import PyrunvError
-from .plan import SharedPath, VmPlan
 from .waiter import exit_like
 
 log = logs.log
@@ -28,14 +27,10 @@ def main(data: dict, report_fd: int) -> None:
     """The monitor process, as `launch` describes it to the new interpreter."""
     try:
         logs.configure(**data["log"])
-        plan_data = data["plan"]
-        plan = VmPlan(**dict(plan_data, init_records=bytes.fromhex(plan_data["init_records"]),
-                             shared=tuple(SharedPath(**shared) for shared in plan_data["shared"]),
-                             disks=tuple(map(tuple, plan_data["disks"]))))
         size = data["console_size"]
-        monitor = Monitor(state.Store(data["root"]), state.Record(**data["record"]), plan, Config(**data["config"]),
-                          data["terminal"], data["console_socket"], tuple(size) if size else None)
-        monitor.restore_from = data["restore_from"]
+        monitor = Monitor(state.Store(data["root"]), state.Record(**data["record"]), plan_mod.from_json(data["plan"]),
+                          Config(**data["config"]), data["terminal"], data["console_socket"],
+                          tuple(size) if size else None, data["restore_from"])
         exit_like(*monitor.run(report_fd))
     finally:
         os._exit(1)
@@ -72,12 +67,12 @@ def open_console(console_socket: str, size: tuple | None) -> int:
 
 
 class Monitor:
-    def __init__(self, store, record, plan, config, terminal, console_socket, console_size):
+    def __init__(self, store, record, plan, config, terminal, console_socket, console_size, restore_from):
         self.store, self.record, self.plan, self.config = store, record, plan, config
         self.terminal, self.console_socket, self.console_size = terminal, console_socket, console_size
+        self.restore_from = restore_from  # a saved VM's state file: QEMU waits for it instead of booting
         self.state_dir = store.path(record.id)
         self.tap_name = None  # the VM's tap, if the spec has a network namespace (see network.py)
-        self.restore_from = None  # a saved VM's state file: QEMU waits for it instead of booting
 
     def run(self, report_fd: int) -> tuple:
         status = (1, 0)

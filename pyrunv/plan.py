@@ -39,6 +39,17 @@ class VmPlan:
     disks: tuple = ()       # (host block device, serial): virtio-blk disks for the spec's block devices
 
 
+def to_json(plan: VmPlan) -> dict:
+    """The plan as JSON carries it: to the monitor, and into a checkpoint."""
+    return dict(dataclasses.asdict(plan), init_records=plan.init_records.hex())
+
+
+def from_json(data: dict) -> VmPlan:
+    return VmPlan(**dict(data, init_records=bytes.fromhex(data["init_records"]),
+                         shared=tuple(SharedPath(**shared) for shared in data["shared"]),
+                         disks=tuple(map(tuple, data["disks"]))))
+
+
 def records(pairs) -> bytes:
     """The agent's wire form: NUL-terminated key=value records (docs/protocol.md)."""
     out = bytearray()

@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 
-from . import control, logs, state
+from . import control, logs, plan as plan_mod, state
 from .config import Config
 from .errors import PyrunvError
 from .plan import VmPlan
@@ -52,14 +52,12 @@ def launch(store: state.Store, record: state.Record, plan: VmPlan, config: Confi
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             raise
-    plan_data = dataclasses.asdict(plan)
-    plan_data["init_records"] = plan.init_records.hex()
     with os.fdopen(data_write, "w") as f:
         # pyrunv's own directory first: an editable install finds it by a meta-path hook, not a path entry,
         # so the CLI's sys.path has it only when the cwd happens to be the source tree.
         json.dump({"path": [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] + sys.path,
                    "log": logs.settings(), "root": store.root,
-                   "record": dataclasses.asdict(record), "plan": plan_data, "config": dataclasses.asdict(config),
+                   "record": dataclasses.asdict(record), "plan": plan_mod.to_json(plan), "config": dataclasses.asdict(config),
                    "terminal": terminal, "console_socket": console_socket, "console_size": console_size,
                    "restore_from": restore_from}, f)
     report = b""

@@ -6,7 +6,6 @@ comes from that container's pid-file process (its waiter) and stays open until t
 import asyncio
 import concurrent.futures
 import contextlib
-import dataclasses
 import json
 import os
 import signal
@@ -144,8 +143,7 @@ class Service:
                 await self._resume_vm()
         elif not self.shutdown.done():
             self.shutdown.set_result(None)
-        plan = dataclasses.asdict(self.plan)
-        return {"ok": True, "plan": dict(plan, init_records=self.plan.init_records.hex())}
+        return {"ok": True, "plan": plan_mod.to_json(self.plan)}
 
     async def _power_off(self) -> None:
         """Asks the agent to power the VM off; QEMU (-no-reboot) exits. The monitor's exit stack kills
@@ -337,11 +335,15 @@ class Service:
         return {"ok": True}
 
     async def _freeze(self, ident: int, frozen: bool) -> None:
-        """A member's cgroup; in a frozen VM the agent finds the request when the VM thaws."""
+        await self._to_agent(F.FREEZE, ident, FLAG.pack(int(frozen)))
+
+    async def _to_agent(self, kind: F, ident: int, payload: bytes = b"") -> None:
+        """A request about a container; in a frozen VM it is sent without waiting, and the agent finds it
+        when the VM thaws."""
         if self.paused:
-            self.channel.send(F.FREEZE, ident, FLAG.pack(int(frozen)))
+            self.channel.send(kind, ident, payload)
         else:
-            await self.channel.request(F.FREEZE, ident, FLAG.pack(int(frozen)))
+            await self.channel.request(kind, ident, payload)
 
     async def _resume_vm(self) -> None:
         await (await self._qmp_client()).execute("cont")
@@ -370,12 +372,7 @@ class Service:
     async def _op_update(self, request, fds, conn):
         """New limits: the container's cgroup in the guest and, for the VM's own container, the VM's memory
         through the balloon. A frozen VM takes them when it thaws."""
-        ident = self._ident(request)
-        records = bytes.fromhex(request["records"])
-        if self.paused:
-            self.channel.send(F.UPDATE, ident, records)
-        else:
-            await self.channel.request(F.UPDATE, ident, records)
+        await self._to_agent(F.UPDATE, self._ident(request), bytes.fromhex(request["records"]))
         if request.get("memory_mib"):
             await self._balloon(request["memory_mib"] << 20)
         return {"ok": True}
@@ -426,12 +423,8 @@ class Service:
         name = request["container"]
         if name not in self.members:
             return {"ok": True}
-        ident = self.members[name][0]
-        if self.paused:
-            self.channel.send(F.REMOVE, ident)  # done when the VM thaws; its mounts can go now
-        else:
-            await self.channel.request(F.REMOVE, ident)
-        self._unshare(name)
+        await self._to_agent(F.REMOVE, self.members[name][0])
+        self._unshare(name)  # in a frozen VM too: the guest's processes keep what they hold
         return {"ok": True}
 
     def _unshare(self, name: str) -> None:

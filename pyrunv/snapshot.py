@@ -6,8 +6,9 @@ import dataclasses
 import json
 import os
 
+from . import plan as plan_mod
 from .errors import PyrunvError
-from .plan import SharedPath, VmPlan
+from .plan import VmPlan
 
 METADATA = "pyrunv-checkpoint.json"
 STATE = "vm.state"
@@ -44,9 +45,7 @@ def load(image_path: str, container_id: str, fresh: VmPlan, config) -> tuple:
             saved = json.load(f)
         if saved.get("format") != FORMAT or not os.path.isfile(os.path.join(image_path, STATE)):
             raise ValueError
-        plan = VmPlan(**dict(saved["plan"], init_records=bytes.fromhex(saved["plan"]["init_records"]),
-                             shared=tuple(SharedPath(**s) for s in saved["plan"]["shared"]),
-                             disks=tuple(map(tuple, saved["plan"]["disks"]))))
+        plan = plan_mod.from_json(saved["plan"])
     except (OSError, ValueError, KeyError, TypeError):
         raise PyrunvError(f"{image_path} is not a pyrunv checkpoint") from None
     _refuse_without_support(f"restore {container_id}", config)

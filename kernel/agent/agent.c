@@ -338,15 +338,6 @@ static struct proc *new_proc(uint32_t id)
     return NULL;
 }
 
-static int write_text(const char *path, const char *text)
-{
-    int fd = open(path, O_WRONLY | O_CLOEXEC);
-    if (fd < 0) return -1;
-    ssize_t n = write(fd, text, strlen(text));
-    close(fd);
-    return n < 0 ? -1 : 0;
-}
-
 /* In the child: into the container's cgroup, and for an init a cgroup namespace rooted there. */
 static void enter_cgroup(uint32_t container, int is_init, int sync_fd)
 {

@@ -66,6 +66,8 @@ int configure_network(char *records, size_t len, char *err, size_t errlen);
 
 /* The container's cgroup in the guest: CGROUP_DIR/c<id of its init>. */
 void cgroup_path(char *out, size_t len, uint32_t container, const char *file);
+/* Writes text to a file (a cgroup's, /proc's): 0, or -1 with errno set. */
+int write_text(const char *path, const char *text);
 /* Writes "file value" records into the container's cgroup; -1 with a message in err on failure. */
 int cgroup_limits(uint32_t container, const char *const *records, int n, char *err, size_t errlen);
 void fail(int sync_fd, const char *fmt, ...) __attribute__((noreturn, format(printf, 2, 3)));

@@ -392,12 +392,18 @@ static void readonly_path(const char *path, int sync_fd)
         fail(sync_fd, "readonly %s: %s", path, strerror(errno));
 }
 
-static void write_file(const char *path, const char *value, int sync_fd)
+int write_text(const char *path, const char *text)
 {
     int fd = open(path, O_WRONLY | O_CLOEXEC);
-    if (fd < 0 || write(fd, value, strlen(value)) < 0)
-        fail(sync_fd, "write %s: %s", path, strerror(errno));
-    close(fd);
+    if (fd < 0) return -1;
+    ssize_t n = write(fd, text, strlen(text));
+    close(fd); /* leaves write's errno: a successful close does not touch it */
+    return n < 0 ? -1 : 0;
+}
+
+static void write_file(const char *path, const char *value, int sync_fd)
+{
+    if (write_text(path, value) < 0) fail(sync_fd, "write %s: %s", path, strerror(errno));
 }
 
 static void apply_sysctl(const char *kv, int sync_fd)
@@ -504,13 +510,10 @@ int cgroup_limits(uint32_t container, const char *const *records, int n, char *e
         memcpy(file, records[i], len);
         file[len] = 0;
         cgroup_path(path, sizeof path, container, file);
-        int fd = open(path, O_WRONLY | O_CLOEXEC);
-        if (fd < 0 || write(fd, value + 1, strlen(value + 1)) < 0) {
+        if (write_text(path, value + 1) < 0) {
             snprintf(err, errlen, "cgroup %s %s: %s", file, value + 1, strerror(errno));
-            if (fd >= 0) close(fd);
             return -1;
         }
-        close(fd);
     }
     return 0;
 }
