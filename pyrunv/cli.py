@@ -427,6 +427,15 @@ def console(obj, follow, container_id):
 
 
 @cli.command()
+@click.option("--listen", metavar="HOST:PORT", help="relay this TCP port to the display while the VM runs")
+@click.argument("container_id")
+@pass_ctx
+def display(obj, listen, container_id):
+    """Print the path of the VM's VNC socket (annotation io.pyrunv.vm.display=vnc), or relay a TCP port to it."""
+    obj.container(container_id).display(listen)
+
+
+@cli.command()
 def features():
     """Print the runtime-spec features document, with pyrunv's annotations."""
     from . import defaults

@@ -265,6 +265,12 @@ class Container:
                 log.debug("kmsg of %s: %s", owner.id, e)  # what the console has so far is still worth showing
         vmaccess.console(owner.vm_dir, follow, lambda: owner.status is not Status.STOPPED)
 
+    def display(self, listen: str | None) -> None:
+        """The VM's display: its VNC socket's path, or with listen a TCP port relayed to it while the VM runs."""
+        from . import vmaccess
+        owner = self._vm_running()
+        vmaccess.display(owner.vm_dir, listen, lambda: owner.status is not Status.STOPPED)
+
     def checkpoint(self, image_path: str, leave_running: bool) -> None:
         """The VM saved to image_path (snapshot.py); without leave_running the container then ends as if
         SIGKILLed. Refused, the container untouched, where QEMU and virtiofsd cannot save a VM."""

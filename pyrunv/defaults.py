@@ -52,6 +52,7 @@ ANNOTATIONS = {
     "machine": "QEMU machine type: microvm or q35",
     "accel": "auto, kvm or tcg",
     "kernel": "path of the guest kernel (only if the config file allows it)",
+    "display": "vnc: a virtio-gpu display served over VNC (`pyrunv display`; only if the config file allows it)",
 }
 
 

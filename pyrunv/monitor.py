@@ -136,6 +136,13 @@ class Monitor:
             user_qmp.bind(path)
             os.chmod(path, 0o600)
         user_qmp.listen(1)
+        self.display_listener = None  # the service hands each client that connects to QEMU's VNC server
+        if self.plan.display:
+            self.display_listener = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            with control.socket_path(self.state_dir, vm.VNC_SOCKET) as path:
+                self.display_listener.bind(path)
+                os.chmod(path, 0o600)
+            self.display_listener.listen(4)
         self.agent_socket, agent_guest = socket.socketpair()
         self.qmp_socket, qmp_guest = socket.socketpair()
         for s in (self.agent_socket, agent_guest, self.qmp_socket, qmp_guest):

@@ -37,6 +37,7 @@ class VmPlan:
     init_records: bytes     # the agent's CREATE payload
     network_namespace: str | None = None  # where the monitor and QEMU live (see hostmount)
     disks: tuple = ()       # (host block device, serial): virtio-blk disks for the spec's block devices
+    display: str = ""       # "vnc": a virtio-gpu display, served by QEMU's VNC server (vmaccess.display)
 
 
 def to_json(plan: VmPlan) -> dict:
@@ -204,4 +205,21 @@ def make(spec: Spec, config: config_mod.Config) -> VmPlan:
         machine=sized.machine, accel=sized.accel, vcpus=int(sized.vcpus), memory_mib=int(sized.memory_mib),
         kernel=sized.kernel, initrd=config.initrd,
         kernel_params=" ".join(p for p in (config.kernel_params, extra_params) if p),
-        shared=init.shared, init_records=init.records, network_namespace=spec.network_namespace, disks=init.disks)
+        shared=init.shared, init_records=init.records, network_namespace=spec.network_namespace, disks=init.disks,
+        display=_display(spec, config))
+
+
+DISPLAYS = ("", "vnc")
+
+
+def _display(spec: Spec, config: config_mod.Config) -> str:
+    """A display costs a device and a server in QEMU: refused, not ignored, unless the config allows it."""
+    name = config_mod.ANNOTATION_PREFIX + "display"
+    if name not in spec.annotations:
+        return ""
+    if "display" not in config.annotations_allowed:
+        raise PyrunvError(f"annotation {name}: not allowed by the config file (annotations_allowed)")
+    value = spec.annotations[name]
+    if value not in DISPLAYS:
+        raise PyrunvError(f"annotation {name}: invalid value {value!r} (vnc, or empty for none)")
+    return value

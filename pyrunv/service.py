@@ -95,6 +95,8 @@ class Service:
         control_sock.listen(16)
         control_sock.setblocking(False)
         self.server = loop.create_task(self._accept(control_sock))
+        if self.monitor.display_listener is not None:
+            self.display_server = loop.create_task(self._serve_display(self.monitor.display_listener))
         for sig in FORWARDED:
             loop.add_signal_handler(sig, self._forward, sig)
         self.shutdown = loop.create_future()
@@ -234,6 +236,21 @@ class Service:
         while True:
             conn, _ = await loop.sock_accept(listener)
             loop.create_task(self._handle(conn))
+
+    async def _serve_display(self, listener: socket.socket) -> None:
+        """Each VNC client that connects to vnc.sock goes to QEMU's VNC server over QMP (getfd, add_client)."""
+        loop = asyncio.get_running_loop()
+        listener.setblocking(False)
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            with conn:
+                try:
+                    qmp = await self._qmp_client()
+                    qmp.send_fd_scm(conn.fileno())
+                    await qmp.execute("getfd", {"fdname": "vnc"})
+                    await qmp.execute("add_client", {"protocol": "vnc", "fdname": "vnc", "skipauth": True})
+                except Exception as e:  # one client's failure must not end the display for the next
+                    log.warning("display client: %s", e)
 
     async def _handle(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()

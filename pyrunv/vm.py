@@ -19,6 +19,7 @@ log = logging.getLogger("pyrunv")
 
 AGENT_PORT = "pyrunv.agent"
 QMP_SOCKET = "qmp.sock"  # in the state directory: `pyrunv qmp` and qmp-shell connect to it
+VNC_SOCKET = "vnc.sock"  # in the state directory of a VM with a display: VNC clients connect to it
 SHARE_TAG = "pyrunv"
 PR_SET_PDEATHSIG = 1
 # noreplace-smp: a one-vCPU guest would otherwise rewrite every LOCK prefix in its text at boot, one
@@ -137,7 +138,9 @@ def device(plan: VmPlan, kind: str) -> str:
 
 
 def kernel_cmdline(plan: VmPlan, accel: str, extra: str = "") -> str:
-    params = [BASE_PARAMS]
+    # With a display the kernel's log shows on it too; the last console= stays /dev/console (the serial).
+    # No cursor: it would blink, and the display would never be still.
+    params = ["console=tty0 vt.global_cursor_default=0" if plan.display else "", BASE_PARAMS]
     if accel == "tcg":
         # Under TCG the guest reads the host's TSC; telling it the rate skips a calibration that can hang.
         # The local APIC timer's calibration costs ~250 ms under TCG; the PIT ticks instead.
@@ -186,6 +189,8 @@ def qemu_argv(config: Config, plan: VmPlan, accel: str, *, agent_fd: int, qmp_fd
             argv += ["-add-fd", f"fd={fd},set={number}"]
         argv += ["-drive", f"file=/dev/fdset/{number},file.driver=host_device,format=raw,if=none,id={serial}",
                  "-device", f"{device(plan, 'virtio-blk')},drive={serial},serial={serial}"]
+    if plan.display:  # a VNC server without a socket: the monitor hands it each client (QMP add_client)
+        argv += ["-device", device(plan, "virtio-gpu"), "-vnc", "none"]
     if incoming:  # a saved VM's state comes through QMP's migrate-incoming (snapshot.py)
         argv += ["-incoming", "defer"]
     if tap_fd is not None:

@@ -1,10 +1,14 @@
-"""The container's VM itself, for people: its QMP monitor and its console.
+"""The container's VM itself, for people: its QMP monitor, its console and its display.
 
 QEMU listens for QMP on `qmp.sock` in the state directory of the VM's own container (0600, root's); the
-monitor keeps a QMP connection of its own. The serial console goes to `console.log` there."""
+monitor keeps a QMP connection of its own. The serial console goes to `console.log` there. A VM with a
+display has `vnc.sock` there too: the monitor hands each client that connects to QEMU's VNC server."""
 import json
 import os
+import select
+import socket
 import sys
+import threading
 import time
 
 from . import control, vm
@@ -68,3 +72,48 @@ def console(vm_dir: str, follow: bool, alive) -> None:
             if not follow or not alive():
                 return
             time.sleep(0.2)
+
+
+def display(vm_dir: str, listen: str | None, alive) -> None:
+    """Prints the VNC socket's path; with listen (HOST:PORT), relays that TCP port to it while alive()."""
+    _require_root()
+    if not os.path.exists(os.path.join(vm_dir, vm.VNC_SOCKET)):
+        raise PyrunvError("the VM has no display (annotation io.pyrunv.vm.display=vnc)")
+    if listen is None:
+        print(os.path.join(vm_dir, vm.VNC_SOCKET))
+        return
+    host, _, port = listen.rpartition(":")
+    try:
+        server = socket.create_server((host.strip("[]"), int(port)))
+    except (ValueError, OSError) as e:
+        raise PyrunvError(f"display: cannot listen on {listen!r}: {getattr(e, 'strerror', None) or e}") from None
+    with server:
+        print("%s:%d" % server.getsockname()[:2], flush=True)  # the port chosen, where PORT was 0
+        while alive():
+            if not select.select([server], [], [], 0.2)[0]:
+                continue
+            client, _ = server.accept()
+            vnc = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                with control.socket_path(vm_dir, vm.VNC_SOCKET) as path:
+                    vnc.connect(path)
+            except OSError:
+                client.close()
+                vnc.close()
+                continue  # the VM is ending; alive() says so next
+            for source, sink in ((client, vnc), (vnc, client)):
+                threading.Thread(target=_copy, args=(source, sink), daemon=True).start()
+
+
+def _copy(source: socket.socket, sink: socket.socket) -> None:
+    """One direction of a relayed connection; its end ends the other direction's writes."""
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        try:
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass

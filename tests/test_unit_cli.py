@@ -124,7 +124,7 @@ def test_features_lists_pyrunvs_annotations(root):
     assert result.returncode == 0
     features = json.loads(result.stdout)
     assert {k for k in features["annotations"] if k.startswith("io.pyrunv.vm.")} == {
-        f"io.pyrunv.vm.{k}" for k in ("memory_mib", "vcpus", "kernel_params", "machine", "accel", "kernel")}
+        f"io.pyrunv.vm.{k}" for k in ("memory_mib", "vcpus", "kernel_params", "machine", "accel", "kernel", "display")}
     assert "CAP_SYS_ADMIN" in features["linux"]["capabilities"]
     assert features["ociVersionMax"] == "1.0.2"
     assert features["linux"]["cgroup"]["v1"] and "user" in features["linux"]["namespaces"]

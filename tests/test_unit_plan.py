@@ -3,7 +3,7 @@ import resource
 
 import pytest
 
-from pyrunv import plan
+from pyrunv import plan, vm
 from pyrunv.config import Config
 from pyrunv.errors import PyrunvError
 from pyrunv.resources import Resources
@@ -141,6 +141,20 @@ def test_the_kernel_annotation_is_ignored_unless_the_config_allows_it():
     assert plan.make(spec, Config(kernel="/guest/vmlinux")).kernel == "/guest/vmlinux"
     allowed = Config(kernel="/guest/vmlinux", annotations_allowed=["kernel"])
     assert plan.make(spec, allowed).kernel == "/evil/vmlinux"
+
+
+def test_a_display_needs_the_config_to_allow_it_and_then_gets_a_gpu_and_vnc():
+    with pytest.raises(PyrunvError, match=r"^annotation io.pyrunv.vm.display: not allowed by the config file"):
+        plan.make(annotated(display="vnc"), Config())
+    allowed = Config(annotations_allowed=["display"])
+    with pytest.raises(PyrunvError, match=r"^annotation io.pyrunv.vm.display: invalid value 'sdl'"):
+        plan.make(annotated(display="sdl"), allowed)
+    shown = plan.make(annotated(display="vnc"), allowed)
+    argv = vm.qemu_argv(allowed, shown, "tcg", agent_fd=3, qmp_fd=4, fs_fd=5, console_fd=6)
+    assert argv[argv.index("-vnc") + 1] == "none" and "virtio-gpu-device" in argv
+    assert argv[argv.index("-append") + 1].startswith("console=tty0 vt.global_cursor_default=0 console=ttyS0 ")
+    plain = vm.qemu_argv(allowed, plan.make(annotated(), allowed), "tcg", agent_fd=3, qmp_fd=4, fs_fd=5, console_fd=6)
+    assert "-vnc" not in plain and not any("virtio-gpu" in arg or "tty0" in arg for arg in plain)
 
 
 def test_annotations_of_other_prefixes_are_ignored():

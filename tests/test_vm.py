@@ -1,7 +1,8 @@
-"""The VM as a first-class entity: `check`, `qmp`, `console`."""
+"""The VM as a first-class entity: `check`, `qmp`, `console`, `display`, devices, snapshots' refusal."""
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 from faultlib import one_line_error, wait_until
@@ -45,23 +46,97 @@ def test_qmp_reaches_the_vm_running_and_paused(runtime, bundle):
         "pyrunv: qmp: arguments must be a JSON object"
 
 
+def test_qmp_without_a_command_is_qemu_qmps_shell(runtime, bundle):
+    runtime.detached("run", "--detach", "--bundle", bundle("sleep", "600"), "shell")
+    result = runtime("qmp", "shell", input=b"query-status\nquery-name\n", check=True)
+    assert b'"status": "running"' in result.stdout, result.stdout
+
+
 def test_console_shows_the_guest_kernels_log(runtime, bundle):
     runtime.detached("run", "--detach", "--bundle", bundle("sleep", "600"), "vm2")
     text = runtime("console", "vm2", check=True).stdout.decode()
     assert "Linux version 6." in text, text[-2000:]
 
 
-@pytest.mark.parametrize("verb", [["qmp", "{}", "query-status"], ["console", "{}"]])
+@pytest.mark.parametrize("verb", [["qmp", "{}", "query-status"], ["display", "{}"], ["console", "{}"]])
 def test_the_vm_of_an_unknown_or_stopped_container_is_one_line(runtime, bundle, verb):
     argv = [arg.format("nosuch") for arg in verb]
     assert one_line_error(runtime(*argv)) == "pyrunv: container nosuch does not exist"
     runtime.detached("run", "--detach", "--bundle", bundle("true"), "done")
     assert wait_until(lambda: runtime.state("done")["status"] == "stopped")
-    if verb[0] == "qmp":
-        assert one_line_error(runtime("qmp", "done", "query-status")) == \
-            "pyrunv: container done is stopped: its VM is gone"
-    else:
+    if verb[0] == "console":
         assert runtime("console", "done").returncode == 0, "a stopped VM's console is still there to read"
+    else:
+        assert one_line_error(runtime(*[arg.format("done") for arg in verb])) == \
+            "pyrunv: container done is stopped: its VM is gone"
+
+
+@pytest.fixture
+def display_allowed(tmp_path, monkeypatch):
+    config = tmp_path / "display.toml"
+    config.write_text('annotations_allowed = ["display"]\n')
+    monkeypatch.setenv("PYRUNV_CONFIG", str(config))
+
+
+def with_display(config):
+    """A display, and /dev/kmsg in the container: what it writes there shows on the guest's console."""
+    config["annotations"] = {"io.pyrunv.vm.display": "vnc"}
+    config["linux"]["devices"] = [{"path": "/dev/kmsg", "type": "c", "major": 1, "minor": 11, "fileMode": 0o200}]
+
+
+def capture(address: str, png) -> "Image":
+    """A screenshot through vncdotool's own client, in a process of its own (it runs Twisted's reactor)."""
+    from PIL import Image
+    vncdo = os.path.join(os.path.dirname(sys.executable), "vncdo")
+    host, port = address.rsplit(":", 1)
+    subprocess.run([vncdo, "-s", f"{host}::{port}", "capture", str(png)], check=True, timeout=60,
+                   capture_output=True)
+    with Image.open(png) as image:
+        return image.convert("L")
+
+
+def test_the_display_shows_the_guests_console_and_follows_it(runtime, bundle, display_allowed, tmp_path):
+    runtime.detached("run", "--detach", "--bundle", bundle("sleep", "600", edit=with_display), "gui")
+    assert runtime("display", "gui", check=True).stdout.decode() == f"{runtime.root / 'gui' / 'vnc.sock'}\n"
+    relay = subprocess.Popen(runtime.argv("display", "gui", "--listen", "127.0.0.1:0"), stdout=subprocess.PIPE)
+    try:
+        address = relay.stdout.readline().decode().strip()
+        assert address.startswith("127.0.0.1:")
+
+        def say(text):
+            runtime("exec", "gui", "sh", "-c", f"echo '<2>{text}' > /dev/kmsg", check=True)
+        shots = iter(range(1000))
+        say("pyrunv: the first line on the display")
+        first = [None]
+
+        def lit():
+            first[0] = capture(address, tmp_path / f"shot{next(shots)}.png")
+            return first[0].getbbox() is not None  # a black screen has no bounding box
+        assert wait_until(lit, timeout=60), "the display stayed black"
+        say("pyrunv: a second line, below the first " + "=" * 40)
+        assert wait_until(lambda: capture(address, tmp_path / f"shot{next(shots)}.png").tobytes()
+                          != first[0].tobytes(), timeout=60), "the display did not change"
+        runtime("kill", "gui", "KILL", check=True)
+        assert relay.wait(30) == 0, "the relay ends with the VM"
+    finally:
+        relay.kill()
+        relay.wait()
+
+
+def test_a_display_the_config_does_not_allow_is_one_line(runtime, bundle):
+    path = bundle("true", edit=with_display)
+    result = runtime.detached("create", "--bundle", path, "nogui", check=False)
+    assert one_line_error(result) == \
+        "pyrunv: annotation io.pyrunv.vm.display: not allowed by the config file (annotations_allowed)"
+    assert runtime.leftovers() == []
+
+
+def test_a_vm_without_the_annotation_has_no_display(runtime, bundle):
+    runtime.detached("run", "--detach", "--bundle", bundle("sleep", "600"), "plain")
+    assert one_line_error(runtime("display", "plain")) == \
+        "pyrunv: the VM has no display (annotation io.pyrunv.vm.display=vnc)"
+    devices = runtime("qmp", "plain", "qom-list", '{"path": "/machine/peripheral-anon"}', check=True).stdout
+    assert b"virtio-balloon" in devices and b"virtio-gpu" not in devices
 
 
 @pytest.fixture
