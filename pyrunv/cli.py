@@ -7,7 +7,7 @@ import time
 
 import click
 
-from . import __version__, logs, query, state
+from . import __version__, logs, quick, state
 from .lifecycle import Status
 from .errors import PyrunvError, one_line
 
@@ -90,7 +90,7 @@ def start(obj, container_id):
 @pass_ctx
 def state_(obj, container_id):
     """Output the state of a container."""
-    click.echo(query.render_state(obj.store, container_id))
+    click.echo(quick.render_state(obj.store, container_id))
 
 
 @cli.command()
@@ -215,7 +215,7 @@ def update(obj, resources_file, memory, memory_reservation, memory_swap, cpu_per
 @pass_ctx
 def list_(obj, fmt, quiet):
     """List the containers under --root."""
-    text = query.render_list(obj.store, fmt, quiet)
+    text = quick.render_list(obj.store, fmt, quiet)
     if text:
         click.echo(text)
 
@@ -442,35 +442,16 @@ def features():
     click.echo(json.dumps(defaults.features(), indent=4))
 
 
-def _ensure_stdio() -> None:
-    # With a closed fd 0-2, the next pipe or socket would take its number and be mistaken for stdio.
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            os.open(os.devnull, os.O_RDWR)
-
-
 def main() -> None:
-    _ensure_stdio()
     debug = "--debug" in sys.argv[1:]
     try:
         cli.main(prog_name="pyrunv", standalone_mode=False)
-    except PyrunvError as e:
-        log.error(e.message)
-        click.echo(f"pyrunv: {one_line(e.message)}", err=True)
-        if debug:
-            raise
-        sys.exit(e.exit_code)
+    except (PyrunvError, OSError) as e:
+        sys.exit(quick.report(e, debug))
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
         click.echo(f"pyrunv: {one_line(e.format_message())}", err=True)
         sys.exit(1)
     except click.exceptions.Abort:
-        sys.exit(1)
-    except OSError as e:
-        if debug:
-            raise
-        click.echo(one_line(f"pyrunv: {e.strerror}" + (f": {e.filename}" if e.filename else "")), err=True)
         sys.exit(1)

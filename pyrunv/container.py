@@ -51,7 +51,7 @@ class Container:
         and the container is running."""
         from . import cgroups, config as config_mod, hooks, spec as spec_mod
         state.validate_id(container_id)
-        spec = spec_mod.load(bundle)
+        spec = spec_mod.load(bundle, check=lambda document: cls._validate(store, container_id, document))
         if spec.process.terminal and not console_socket and not os.isatty(0):
             raise PyrunvError("cannot allocate tty if runc will detach without setting console socket")
         sandbox_id = pod.sandbox_of(container_id, spec.annotations)
@@ -123,6 +123,25 @@ class Container:
         from . import cgroups, resources
         return resources.host_files(limits, cgroups.version(), memory_mib, config.host_overhead_mib,
                                     config.host_pids_limit)
+
+    @staticmethod
+    def _validate(store: state.Store, container_id: str, document) -> None:
+        """The spec against the schema: by the pod's monitor for a container of a pod (jsonschema is loaded
+        there already, and takes ~50 ms to load here), else here. A pod whose monitor cannot be reached is
+        create's error to name once the spec is known valid."""
+        from . import spec as spec_mod
+        annotations = document.get("annotations") if isinstance(document, dict) else None
+        try:
+            sandbox_id = pod.sandbox_of(container_id, annotations) if isinstance(annotations, dict) else None
+            conn = control.Connection(store.path(state.validate_id(sandbox_id)), timeout=60) if sandbox_id else None
+        except (PyrunvError, TypeError):  # TypeError: annotations the schema will refuse
+            conn = None
+        if conn is None:
+            spec_mod.validate(document)
+            return
+        with conn:
+            conn.send({"op": "validate", "document": document})
+            conn.receive()
 
     @classmethod
     def _running_sandbox(cls, store: state.Store, sandbox_id: str) -> "Container":

@@ -5,8 +5,9 @@ signals it receives, and exits with the process's status."""
 import contextlib
 import os
 
-from . import control, monitor, spec as spec_mod, state, waiter
+from . import control, spec as spec_mod, state, waiter
 from .errors import PyrunvError
+from .terminal import open_console, raw_terminal
 
 
 def build_process(record: state.Record, process_file, command, *, cwd, env, tty, user, additional_gids,
@@ -51,7 +52,7 @@ def stdio(terminal: bool, console_socket, console_size, detach: bool, what: str 
     if not terminal:
         return [0, 1, 2]
     if console_socket:
-        return [monitor.open_console(console_socket, console_size)]
+        return [open_console(console_socket, console_size)]
     if detach or not os.isatty(0):
         raise PyrunvError(f"{what} needs --console-socket, or a terminal on stdin without --detach")
     return [os.dup(0)]
@@ -75,7 +76,7 @@ def run(state_dir: str, container: str, process: dict, console_socket, detach: b
     write_pid_file(pid_file, os.getpid())
     conn.sock.settimeout(None)  # from here on we wait as long as the process runs
     own_terminal = process.get("terminal") and not console_socket
-    with monitor.raw_terminal(0) if own_terminal else contextlib.nullcontext():
+    with raw_terminal(0) if own_terminal else contextlib.nullcontext():
         # 128+N for a signal: the foreground never dies of the process's signal itself
         return waiter.wait(conn.sock, conn.pending())["exit"]
 

@@ -1,21 +1,30 @@
-"""The `pyrunv` command. Started with `python -S` by the installed launcher, it answers `state` and
-`list` before click is even looked at. The launcher puts the venv's site-packages on sys.path
+"""The `pyrunv` command. Started with `python -S` by the installed launcher, it answers `state`, `list`,
+`create` and `start` without click (quick.py). The launcher puts the venv's site-packages on sys.path
 itself; without it (a plain `python -S`), site is set up here."""
+import os
 import sys
 
 
 def main() -> None:
-    from . import query
-    code = query.quick(sys.argv[1:])
-    if code is not None:
-        sys.exit(code)
-    try:
-        from .cli import main as full_cli
-    except ImportError:
+    _ensure_stdio()
+    if not any(path.endswith("-packages") for path in sys.path):  # a bare `python -S`: no dependencies yet
         import site
         site.main()
-        from .cli import main as full_cli
+    from . import quick
+    code = quick.quick(sys.argv[1:])
+    if code is not None:
+        sys.exit(code)
+    from .cli import main as full_cli
     full_cli()
+
+
+def _ensure_stdio() -> None:
+    # With a closed fd 0-2, the next pipe or socket would take its number and be mistaken for stdio.
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,11 @@ def sandbox_of(container_id: str, annotations: dict) -> str | None:
     return None
 
 
+def is_sandbox(annotations: dict) -> bool:
+    """Whether the engine marks the spec as a pod's sandbox, whose VM other containers will join."""
+    return any(annotations.get(type_key) == "sandbox" for type_key, _ in MARKS)
+
+
 def joins(namespaces, idents_by_pid: dict) -> list:
     """(kind, ident) for each of the spec's namespace paths that points at another container of the pod.
 

@@ -12,11 +12,12 @@ import signal
 import socket
 import time
 
-from . import control, hostmount, network, plan as plan_mod, spec as spec_mod, state
+from . import control, hostmount, network, plan as plan_mod, pod, spec as spec_mod, state
 from .channel import FLAG, PAIR, STDERR, STDOUT, WINDOW, Channel, F, ProcessIO
 from .errors import PyrunvError
 from .logs import log
-from .monitor import Monitor, open_console, raw_terminal
+from .monitor import Monitor
+from .terminal import open_console, raw_terminal
 from .waiter import FORWARDED
 
 INIT_ID = state.VM_INIT
@@ -303,6 +304,13 @@ class Service:
         if ident == INIT_ID and self.monitor.tap_name and network.interfaces_to_plumb():
             await self._plumb_network(self.monitor.tap_name)
         await self.channel.request(F.START, ident)
+        if ident == INIT_ID and pod.is_sandbox(self.monitor.record.annotations):
+            self.executor.submit(spec_mod.schema_validator)  # the pod's containers will come: see _op_validate
+        return {"ok": True}
+
+    async def _op_validate(self, request, fds, conn):
+        """A pod's container's config.json against the schema, here where the validator stays loaded."""
+        await asyncio.get_running_loop().run_in_executor(self.executor, spec_mod.validate, request["document"])
         return {"ok": True}
 
     async def _plumb_network(self, tap_name: str) -> None:

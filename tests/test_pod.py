@@ -211,6 +211,18 @@ def test_a_member_of_a_sandbox_that_is_not_there_fails_in_one_line(runtime, bund
     assert runtime.leftovers() == []
 
 
+def test_a_members_invalid_spec_gets_the_same_line_from_the_pods_monitor(runtime, pod, bundle):
+    """The pod's monitor validates its containers' specs (its jsonschema is loaded already): same words."""
+    def bad(config):
+        config["process"]["args"] = "not a list"
+    alone = runtime.detached("create", "--bundle", bundle("true", edit=bad), "alone", check=False)
+    expected = "pyrunv: invalid config.json: process.args: 'not a list' is not of type 'array'"
+    assert one_line_error(alone) == expected
+    assert one_line_error(pod("app", "true", edit=bad, check=False)) == expected
+    assert sorted(os.listdir(runtime.root)) == ["sb"]
+    assert runtime.state("sb")["status"] == "running"
+
+
 def test_a_member_of_a_paused_or_stopped_sandbox_fails_in_one_line(runtime, pod):
     runtime("pause", "sb", check=True)
     assert "pod sandbox sb is paused" in one_line_error(pod("app", "true", check=False))

@@ -1,0 +1,161 @@
+"""The verbs engines call on every container, without click: `state` and `list` (polled most, also free of
+jsonschema and asyncio), `create` and `start`.
+
+`quick` answers them straight from argv when the command line is plain; anything else (help, odd
+flags) goes to the full click CLI, which renders through the same functions and reports errors
+through the same `report`."""
+import json
+import sys
+
+from . import state
+from .errors import PyrunvError, one_line
+
+_GLOBAL_VALUES = {"--root", "--log", "--log-format", "--criu", "--rootless"}
+_GLOBAL_FLAGS = {"--debug", "--systemd-cgroup"}
+
+
+def render_state(store: state.Store, container_id: str) -> str:
+    record = store.load(container_id)
+    return json.dumps(record.oci_state(store.status(record)), indent=2)
+
+
+def render_list(store: state.Store, fmt: str, quiet: bool) -> str:
+    rows = [record.oci_state(store.status(record)) for record in store.records()]
+    if quiet:
+        return "\n".join(row["id"] for row in rows)
+    if fmt == "json":
+        return json.dumps(rows)
+    lines = [("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER")]
+    lines += [(r["id"], str(r["pid"]), r["status"], r["bundle"], r["created"], r["owner"]) for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(6)]
+    return "\n".join("   ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def _split(argv: list):
+    """(global options, verb, rest), or None when the line is not plain enough for the quick path."""
+    options, i = {}, 0
+    while i < len(argv) and argv[i].startswith("-"):
+        name, eq, value = argv[i].partition("=")
+        if name in _GLOBAL_VALUES:
+            if not eq:
+                i += 1
+                if i == len(argv):
+                    return None
+                value = argv[i]
+            options[name] = value
+        elif name in _GLOBAL_FLAGS and not eq:
+            options[name] = True
+        else:
+            return None
+        i += 1
+    return (options, argv[i], argv[i + 1:]) if i < len(argv) else None
+
+
+def _list_flags(rest: list):
+    fmt, quiet, i = "table", False, 0
+    while i < len(rest):
+        if rest[i] in ("-q", "--quiet"):
+            quiet = True
+        elif rest[i] in ("-f", "--format") and i + 1 < len(rest) and rest[i + 1] in ("table", "json"):
+            fmt = rest[i + 1]
+            i += 1
+        else:
+            return None
+        i += 1
+    return fmt, quiet
+
+
+def _create_flags(rest: list):
+    """runc create's flags: {"bundle", "pid_file", "console_socket"} and the ID, or None if not plain."""
+    found, i = {"bundle": ".", "pid_file": None, "console_socket": None}, 0
+    ids = []
+    while i < len(rest):
+        name, eq, value = rest[i].partition("=")
+        if name in _CREATE_VALUES:
+            if not eq:
+                i += 1
+                if i == len(rest):
+                    return None
+                value = rest[i]
+            if _CREATE_VALUES[name]:
+                found[_CREATE_VALUES[name]] = value
+        elif name in _CREATE_FLAGS and not eq:
+            pass
+        elif name.startswith("-"):
+            return None
+        else:
+            ids.append(rest[i])
+        i += 1
+    return (found, ids[0]) if len(ids) == 1 else None
+
+
+# runc create's flags with a value (None: accepted and not used) and without one; cli.create documents them.
+_CREATE_VALUES = {"-b": "bundle", "--bundle": "bundle", "--pid-file": "pid_file", "--console-socket": "console_socket",
+                  "--preserve-fds": None}
+_CREATE_FLAGS = {"--no-pivot", "--no-new-keyring"}
+
+
+def quick(argv: list) -> int | None:
+    """Runs `state`, `list`, `start` or `create` and returns the exit code; None to let the full CLI decide."""
+    split = _split(argv)
+    if split is None:
+        return None
+    options, verb, rest = split
+    store = state.Store(options.get("--root", state.DEFAULT_ROOT))
+    plain_id = len(rest) == 1 and not rest[0].startswith("-")
+    if verb == "start" and plain_id:
+        return _run(options, lambda: _container(store, rest[0]).start())
+    if verb == "create" and (flags := _create_flags(rest)) is not None:
+        from .container import Container
+        found, container_id = flags
+        return _run(options, lambda: Container.create(store, container_id, found["bundle"], found["pid_file"],
+                                                      found["console_socket"], bool(options.get("--systemd-cgroup"))))
+    try:
+        if verb == "state" and plain_id:
+            text = render_state(store, rest[0])
+        elif verb == "list" and (flags := _list_flags(rest)) is not None:
+            text = render_list(store, *flags)
+        else:
+            return None
+    except OSError:
+        return None  # e.g. --root is not a directory: the full CLI reports it in one line
+    except PyrunvError as e:
+        _configure_logs(options)
+        return report(e, debug=False)
+    if text:
+        sys.stdout.write(text + "\n")
+    return 0
+
+
+def _container(store: state.Store, container_id: str):
+    from .container import Container
+    return Container.load(store, container_id)
+
+
+def _configure_logs(options: dict) -> None:
+    from . import logs
+    logs.configure(options.get("--log"), options.get("--log-format", "text"), bool(options.get("--debug")))
+
+
+def _run(options: dict, action) -> int:
+    _configure_logs(options)
+    try:
+        action()
+    except (PyrunvError, OSError) as e:
+        return report(e, bool(options.get("--debug")))
+    return 0
+
+
+def report(error: PyrunvError | OSError, debug: bool) -> int:
+    """The user's one line on stderr (and the log's), and the exit code; with --debug, the traceback too."""
+    if isinstance(error, PyrunvError):
+        from .logs import log
+        log.error(error.message)
+        message, code = error.message, error.exit_code
+    else:
+        message, code = error.strerror + (f": {error.filename}" if error.filename else ""), 1
+    sys.stderr.write(f"pyrunv: {one_line(message)}\n")
+    sys.stderr.flush()
+    if debug:
+        raise error
+    return code
