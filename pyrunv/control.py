@@ -2,10 +2,10 @@
 
 Kept free of asyncio so that the CLI verbs stay cheap to start."""
 import contextlib
-import json
 import os
 import socket
 
+from . import jsonlite
 from .errors import PyrunvError
 
 SOCKET_NAME = "monitor.sock"
@@ -40,7 +40,7 @@ class Connection:
         self._buffer = b""
 
     def send(self, message: dict, fds=()) -> None:
-        data = json.dumps(message).encode() + b"\n"
+        data = jsonlite.dumps(message).encode() + b"\n"
         if fds:
             socket.send_fds(self.sock, [data], list(fds))
         else:
@@ -56,7 +56,7 @@ class Connection:
                 raise PyrunvError("the container's monitor went away")
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
-        reply = json.loads(line)
+        reply = jsonlite.loads(line)
         if "error" in reply:
             raise PyrunvError(reply["error"])
         return reply

@@ -1,8 +1,5 @@
 """OCI hooks, run on the host with the container's state on stdin at the points the runtime spec names."""
-import json
-import subprocess
-
-from . import logs
+from . import jsonlite, logs
 from .errors import PyrunvError
 
 FATAL = ("prestart", "createRuntime", "createContainer", "startContainer")  # poststart/poststop only warn
@@ -10,11 +7,14 @@ AFTER_CREATE = ("startContainer", "poststart", "poststop")  # kept in the state 
 
 
 def run(kind: str, hooks, state: dict) -> None:
+    if not hooks:
+        return
+    import subprocess  # not at the top: most containers have no hooks, and `start` is on every engine's path
     for hook in hooks:
         argv = hook.get("args") or [hook["path"]]
         env = dict(e.split("=", 1) for e in hook.get("env", ()))
         try:
-            result = subprocess.run(argv, executable=hook["path"], input=json.dumps(state).encode(), env=env,
+            result = subprocess.run(argv, executable=hook["path"], input=jsonlite.dumps(state).encode(), env=env,
                                     capture_output=True, timeout=hook.get("timeout"))
             problem = f"exit status {result.returncode}: {result.stderr.decode(errors='replace').strip()}" \
                 if result.returncode else None

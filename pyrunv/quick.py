@@ -4,10 +4,9 @@ jsonschema and asyncio), `create` and `start`.
 `quick` answers them straight from argv when the command line is plain; anything else (help, odd
 flags) goes to the full click CLI, which renders through the same functions and reports errors
 through the same `report`."""
-import json
 import sys
 
-from . import state
+from . import jsonlite, state
 from .errors import PyrunvError, one_line
 
 _GLOBAL_VALUES = {"--root", "--log", "--log-format", "--criu", "--rootless"}
@@ -16,7 +15,7 @@ _GLOBAL_FLAGS = {"--debug", "--systemd-cgroup"}
 
 def render_state(store: state.Store, container_id: str) -> str:
     record = store.load(container_id)
-    return json.dumps(record.oci_state(store.status(record)), indent=2)
+    return jsonlite.dumps(record.oci_state(store.status(record)), indent=2)
 
 
 def render_list(store: state.Store, fmt: str, quiet: bool) -> str:
@@ -24,7 +23,7 @@ def render_list(store: state.Store, fmt: str, quiet: bool) -> str:
     if quiet:
         return "\n".join(row["id"] for row in rows)
     if fmt == "json":
-        return json.dumps(rows)
+        return jsonlite.dumps(rows)
     lines = [("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER")]
     lines += [(r["id"], str(r["pid"]), r["status"], r["bundle"], r["created"], r["owner"]) for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(6)]

@@ -57,7 +57,7 @@ def launch(store: state.Store, record: state.Record, plan: VmPlan, config: Confi
         # so the CLI's sys.path has it only when the cwd happens to be the source tree.
         json.dump({"path": [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] + sys.path,
                    "log": logs.settings(), "root": store.root,
-                   "record": dataclasses.asdict(record), "plan": plan_mod.to_json(plan), "config": dataclasses.asdict(config),
+                   "record": record.to_json(), "plan": plan_mod.to_json(plan), "config": dataclasses.asdict(config),
                    "terminal": terminal, "console_socket": console_socket, "console_size": console_size,
                    "restore_from": restore_from}, f)
     report = b""

@@ -1,48 +1,56 @@
 """The state store: one 0700 directory per container under --root, an atomic state.json, a lock per container."""
-import contextlib
-import dataclasses
 import errno
 import fcntl
-import json
 import os
-import re
-import shutil
 import time
 
+from . import jsonlite
 from .errors import PyrunvError
 from .lifecycle import Status
 
 DEFAULT_ROOT = "/run/pyrunv"
-_ID = re.compile(r"^[\w+\-.]+\Z")  # runc's rule; with no '/', no ID can name a path outside --root
-# (\Z, not $: Python's $ also matches before a final newline, Go's does not)
 STATE_FILE = "state.json"
 EXIT_FILE = "exit"  # written by the monitor once the container's init has exited
 VM_INIT = 1  # the id in the VM of the init of the VM's own container (the sandbox's, in a pod)
 
 
-@dataclasses.dataclass
 class Record:
-    id: str
-    bundle: str
-    rootfs: str
-    status: str
-    pid: int = 0            # the monitor: what --pid-file names and engines wait for
-    pid_start: int = 0      # its start time, so that a reused pid is not taken for it
-    created: str = ""
-    owner: str = ""
-    annotations: dict = dataclasses.field(default_factory=dict)
-    accel: str = ""
-    # The hooks that run after create, kept from the config.json validated then: like runc, start and
-    # delete neither read the bundle again nor pay for validating it.
-    hooks: dict = dataclasses.field(default_factory=dict)
-    # A container of a pod runs in its sandbox's VM: `sandbox` is that container's ID ("" for a container
-    # with a VM of its own). `ident` is its init's id in the VM (docs/protocol.md), 0 until it has one.
-    sandbox: str = ""
-    ident: int = 0
-    # The host cgroup: each hierarchy's directory, and those pyrunv created (removed by delete).
-    cgroup: dict = dataclasses.field(default_factory=dict)
-    resources: dict = dataclasses.field(default_factory=dict)  # the limits in force (resources.Resources)
-    memory_mib: int = 0     # the VM's RAM at boot, for a container that owns its VM: what `update` may not exceed
+    """A container's state.json. Not a dataclass: `state` is the verb engines call most, and the dataclasses
+    module alone costs it some 15 ms of imports."""
+    # Every field after the first four, with its default (a type: a new empty one each time).
+    DEFAULTS = {
+        "pid": 0,           # the monitor: what --pid-file names and engines wait for
+        "pid_start": 0,     # its start time, so that a reused pid is not taken for it
+        "created": "",
+        "owner": "",
+        "annotations": dict,
+        "accel": "",
+        # The hooks that run after create, kept from the config.json validated then: like runc, start and
+        # delete neither read the bundle again nor pay for validating it.
+        "hooks": dict,
+        # A container of a pod runs in its sandbox's VM: `sandbox` is that container's ID ("" for a container
+        # with a VM of its own). `ident` is its init's id in the VM (docs/protocol.md), 0 until it has one.
+        "sandbox": "",
+        "ident": 0,
+        # The host cgroup: each hierarchy's directory, and those pyrunv created (removed by delete).
+        "cgroup": dict,
+        "resources": dict,  # the limits in force (resources.Resources)
+        "memory_mib": 0,    # the VM's RAM at boot, for a container that owns its VM: what `update` may not exceed
+    }
+
+    def __init__(self, id: str, bundle: str, rootfs: str, status: str, **fields):
+        unknown = fields.keys() - self.DEFAULTS.keys()
+        if unknown:
+            raise TypeError(f"Record has no field {sorted(unknown)[0]!r}")
+        self.id, self.bundle, self.rootfs, self.status = id, bundle, rootfs, status
+        for name, default in self.DEFAULTS.items():
+            setattr(self, name, fields[name] if name in fields else default() if isinstance(default, type) else default)
+
+    def to_json(self) -> dict:
+        return {name: getattr(self, name) for name in ("id", "bundle", "rootfs", "status", *self.DEFAULTS)}
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Record) and self.to_json() == other.to_json()
 
     def oci_state(self, status: Status) -> dict:
         state = {"ociVersion": "1.0.2", "id": self.id, "status": status.value,
@@ -64,10 +72,30 @@ def process_start_time(pid: int) -> int:
     return 0 if fields[0] == b"Z" else int(fields[19])
 
 
+def valid_id(name: str) -> bool:
+    """runc's rule, ^[\\w+\\-.]+$ (\\w: what str.isalnum() takes, and '_'): with no '/', no ID names a path
+    outside --root."""
+    return (0 < len(name) <= 1024 and name not in (".", "..")
+            and all(c.isalnum() or c in "_+-." for c in name))
+
+
 def validate_id(container_id: str) -> str:
-    if not container_id or len(container_id) > 1024 or not _ID.match(container_id) or container_id in (".", ".."):
+    if not valid_id(container_id):
         raise PyrunvError(f"invalid container id format: {container_id!r}")
     return container_id
+
+
+class Held:
+    """A locked state directory, as a `with` block holds it: its fd closes, and the lock goes, at the end.
+    A class, not contextlib's decorator: `state` does not import contextlib."""
+    def __init__(self, fd: int, value=None):
+        self.fd, self.value = fd, value
+
+    def __enter__(self):
+        return self.value
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
 
 
 class Store:
@@ -83,8 +111,7 @@ class Store:
         except OSError as e:
             raise PyrunvError(f"cannot create root directory {self.root}: {e.strerror}") from None
 
-    @contextlib.contextmanager
-    def create(self, record: Record):
+    def create(self, record: Record) -> "Held":
         """Claims record.id and holds its lock, with the first state.json already in place: the directory
         is made under a hidden name, locked, filled and renamed into place. Of two creates of one ID
         exactly one wins, and no other command ever sees the directory without its state or its lock."""
@@ -107,11 +134,13 @@ class Store:
                     raise PyrunvError(f"container with id exists: {record.id}" if taken
                                       else f"cannot create state directory {path}: {e.strerror}") from None
             except BaseException:
+                import shutil
                 shutil.rmtree(cradle, ignore_errors=True)
                 raise
-            yield path
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        return Held(fd, path)
 
     def exists(self, container_id: str) -> bool:
         return os.path.isfile(self.path(container_id, STATE_FILE))
@@ -119,7 +148,7 @@ class Store:
     def load(self, container_id: str) -> Record:
         try:
             with open(self.path(container_id, STATE_FILE)) as f:
-                return Record(**json.load(f))
+                return Record(**jsonlite.loads(f.read()))
         except FileNotFoundError:
             raise PyrunvError(f"container {container_id} does not exist") from None
         except (ValueError, TypeError):
@@ -134,11 +163,13 @@ class Store:
         tmp = f"{path}.{os.getpid()}.tmp"
         try:
             with open(tmp, "w") as f:
-                json.dump(dataclasses.asdict(record), f)
+                f.write(jsonlite.dumps(record.to_json()))
             os.rename(tmp, path)
         except OSError as e:
-            with contextlib.suppress(OSError):
+            try:
                 os.unlink(tmp)
+            except OSError:
+                pass
             raise PyrunvError(f"cannot write state of {record.id}: {e.strerror}") from None
 
     def status(self, record: Record) -> Status:
@@ -152,8 +183,7 @@ class Store:
             return Status.STOPPED
         return recorded
 
-    @contextlib.contextmanager
-    def lock(self, container_id: str, timeout: float = 60.0):
+    def lock(self, container_id: str, timeout: float = 60.0) -> "Held":
         """Serialises commands on one container. Fails clearly if the holder does not let go in time."""
         path = self.path(container_id)
         try:
@@ -173,9 +203,10 @@ class Store:
             # A delete that held the lock before us may have removed the directory.
             if os.fstat(fd).st_nlink == 0:
                 raise PyrunvError(f"container {container_id} does not exist")
-            yield
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        return Held(fd)
 
     def remove(self, container_id: str) -> None:
         path = self.path(container_id)
@@ -186,6 +217,7 @@ class Store:
             os.rename(path, grave)
         except FileNotFoundError:
             return
+        import shutil
         shutil.rmtree(grave, ignore_errors=True)
 
     def records(self):
@@ -201,4 +233,4 @@ class Store:
             names = os.listdir(self.root)
         except FileNotFoundError:
             return []
-        return sorted(n for n in names if _ID.match(n) and os.path.isfile(os.path.join(self.root, n, STATE_FILE)))
+        return sorted(n for n in names if valid_id(n) and os.path.isfile(os.path.join(self.root, n, STATE_FILE)))

@@ -3,7 +3,7 @@ import pytest
 
 from pyrunv import lifecycle
 from pyrunv.errors import PyrunvError
-from pyrunv.lifecycle import Status
+from pyrunv.lifecycle import STATUSES, Status
 
 S = Status
 # Written out independently of lifecycle.TRANSITIONS, from runc's behaviour: verb -> {allowed state: next state}
@@ -18,9 +18,9 @@ EXPECTED = {
     "ps": {S.CREATED: None, S.RUNNING: None},  # a frozen VM cannot answer
     "events": {S.CREATED: None, S.RUNNING: None},
     "delete": {S.CREATED: None, S.STOPPED: None},
-    "delete --force": {status: None for status in Status},
+    "delete --force": {status: None for status in STATUSES},
 }
-CASES = [(verb, status) for verb in EXPECTED for status in Status]
+CASES = [(verb, status) for verb in EXPECTED for status in STATUSES]
 
 
 def test_the_table_has_exactly_the_expected_verbs():
@@ -54,3 +54,11 @@ def test_delete_of_a_live_container_says_not_stopped(status):
 def test_a_refusal_names_the_states_the_verb_needs():
     with pytest.raises(PyrunvError, match="^cannot pause container c1 in state created; it must be running$"):
         lifecycle.check("pause", "c1", S.CREATED)
+
+
+def test_a_status_is_its_text_and_looked_up_by_it():
+    assert [Status(s.value) for s in STATUSES] == list(STATUSES)
+    assert Status("running") is Status.RUNNING and Status.RUNNING == "running"
+    assert Status.PAUSED.value == "paused" and f"{Status.PAUSED}" == "paused"
+    with pytest.raises(ValueError):
+        Status("sleeping")

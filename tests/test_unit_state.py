@@ -1,6 +1,6 @@
 """The state store: ids, per-container directories, state.json, status derived from what is alive, locks."""
-import dataclasses
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -30,10 +30,10 @@ def saved(store, container_id, **fields):
     return store.load(container_id)
 
 
-def alive(status: Status) -> state.Record:
-    """A record whose monitor is this very process, so it is alive for as long as the test runs."""
-    return state.Record(id="c1", bundle="/b", rootfs="/b/rootfs", status=status.value,
-                        pid=os.getpid(), pid_start=state.process_start_time(os.getpid()))
+def alive(status: Status, **fields) -> state.Record:
+    """A record whose monitor is this very process (unless fields say otherwise), alive as long as the test runs."""
+    fields = {"pid": os.getpid(), "pid_start": state.process_start_time(os.getpid()), **fields}
+    return state.Record(id="c1", bundle="/b", rootfs="/b/rootfs", status=status.value, **fields)
 
 
 @pytest.mark.parametrize("container_id", ["c1", "a-b_c.d+e", "A", "x" * 64, "0123abcdef" * 6, ".hidden"])
@@ -106,18 +106,18 @@ def test_a_dead_monitor_means_stopped(store):
     started = state.process_start_time(monitor.pid)
     monitor.kill()
     monitor.wait()
-    record = dataclasses.replace(alive(Status.RUNNING), pid=monitor.pid, pid_start=started)
+    record = alive(Status.RUNNING, pid=monitor.pid, pid_start=started)
     assert started and store.status(record) is Status.STOPPED
 
 
 def test_a_monitor_already_gone_when_recorded_means_stopped(store):
     # A start time of 0 is what process_start_time reports for a dead or zombie process.
-    record = dataclasses.replace(alive(Status.CREATED), pid=2 ** 22 + 1, pid_start=0)
+    record = alive(Status.CREATED, pid=2 ** 22 + 1, pid_start=0)
     assert store.status(record) is Status.STOPPED
 
 
 def test_a_reused_pid_is_not_taken_for_the_monitor(store):
-    record = dataclasses.replace(alive(Status.RUNNING), pid_start=state.process_start_time(os.getpid()) - 1)
+    record = alive(Status.RUNNING, pid_start=state.process_start_time(os.getpid()) - 1)
     assert store.status(record) is Status.STOPPED
 
 
@@ -128,7 +128,7 @@ def test_an_exit_file_means_stopped_even_while_the_monitor_lives(store):
 
 
 def test_creating_is_kept_while_create_holds_the_container(store):
-    record = dataclasses.replace(alive(Status.CREATING), pid=0, pid_start=0)
+    record = alive(Status.CREATING, pid=0, pid_start=0)
     assert store.status(record) is Status.CREATING
 
 
@@ -208,7 +208,7 @@ def test_ids_lists_only_containers(store, monkeypatch):
     os.mkdir(os.path.join(store.root, ".creating:c9:1"))  # a create killed before its rename
     open(os.path.join(store.root, "stray-file"), "w").close()
     # A delete killed between its rename and its rmtree leaves the renamed directory behind.
-    monkeypatch.setattr(state.shutil, "rmtree", lambda *args, **kwargs: None)
+    monkeypatch.setattr(shutil, "rmtree", lambda *args, **kwargs: None)
     store.remove("dying")
     assert store.ids() == [".hidden", "a", "b"]
 
