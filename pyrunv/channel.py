@@ -5,12 +5,12 @@ slow reader of one stream never blocks another stream or the control replies."""
 import asyncio
 import enum
 import fcntl
-import logging
 import os
 import struct
 import termios
 
 from .errors import PyrunvError
+from .logs import log
 
 HEADER = struct.Struct("<III")
 PAIR = struct.Struct("<II")
@@ -85,7 +85,7 @@ class Channel:
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         except Exception:  # a malformed frame: the stream can no longer be trusted
-            logging.getLogger("pyrunv").exception("guest channel")
+            log.exception("guest channel")
         self.closed.set_result(None)
         for future in self._pending.values():
             if not future.done():

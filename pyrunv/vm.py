@@ -2,7 +2,6 @@
 import contextlib
 import ctypes
 import json
-import logging
 import os
 import re
 import shlex
@@ -13,9 +12,9 @@ import time
 
 from .config import Config
 from .errors import PyrunvError
+from .logs import log
 from .plan import VmPlan
 
-log = logging.getLogger("pyrunv")
 
 AGENT_PORT = "pyrunv.agent"
 QMP_SOCKET = "qmp.sock"  # in the state directory: `pyrunv qmp` and qmp-shell connect to it
