@@ -4,7 +4,6 @@ A container either owns a VM (a single container, or a pod's sandbox: its pid-fi
 monitor, see sandbox.py) or runs in its sandbox's VM (a member of a pod: its pid-file process is a waiter
 connected to that monitor, see execution.start_waiter). Either way the verbs reach the guest through
 the monitor's control socket, naming the container."""
-import dataclasses
 import os
 import time
 
@@ -49,6 +48,7 @@ class Container:
                systemd_cgroup: bool = False, restore_from: str | None = None) -> "Container":
         """create, or with restore_from (a checkpoint's directory) restore: the VM resumes where it was saved,
         and the container is running."""
+        import dataclasses
         from . import cgroups, config as config_mod, hooks, spec as spec_mod
         state.validate_id(container_id)
         spec = spec_mod.load(bundle, check=lambda document: cls._validate(store, container_id, document))
@@ -228,6 +228,7 @@ class Container:
     def update(self, limits) -> None:
         """New limits (a resources.Resources of what changes) for the guest's cgroup, the VM's memory where
         the container owns its VM (the balloon: never beyond the size it booted with), and the host cgroup."""
+        import dataclasses
         from . import cgroups, config as config_mod, plan as plan_mod, resources
         with self.store.lock(self.id):
             self.record = self.store.load(self.id)

@@ -1,8 +1,6 @@
 """Pods: which spec boots a VM (a sandbox) and which joins a sandbox's VM, as the engines mark them.
 
 A spec with no type annotation is a sandbox of its own: one container, one VM."""
-import re
-
 from .errors import PyrunvError
 
 # (container type annotation, sandbox ID annotation) of each engine.
@@ -11,7 +9,6 @@ MARKS = (
     ("io.kubernetes.cri-o.ContainerType", "io.kubernetes.cri-o.SandboxID"),  # CRI-O, and podman's pods
 )
 JOINABLE = ("pid", "ipc", "uts")  # the namespaces one container of a pod can share with another in the VM
-_PROC_NS = re.compile(r"^/proc/(\d+)/ns/(\w+)$")
 
 
 def sandbox_of(container_id: str, annotations: dict) -> str | None:
@@ -38,7 +35,16 @@ def joins(namespaces, idents_by_pid: dict) -> list:
     (/proc/PID/ns/KIND); in the VM that is the namespace of that container's init."""
     found = []
     for kind, path in namespaces:
-        match = _PROC_NS.match(path)
-        if kind in JOINABLE and match and int(match.group(1)) in idents_by_pid:
-            found.append((kind, idents_by_pid[int(match.group(1))]))
+        pid = _proc_ns_pid(path)
+        if kind in JOINABLE and pid in idents_by_pid:
+            found.append((kind, idents_by_pid[pid]))
     return found
+
+
+def _proc_ns_pid(path: str) -> int | None:
+    """PID of a /proc/PID/ns/NAME path, else None."""
+    parts = path.split("/")
+    if len(parts) == 5 and parts[:2] == ["", "proc"] and parts[2].isascii() and parts[2].isdigit() \
+            and parts[3] == "ns" and parts[4]:
+        return int(parts[2])
+    return None

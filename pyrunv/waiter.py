@@ -4,13 +4,16 @@ gets to the monitor, and exits as the guest process did.
 
 It is a fresh `python -S` that imports this module alone: a fork of the CLI would keep the memory of
 click and jsonschema, 15 MiB for every container of a pod. So it speaks the control socket's JSON lines
-by itself (docs/architecture.md), and pyrunv's other modules take the signal lists from here."""
-import json
+by itself (docs/architecture.md), and pyrunv's other modules take the signal lists from here. It imports
+the C modules behind signal, socket and json: their Python layers (enum, selectors, re) would make each
+waiter some 2 MiB bigger."""
+import _signal as signal
+import _socket
 import os
 import resource
-import signal
-import socket
 import sys
+
+from . import jsonlite
 
 FORWARDED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
              signal.SIGTERM, signal.SIGALRM, signal.SIGPWR, signal.SIGTSTP, signal.SIGCONT)
@@ -30,11 +33,11 @@ def exit_like(code: int, sig: int) -> None:
     os._exit(code & 0xFF)
 
 
-def wait(sock: socket.socket, received: bytes = b"") -> dict:
+def wait(sock, received: bytes = b"") -> dict:
     """Forwards our signals as JSON lines until the monitor's line with the exit status arrives."""
     def forward(number, frame):
         try:
-            sock.sendall(json.dumps({"signal": number}).encode() + b"\n")
+            sock.sendall(jsonlite.dumps({"signal": number}).encode() + b"\n")
         except OSError:
             pass
     for sig in FORWARDED:
@@ -47,7 +50,7 @@ def wait(sock: socket.socket, received: bytes = b"") -> dict:
         if not chunk:
             return VM_GONE  # the monitor, and so the VM, died
         received += chunk
-    reply = json.loads(received.split(b"\n", 1)[0])
+    reply = jsonlite.loads(received.split(b"\n", 1)[0])
     return reply if "exit" in reply else VM_GONE
 
 
@@ -61,13 +64,13 @@ def exec_argv(fd: int, exit_file: str, received: bytes) -> list:
 def main() -> None:
     try:
         fd, exit_file, received = int(sys.argv[1]), sys.argv[2], bytes.fromhex(sys.argv[3])
-        sock = socket.socket(fileno=fd)
+        sock = _socket.socket(fileno=fd)
         sock.setblocking(True)  # the CLI's timeout left the shared file description non-blocking
         reply = wait(sock, received)
         if exit_file:
             try:
                 with open(exit_file, "w") as f:
-                    json.dump(reply, f)
+                    f.write(jsonlite.dumps(reply))
             except OSError:
                 pass  # a full disk must not change the status the engine sees
         exit_like(reply["exit"], reply["signal"])
