@@ -141,9 +141,9 @@ class Workspace:
         self._bundles[name] = path
         return path
 
-    def bundle_pair(self, name: str, *args: str) -> tuple:
+    def bundle_pair(self, name: str, *args: str, edit=None) -> tuple:
         """(pyrunv bundle, runc bundle): two separate copies of the same bundle."""
-        return self.bundle(name + "-pyrunv", *args), self.bundle(name + "-runc", *args)
+        return self.bundle(name + "-pyrunv", *args, edit=edit), self.bundle(name + "-runc", *args, edit=edit)
 
     # Containers ------------------------------------------------------------------------------------
 

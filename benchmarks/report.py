@@ -50,6 +50,13 @@ def targets(figs: dict) -> list:
         rows.append((f"<= {F.TARGET_PSS_MIB} MiB PSS per container, averaged over {F.TARGET_IDLE_N} idle containers "
                      f"(Kata: ~{F.KATA_PSS_MB} MB)", f"{m:.1f} MiB over {n}", m <= F.TARGET_PSS_MIB,
                      f"{m - F.TARGET_PSS_MIB:.1f} MiB ({(m / F.TARGET_PSS_MIB - 1) * 100:.0f}%) over{note}"))
+    stdio = figs.get(6)
+    if stdio and not stdio.error:
+        rate, floor = stdio.data["rate"]["pyrunv"], stdio.data["floor"]
+        rows.append((f"stdio >= {F.TARGET_STDIO_OF_FLOOR * 100:.0f}% of the floor (the guest's own `head -c` into "
+                     f"/dev/null)", f"{rate / floor * 100:.0f}% ({rate:.1f} MB/s against {floor:.1f} MB/s)",
+                     rate >= F.TARGET_STDIO_OF_FLOOR * floor,
+                     f"{(F.TARGET_STDIO_OF_FLOOR - rate / floor) * 100:.0f} points short"))
     pods = figs.get(8)
     if pods and not pods.error:
         j, r, accel = pods.data["medians"]["join pyrunv"], pods.data["medians"]["join runc"], pods.data["accel"]
