@@ -104,27 +104,14 @@ def kill(obj, everyone, container_id, signal):
     obj.container(container_id).kill(number, everyone)
 
 
-def delete_container(obj: Context, container_id: str, force: bool) -> None:
-    store = obj.store
-    if force and not os.path.isdir(store.path(container_id)):
-        return  # runc: forcing the delete of a container that is not there is no error
-    if not store.exists(container_id):
-        with store.lock(container_id):
-            if not store.exists(container_id):
-                store.remove(container_id)  # a create that died before its first state.json
-                if force:
-                    return
-                raise PyrunvError(f"container {container_id} does not exist")
-    obj.container(container_id).delete(force)
-
-
 @cli.command()
 @click.option("-f", "--force", is_flag=True, help="delete even a running container (SIGKILL)")
 @click.argument("container_id")
 @pass_ctx
 def delete(obj, force, container_id):
     """Delete a container: power its VM off (or leave its pod's) and remove its state."""
-    delete_container(obj, container_id, force)
+    from .container import Container
+    Container.remove(obj.store, container_id, force)
 
 
 @cli.command()
@@ -142,36 +129,9 @@ def delete(obj, force, container_id):
 def run(obj, bundle, console_socket, detach, keep, pid_file, no_subreaper, no_pivot, no_new_keyring,
         preserve_fds, container_id):
     """Create and start a container, and wait for it unless detached."""
-    terminal_state = None
-    if not detach and not console_socket and os.isatty(0):
-        import termios
-        terminal_state = termios.tcgetattr(0)
-    container = create_container(obj, container_id, bundle, pid_file, console_socket)
-    try:
-        container.start()
-    except BaseException:
-        delete_container(obj, container_id, force=True)
-        raise
-    if detach:
-        return
-    code = wait_in_foreground(obj, container, keep)
-    if terminal_state is not None:  # the monitor sets it raw and may not have lived to restore it
-        import termios
-        termios.tcsetattr(0, termios.TCSADRAIN, terminal_state)
-    sys.exit(code)
-
-
-def wait_in_foreground(obj: Context, container, keep: bool) -> int:
-    """Forwards our signals to the container's pid-file process, our child, until it exits; returns its code
-    (128+N for a signal), and deletes the container unless keep."""
-    pid = container.record.pid
-    for sig in (signals.SIGHUP, signals.SIGINT, signals.SIGQUIT, signals.SIGTERM, signals.SIGUSR1, signals.SIGUSR2):
-        signals.signal(sig, lambda number, frame: os.kill(pid, number))
-    _, status = os.waitpid(pid, 0)
-    log.debug("%s: the monitor exited", container.id)
-    if not keep:
-        delete_container(obj, container.id, force=True)
-    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+    from .container import Container
+    sys.exit(Container.run(obj.store, container_id, bundle, pid_file, console_socket, obj.systemd_cgroup, detach,
+                           keep))
 
 
 @cli.command()
@@ -389,7 +349,7 @@ def restore(obj, image_path, bundle, work_path, detach, pid_file, console_socket
     """Restore a container from a checkpoint: its VM resumes where it was saved."""
     container = create_container(obj, container_id, bundle, pid_file, console_socket, restore_from=image_path)
     if not detach:
-        sys.exit(wait_in_foreground(obj, container, keep=False))
+        sys.exit(container.wait_in_foreground(keep=False))
 
 
 @cli.command()

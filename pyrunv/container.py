@@ -90,6 +90,55 @@ class Container:
                  f", in the VM of {sandbox_id}" if sandbox_id else f", accel {record.accel}")
         return container
 
+    @classmethod
+    def run(cls, store: state.Store, container_id: str, bundle: str, pid_file, console_socket, systemd_cgroup: bool,
+            detach: bool, keep: bool) -> int:
+        """create, start and, unless detached, wait: the exit code `run` gives (128+N for a signal)."""
+        terminal_state = None
+        if not detach and not console_socket and os.isatty(0):
+            import termios
+            terminal_state = termios.tcgetattr(0)
+        container = cls.create(store, container_id, bundle, pid_file, console_socket, systemd_cgroup)
+        try:
+            container.start()
+        except BaseException:
+            cls.remove(store, container_id, force=True)
+            raise
+        if detach:
+            return 0
+        code = container.wait_in_foreground(keep)
+        if terminal_state is not None:  # the monitor sets it raw and may not have lived to restore it
+            import termios
+            termios.tcsetattr(0, termios.TCSADRAIN, terminal_state)
+        return code
+
+    def wait_in_foreground(self, keep: bool) -> int:
+        """Forwards our signals to the container's pid-file process, our child, until it exits; returns its code
+        (128+N for a signal), and deletes the container unless keep."""
+        import signal
+        pid = self.record.pid
+        for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, lambda number, frame: os.kill(pid, number))
+        _, status = os.waitpid(pid, 0)
+        log.debug("%s: the monitor exited", self.id)
+        if not keep:
+            self.remove(self.store, self.id, force=True)
+        return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+    @classmethod
+    def remove(cls, store: state.Store, container_id: str, force: bool) -> None:
+        """`delete`: also of what a create that died left before its first state.json."""
+        if force and not os.path.isdir(store.path(container_id)):
+            return  # runc: forcing the delete of a container that is not there is no error
+        if not store.exists(container_id):
+            with store.lock(container_id):
+                if not store.exists(container_id):
+                    store.remove(container_id)
+                    if force:
+                        return
+                    raise PyrunvError(f"container {container_id} does not exist")
+        cls.load(store, container_id).delete(force)
+
     def _boot(self, spec, console_socket, cgroup, config, restore_from) -> None:
         """A VM of its own: the monitor boots it and prepares the container's init in it (or resumes a saved
         one, whose init runs already)."""

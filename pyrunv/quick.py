@@ -1,5 +1,5 @@
 """The verbs engines call on every container, without click: `state` and `list` (polled most, also free of
-jsonschema and asyncio), `create` and `start`.
+jsonschema and asyncio), `create`, `start` and `run`.
 
 `quick` answers them straight from argv when the command line is plain; anything else (help, odd
 flags) goes to the full click CLI, which renders through the same functions and reports errors
@@ -64,22 +64,24 @@ def _list_flags(rest: list):
     return fmt, quiet
 
 
-def _create_flags(rest: list):
-    """runc create's flags: {"bundle", "pid_file", "console_socket"} and the ID, or None if not plain."""
-    found, i = {"bundle": ".", "pid_file": None, "console_socket": None}, 0
-    ids = []
+def _verb_flags(rest: list, switches: dict):
+    """runc's create or run flags: ({"bundle", "pid_file", "console_socket", "detach", "keep"}, ID), or None if
+    the line is not plain. `switches` are the verb's flags without a value."""
+    found = {"bundle": ".", "pid_file": None, "console_socket": None, "detach": False, "keep": False}
+    ids, i = [], 0
     while i < len(rest):
         name, eq, value = rest[i].partition("=")
-        if name in _CREATE_VALUES:
+        if name in _VALUES:
             if not eq:
                 i += 1
                 if i == len(rest):
                     return None
                 value = rest[i]
-            if _CREATE_VALUES[name]:
-                found[_CREATE_VALUES[name]] = value
-        elif name in _CREATE_FLAGS and not eq:
-            pass
+            if _VALUES[name]:
+                found[_VALUES[name]] = value
+        elif name in switches and not eq:
+            if switches[name]:
+                found[switches[name]] = True
         elif name.startswith("-"):
             return None
         else:
@@ -88,14 +90,16 @@ def _create_flags(rest: list):
     return (found, ids[0]) if len(ids) == 1 else None
 
 
-# runc create's flags with a value (None: accepted and not used) and without one; cli.create documents them.
-_CREATE_VALUES = {"-b": "bundle", "--bundle": "bundle", "--pid-file": "pid_file", "--console-socket": "console_socket",
-                  "--preserve-fds": None}
-_CREATE_FLAGS = {"--no-pivot", "--no-new-keyring"}
+# runc's create and run flags with a value (None: accepted and not used), and those without one;
+# cli.create and cli.run document them.
+_VALUES = {"-b": "bundle", "--bundle": "bundle", "--pid-file": "pid_file", "--console-socket": "console_socket",
+           "--preserve-fds": None}
+_CREATE_SWITCHES = {"--no-pivot": None, "--no-new-keyring": None}
+_RUN_SWITCHES = {**_CREATE_SWITCHES, "-d": "detach", "--detach": "detach", "--keep": "keep", "--no-subreaper": None}
 
 
 def quick(argv: list) -> int | None:
-    """Runs `state`, `list`, `start` or `create` and returns the exit code; None to let the full CLI decide."""
+    """Runs `state`, `list`, `start`, `create` or `run` and returns the exit code; None to let the full CLI decide."""
     split = _split(argv)
     if split is None:
         return None
@@ -104,11 +108,18 @@ def quick(argv: list) -> int | None:
     plain_id = len(rest) == 1 and not rest[0].startswith("-")
     if verb == "start" and plain_id:
         return _run(options, lambda: _container(store, rest[0]).start())
-    if verb == "create" and (flags := _create_flags(rest)) is not None:
+    systemd_cgroup = bool(options.get("--systemd-cgroup"))
+    if verb == "create" and (flags := _verb_flags(rest, _CREATE_SWITCHES)) is not None:
         from .container import Container
         found, container_id = flags
         return _run(options, lambda: Container.create(store, container_id, found["bundle"], found["pid_file"],
-                                                      found["console_socket"], bool(options.get("--systemd-cgroup"))))
+                                                      found["console_socket"], systemd_cgroup))
+    if verb == "run" and (flags := _verb_flags(rest, _RUN_SWITCHES)) is not None:
+        from .container import Container
+        found, container_id = flags
+        return _run(options, lambda: Container.run(store, container_id, found["bundle"], found["pid_file"],
+                                                   found["console_socket"], systemd_cgroup, found["detach"],
+                                                   found["keep"]))
     try:
         if verb == "state" and plain_id:
             text = render_state(store, rest[0])
@@ -137,12 +148,13 @@ def _configure_logs(options: dict) -> None:
 
 
 def _run(options: dict, action) -> int:
+    """The exit code the action returns (0 if it returns none), or the user's error's."""
     _configure_logs(options)
     try:
-        action()
+        code = action()
+        return code if isinstance(code, int) else 0
     except (PyrunvError, OSError) as e:
         return report(e, bool(options.get("--debug")))
-    return 0
 
 
 def report(error: PyrunvError | OSError, debug: bool) -> int:
