@@ -8,11 +8,10 @@ sandbox.launch starts it as a fresh interpreter; this module starts the VM witho
 boots while the monitor imports the rest (service.py), which attaches to the running VM."""
 import contextlib
 import ctypes
-import json
 import os
 import socket
 
-from . import control, hostmount, logs, network, plan as plan_mod, state, vm
+from . import control, hostmount, jsonlite, logs, network, plan as plan_mod, state, vm
 from .config import Config
 from .errors import PyrunvError
 from .waiter import exit_like
@@ -148,5 +147,5 @@ class Monitor:
         for s in [listener] + handed:
             s.close()
         with open(self.path("helpers.json"), "w") as f:
-            json.dump([(d.pid, state.process_start_time(d.pid)) for d in (self.qemu, self.virtiofsd)], f)
+            f.write(jsonlite.dumps([(d.pid, state.process_start_time(d.pid)) for d in (self.qemu, self.virtiofsd)]))
         return accel

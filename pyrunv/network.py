@@ -10,12 +10,12 @@ pyroute2 costs about 12 MiB and 150 ms to import, so `plumb` runs in a short-liv
 (`main`) and only when the namespace holds an interface to plumb."""
 import errno
 import fcntl
-import json
 import os
 import socket
 import struct
 import sys
 
+from . import jsonlite
 from .errors import PyrunvError
 
 TAP_PREFIX = "pyrunv"  # the kernel numbers the taps: several VMs may share one namespace (a pod)
@@ -105,13 +105,13 @@ def agent_records(found: dict) -> list:
 
 def plumb_command(tap_name: str) -> list:
     """The child that runs `main`: a fresh interpreter with this one's module path, without site."""
-    return [sys.executable, "-S", "-c", "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
-            "from pyrunv.network import main; main(sys.argv[2])", json.dumps(sys.path), tap_name]
+    return [sys.executable, "-S", "-c", "import sys; sys.path[:] = sys.argv[1].split('\\n'); "
+            "from pyrunv.network import main; main(sys.argv[2])", "\n".join(sys.path), tap_name]
 
 
 def main(tap_name: str) -> None:
     try:
-        print(json.dumps(plumb(tap_name)))
+        print(jsonlite.dumps(plumb(tap_name)))
     except Exception as e:  # netlink errors carry no strerror of their own
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(1)

@@ -1,9 +1,17 @@
-"""From a validated Spec and the runtime Config to a VM plan: VM size, shared paths, and the agent's records."""
+"""From a validated Spec and the runtime Config to a VM plan: VM size, shared paths, and the agent's records.
+
+The monitor reads a VmPlan before it starts QEMU: the spec's and the resources' modules load only where a
+plan is made, not on that path."""
+from __future__ import annotations
+
 import dataclasses
 
-from . import config as config_mod, resources as resources_mod
+from . import config as config_mod
 from .errors import PyrunvError
-from .spec import CAP_SETS, CAPABILITIES, RLIMITS, Mount, Process, Spec
+
+TYPE_CHECKING = False  # typing's own flag, without importing typing
+if TYPE_CHECKING:
+    from .spec import Mount, Process, Spec
 
 ROOTFS_NAME = "rootfs"  # the rootfs's name inside the share
 MIB = 1 << 20
@@ -66,6 +74,7 @@ def records(pairs) -> bytes:
 
 
 def process_pairs(p: Process) -> list:
+    from .spec import CAP_SETS, CAPABILITIES, RLIMITS
     pairs = [("arg", a) for a in p.args] + [("env", e) for e in p.env]
     pairs += [("cwd", p.cwd), ("uid", p.uid), ("gid", p.gid)] + [("group", g) for g in p.additional_gids]
     if p.umask is not None:
@@ -123,6 +132,7 @@ class ContainerPlan:
 def container(spec: Spec, share_prefix: str = "", joins=()) -> ContainerPlan:
     """The container's share entries (named under share_prefix) and its CREATE records; `joins` are
     (namespace kind, container ident) pairs of a pod's namespaces it shares."""
+    from . import resources as resources_mod
     shared = [SharedPath(spec.rootfs, share_prefix + ROOTFS_NAME, False)]
     pairs = [("root", share_prefix + ROOTFS_NAME)] + process_pairs(spec.process)
     pairs += [("join", f"{kind} {ident}") for kind, ident in joins]

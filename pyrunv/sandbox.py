@@ -17,10 +17,14 @@ from .errors import PyrunvError
 from .plan import VmPlan
 
 
+# pyrunv's own directory: an editable install finds it by a meta-path hook, not a path entry, so the CLI's
+# sys.path has it only when the cwd happens to be the source tree.
+PYRUNV_PATH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The monitor is a fresh interpreter: it lives as long as the container and need not carry the
 # modules the CLI loaded (click, jsonschema) in its memory. -S and the CLI's own sys.path spare it
 # the site-packages scan.
-_BOOTSTRAP = ("import json, os, sys; data = json.load(os.fdopen(int(sys.argv[2]))); sys.path[:] = data['path']; "
+_BOOTSTRAP = ("import os, sys; sys.path.insert(0, sys.argv[4]); from pyrunv import jsonlite; "
+              "data = jsonlite.loads(os.fdopen(int(sys.argv[2])).read()); sys.path[:] = data['path']; "
               "from pyrunv.monitor import main; main(data, int(sys.argv[3]))")
 
 
@@ -40,7 +44,7 @@ def launch(store: state.Store, record: state.Record, plan: VmPlan, config: Confi
             os.set_inheritable(data_read, True)
             os.set_inheritable(write_end, True)
             os.execv(sys.executable, [sys.executable, "-S", "-c", _BOOTSTRAP, f"pyrunv-monitor:{record.id}",
-                                      str(data_read), str(write_end)])
+                                      str(data_read), str(write_end), PYRUNV_PATH])
         finally:
             os._exit(1)  # the monitor never returns into the CLI's code
     os.close(write_end)
@@ -53,9 +57,7 @@ def launch(store: state.Store, record: state.Record, plan: VmPlan, config: Confi
             os.waitpid(pid, 0)
             raise
     with os.fdopen(data_write, "w") as f:
-        # pyrunv's own directory first: an editable install finds it by a meta-path hook, not a path entry,
-        # so the CLI's sys.path has it only when the cwd happens to be the source tree.
-        json.dump({"path": [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] + sys.path,
+        json.dump({"path": [PYRUNV_PATH] + sys.path,
                    "log": logs.settings(), "root": store.root,
                    "record": record.to_json(), "plan": plan_mod.to_json(plan), "config": dataclasses.asdict(config),
                    "terminal": terminal, "console_socket": console_socket, "console_size": console_size,

@@ -1,16 +1,14 @@
 """The VM: the QEMU command line, virtiofsd, the KVM probe, and helper daemons that always get cleaned up."""
 import contextlib
 import ctypes
-import json
 import os
-import re
-import shlex
 import signal
 import socket
 import subprocess
 import time
 
 from .config import Config
+from . import jsonlite
 from .errors import PyrunvError
 from .logs import log
 from .plan import VmPlan
@@ -49,7 +47,7 @@ class Daemon:
             self.proc = subprocess.Popen(self.argv, pass_fds=self.pass_fds, stdin=subprocess.DEVNULL,
                                          stdout=out, stderr=out, preexec_fn=_die_with_parent, **credentials)
         except OSError as e:
-            raise PyrunvError(f"cannot start {self.name}: {e.strerror}: {shlex.join(self.argv)}") from None
+            raise PyrunvError(f"cannot start {self.name}: {e.strerror}: {_shown(self.argv)}") from None
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()
@@ -80,7 +78,7 @@ class Daemon:
             with open(self.log_path, "rb") as f:
                 lines = [line for line in f.read()[-4096:].decode(errors="replace").splitlines() if line.strip()]
             tail = lines[-1].strip() if lines else ""
-        log.error("%s %s (exit status %s): %s", self.name, what, code, shlex.join(self.argv))
+        log.error("%s %s (exit status %s): %s", self.name, what, code, _shown(self.argv))
         return f"{self.name} {what}" + (f": {tail}" if tail else "")
 
 
@@ -237,7 +235,14 @@ def version(binary: str) -> str:
     return lines[0]
 
 
+def _shown(argv: list) -> str:
+    """The command line as a shell would take it (shlex imports re: only on this failure path)."""
+    import shlex
+    return shlex.join(argv)
+
+
 def _numbers(text: str) -> tuple:
+    import re
     found = re.search(r"(\d+)\.(\d+)", text)
     return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
 
@@ -269,7 +274,7 @@ def choose_accel(config: Config, plan: VmPlan) -> str:
     key = f"{config.qemu} {plan.kernel} {os.stat(plan.kernel).st_mtime_ns if os.path.exists(plan.kernel) else 0}"
     with contextlib.suppress(OSError, ValueError):
         with open(verdict_path) as f:
-            saved = json.load(f)
+            saved = jsonlite.loads(f.read())
         if saved.get("key") == key:
             return saved["accel"]
     started = time.monotonic()
@@ -278,6 +283,6 @@ def choose_accel(config: Config, plan: VmPlan) -> str:
     tmp = f"{verdict_path}.{os.getpid()}"
     with contextlib.suppress(OSError):
         with open(tmp, "w") as f:
-            json.dump({"key": key, "accel": accel}, f)
+            f.write(jsonlite.dumps({"key": key, "accel": accel}))
         os.rename(tmp, verdict_path)
     return accel
