@@ -134,7 +134,7 @@ def device(plan: VmPlan, kind: str) -> str:
     return f"{kind}-{'device' if plan.machine == 'microvm' else 'pci'}"
 
 
-def kernel_cmdline(plan: VmPlan, accel: str, extra: str = "") -> str:
+def kernel_cmdline(config: Config, plan: VmPlan, accel: str, extra: str = "") -> str:
     # With a display the kernel's log shows on it too; the last console= stays /dev/console (the serial).
     # No cursor: it would blink, and the display would never be still.
     params = ["console=tty0 vt.global_cursor_default=0" if plan.display else "", BASE_PARAMS]
@@ -142,6 +142,11 @@ def kernel_cmdline(plan: VmPlan, accel: str, extra: str = "") -> str:
         # Under TCG the guest reads the host's TSC; telling it the rate skips a calibration that can hang.
         # The local APIC timer's calibration costs ~250 ms under TCG; the PIT ticks instead.
         params.append(f"tsc_early_khz={host_tsc_khz()} nolapic_timer")
+        if qemu_release(config.qemu) >= PCREL_QEMU:
+            # This QEMU keys x86 translations by physical address. virtiofsd refills freed page-cache pages
+            # behind TCG's back, so a page that held other code ran its stale translation: SIGSEGV and
+            # SIGILL at random. Pages the guest zeroes as it frees them lose their translations.
+            params.append("init_on_free=1")
     params += [plan.kernel_params, extra]
     return " ".join(p for p in params if p)
 
@@ -165,7 +170,7 @@ def qemu_argv(config: Config, plan: VmPlan, accel: str, *, agent_fd: int, qmp_fd
             "-machine", "memory-backend=mem",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", plan.kernel, "-initrd", plan.initrd,
-            "-append", kernel_cmdline(plan, accel, extra_params),
+            "-append", kernel_cmdline(config, plan, accel, extra_params),
             "-add-fd", f"fd={console_fd},set=1", "-serial", "file:/dev/fdset/1",
             "-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control",
             "-device", device(plan, "virtio-serial"),
@@ -248,6 +253,7 @@ def _numbers(text: str) -> tuple:
 
 
 CHECKPOINT_QEMU = (8, 2)        # QEMU that migrates a vhost-user-fs device
+PCREL_QEMU = (8, 1)             # QEMU whose TCG translates x86 code position-independently (CF_PCREL)
 CHECKPOINT_VIRTIOFSD = (1, 11)  # the Rust virtiofsd that migrates its state (--migration-mode)
 
 
@@ -264,25 +270,49 @@ def checkpoint_refusal(config: Config) -> str | None:
 
 
 VERDICT_PATH = "/run/pyrunv-accel.json"  # tmpfs: a reboot or a new kvm module asks again
+RELEASE_PATH = "/run/pyrunv-qemu-release.json"
+
+
+def _remembered(path: str, key: str, compute):
+    """compute()'s JSON value, kept in path (on a tmpfs: until the host reboots) for as long as key holds."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        with open(path) as f:
+            saved = jsonlite.loads(f.read())
+        if saved["key"] == key:
+            return saved["value"]
+    value = compute()
+    tmp = f"{path}.{os.getpid()}"
+    with contextlib.suppress(OSError):
+        with open(tmp, "w") as f:
+            f.write(jsonlite.dumps({"key": key, "value": value}))
+        os.rename(tmp, path)
+    return value
 
 
 def choose_accel(config: Config, plan: VmPlan) -> str:
     """KVM if it really boots our guest, else TCG. The verdict is remembered until the host reboots."""
     if plan.accel != "auto":
         return plan.accel
-    verdict_path = VERDICT_PATH
+
+    def probe_kvm() -> str:
+        started = time.monotonic()
+        accel = "kvm" if probe(config, plan, "kvm") else "tcg"
+        log.info("accel probe: %s in %.2fs", accel, time.monotonic() - started)
+        return accel
     key = f"{config.qemu} {plan.kernel} {os.stat(plan.kernel).st_mtime_ns if os.path.exists(plan.kernel) else 0}"
-    with contextlib.suppress(OSError, ValueError):
-        with open(verdict_path) as f:
-            saved = jsonlite.loads(f.read())
-        if saved.get("key") == key:
-            return saved["accel"]
-    started = time.monotonic()
-    accel = "kvm" if probe(config, plan, "kvm") else "tcg"
-    log.info("accel probe: %s in %.2fs", accel, time.monotonic() - started)
-    tmp = f"{verdict_path}.{os.getpid()}"
-    with contextlib.suppress(OSError):
-        with open(tmp, "w") as f:
-            f.write(jsonlite.dumps({"key": key, "accel": accel}))
-        os.rename(tmp, verdict_path)
-    return accel
+    return _remembered(VERDICT_PATH, key, probe_kvm)
+
+
+def qemu_release(qemu: str) -> tuple:
+    """(major, minor) of the QEMU binary, (0, 0) if it cannot say; asked once per binary and boot of the host."""
+    try:
+        st = os.stat(qemu)
+    except OSError:
+        return (0, 0)
+
+    def ask() -> tuple:
+        try:
+            return _numbers(version(qemu))
+        except PyrunvError:
+            return (0, 0)
+    return tuple(_remembered(RELEASE_PATH, f"{qemu} {st.st_mtime_ns} {st.st_size}", ask))
