@@ -114,8 +114,8 @@ def metadata(ws: Workspace, settings, args, kvm: dict) -> dict:
     with open("/proc/meminfo") as f:
         mem_kib = int(f.readline().split()[1])
     commit = first_line(["git", "-C", REPO, "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
+    # A checkout without git (a root that has only the tree, as tools/debian13's) is not dirty as far as we know.
+    dirty = first_line(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"]) != "unknown"
     return {
         "date": report.now(), "cores": str(os.cpu_count()), "memory": f"{mem_kib / 1024 / 1024:.1f} GiB",
         "accel": (f"figure 1: TCG{' and KVM' if kvm['usable'] else ''}; figures 2-9: the runtime's own choice "
