@@ -30,18 +30,24 @@ def render_list(store: state.Store, fmt: str, quiet: bool) -> str:
     return "\n".join("   ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
 
 
+def _value(words: list, i: int, eq: str, value: str):
+    """The value of the option at words[i], after its `=` or as the next word: (value, the index of the last
+    word it used), or None if there is none."""
+    if eq:
+        return value, i
+    return (words[i + 1], i + 1) if i + 1 < len(words) else None
+
+
 def _split(argv: list):
     """(global options, verb, rest), or None when the line is not plain enough for the quick path."""
     options, i = {}, 0
     while i < len(argv) and argv[i].startswith("-"):
         name, eq, value = argv[i].partition("=")
         if name in _GLOBAL_VALUES:
-            if not eq:
-                i += 1
-                if i == len(argv):
-                    return None
-                value = argv[i]
-            options[name] = value
+            taken = _value(argv, i, eq, value)
+            if taken is None:
+                return None
+            options[name], i = taken
         elif name in _GLOBAL_FLAGS and not eq:
             options[name] = True
         else:
@@ -72,11 +78,10 @@ def _verb_flags(rest: list, switches: dict):
     while i < len(rest):
         name, eq, value = rest[i].partition("=")
         if name in _VALUES:
-            if not eq:
-                i += 1
-                if i == len(rest):
-                    return None
-                value = rest[i]
+            taken = _value(rest, i, eq, value)
+            if taken is None:
+                return None
+            value, i = taken
             if _VALUES[name]:
                 found[_VALUES[name]] = value
         elif name in switches and not eq:
