@@ -144,9 +144,10 @@ def kernel_cmdline(config: Config, plan: VmPlan, accel: str, extra: str = "") ->
         params.append(f"tsc_early_khz={host_tsc_khz()} nolapic_timer")
         if qemu_release(config.qemu) >= PCREL_QEMU:
             # This QEMU keys x86 translations by physical address. virtiofsd refills freed page-cache pages
-            # behind TCG's back, so a page that held other code ran its stale translation: SIGSEGV and
-            # SIGILL at random. Pages the guest zeroes as it frees them lose their translations.
-            params.append("init_on_free=1")
+            # behind TCG's back, so a page that had held other code ran its stale translation: SIGSEGV and
+            # SIGILL at random. A page the guest zeroes as it allocates it loses its translations first.
+            # (init_on_free would do too, but it zeroes all of the guest's RAM at boot: every page touched.)
+            params.append("init_on_alloc=1")
     params += [plan.kernel_params, extra]
     return " ".join(p for p in params if p)
 

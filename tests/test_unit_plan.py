@@ -205,9 +205,9 @@ def test_the_plan_carries_the_config_paths():
 
 @pytest.mark.parametrize("release, accel, zeroing", [((7, 2), "tcg", False), ((8, 1), "tcg", True),
                                                      ((10, 0), "tcg", True), ((10, 0), "kvm", False)])
-def test_a_qemu_that_translates_by_physical_address_gets_a_guest_that_zeroes_freed_pages(
+def test_a_qemu_that_translates_by_physical_address_gets_a_guest_that_zeroes_the_pages_it_allocates(
         monkeypatch, release, accel, zeroing):
     """QEMU >= 8.1's TCG keeps translations of a page that virtiofsd refills behind its back (Debian 13)."""
     monkeypatch.setattr(vm, "qemu_release", lambda qemu: release)
     plan_ = plan.make(annotated(), Config())
-    assert ("init_on_free=1" in vm.kernel_cmdline(Config(), plan_, accel).split()) == zeroing
+    assert ("init_on_alloc=1" in vm.kernel_cmdline(Config(), plan_, accel).split()) == zeroing
