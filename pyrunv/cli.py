@@ -311,7 +311,8 @@ def spec(bundle, rootless):
 
 
 @cli.command()
-@click.option("--image-path", required=True, help="directory for the saved VM")
+@click.option("--image-path", help="directory for the saved VM")
+@click.option("--page-server", metavar="ADDRESS:PORT", help="stream the VM to a `restore --listen` there instead")
 @click.option("--work-path", help="accepted: a VM's state needs no work directory")
 @click.option("--leave-running", is_flag=True, help="keep the container running afterwards")
 @click.option("--parent-path", hidden=True)
@@ -322,14 +323,16 @@ def spec(bundle, rootless):
 @click.option("--manage-cgroups-mode", hidden=True)
 @click.argument("container_id")
 @pass_ctx
-def checkpoint(obj, image_path, work_path, leave_running, parent_path, tcp_established, ext_unix_sk, shell_job,
-               file_locks, manage_cgroups_mode, container_id):
+def checkpoint(obj, image_path, page_server, work_path, leave_running, parent_path, tcp_established, ext_unix_sk,
+               shell_job, file_locks, manage_cgroups_mode, container_id):
     """Checkpoint the container: save its whole VM (needs QEMU >= 8.2 and the Rust virtiofsd >= 1.11)."""
-    obj.container(container_id).checkpoint(image_path, leave_running)
+    _one_of("checkpoint", image_path=image_path, page_server=page_server)
+    obj.container(container_id).checkpoint(image_path, leave_running, page_server)
 
 
 @cli.command()
-@click.option("--image-path", required=True, help="directory of a saved VM")
+@click.option("--image-path", help="directory of a saved VM")
+@click.option("--listen", metavar="HOST:PORT", help="receive the VM from a `checkpoint --page-server` instead")
 @click.option("-b", "--bundle", default=".", help="path to the bundle directory")
 @click.option("--work-path", help="accepted: a VM's state needs no work directory")
 @click.option("-d", "--detach", is_flag=True, help="detach from the container's process")
@@ -344,12 +347,21 @@ def checkpoint(obj, image_path, work_path, leave_running, parent_path, tcp_estab
 @click.option("--no-pivot", is_flag=True, hidden=True)
 @click.argument("container_id")
 @pass_ctx
-def restore(obj, image_path, bundle, work_path, detach, pid_file, console_socket, tcp_established, ext_unix_sk,
-            shell_job, file_locks, manage_cgroups_mode, no_subreaper, no_pivot, container_id):
+def restore(obj, image_path, listen, bundle, work_path, detach, pid_file, console_socket, tcp_established,
+            ext_unix_sk, shell_job, file_locks, manage_cgroups_mode, no_subreaper, no_pivot, container_id):
     """Restore a container from a checkpoint: its VM resumes where it was saved."""
-    container = create_container(obj, container_id, bundle, pid_file, console_socket, restore_from=image_path)
+    from .snapshot import Source
+    _one_of("restore", image_path=image_path, listen=listen)
+    container = create_container(obj, container_id, bundle, pid_file, console_socket,
+                                 restore_from=Source(image_path, listen))
     if not detach:
         sys.exit(container.wait_in_foreground(keep=False))
+
+
+def _one_of(verb: str, **options) -> None:
+    if sum(1 for value in options.values() if value) != 1:
+        names = [f"--{name.replace('_', '-')}" for name in options]
+        raise PyrunvError(f"{verb} needs exactly one of {' and '.join(names)}")
 
 
 @cli.command()

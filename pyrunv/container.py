@@ -45,9 +45,9 @@ class Container:
 
     @classmethod
     def create(cls, store: state.Store, container_id: str, bundle: str, pid_file, console_socket,
-               systemd_cgroup: bool = False, restore_from: str | None = None) -> "Container":
-        """create, or with restore_from (a checkpoint's directory) restore: the VM resumes where it was saved,
-        and the container is running."""
+               systemd_cgroup: bool = False, restore_from=None) -> "Container":
+        """create, or with restore_from (a snapshot.Source) restore: the VM resumes where it was saved, and
+        the container is running."""
         import dataclasses
         from . import cgroups, config as config_mod, hooks, spec as spec_mod
         state.validate_id(container_id)
@@ -142,19 +142,23 @@ class Container:
     def _boot(self, spec, console_socket, cgroup, config, restore_from) -> None:
         """A VM of its own: the monitor boots it and prepares the container's init in it (or resumes a saved
         one, whose init runs already)."""
-        from . import plan as plan_mod, sandbox, snapshot
+        from . import plan as plan_mod, sandbox
         plan = plan_mod.make(spec, config)
-        state_file = None
+        incoming, stream = None, None
         if restore_from:
-            plan, state_file = snapshot.load(restore_from, self.id, plan, config)
+            plan, incoming, stream = restore_from.open(self.id, plan, config)
         log.debug("create %s: spec validated, VM planned", self.id)
         self.record.ident, self.record.memory_mib = state.VM_INIT, plan.memory_mib
-        if cgroup:
-            cgroup.set(self._host_limits(spec.resources, config, plan.memory_mib))
-        self.record.pid, self.record.accel = sandbox.launch(
-            self.store, self.record, plan, config, terminal=spec.process.terminal,
-            console_socket=console_socket, console_size=spec.process.console_size, cgroup=cgroup,
-            restore_from=state_file)
+        try:
+            if cgroup:
+                cgroup.set(self._host_limits(spec.resources, config, plan.memory_mib))
+            self.record.pid, self.record.accel = sandbox.launch(
+                self.store, self.record, plan, config, terminal=spec.process.terminal,
+                console_socket=console_socket, console_size=spec.process.console_size, cgroup=cgroup,
+                restore_from=incoming, inherit=stream.fileno() if stream else None)
+        finally:
+            if stream:
+                stream.close()  # the monitor has it now
         if restore_from:
             self._count_cpu_time()  # a restored VM runs already
 
@@ -340,9 +344,10 @@ class Container:
         owner = self._vm_running()
         vmaccess.display(owner.vm_dir, listen, lambda: owner.status is not Status.STOPPED)
 
-    def checkpoint(self, image_path: str, leave_running: bool) -> None:
-        """The VM saved to image_path (snapshot.py); without leave_running the container then ends as if
-        SIGKILLed. Refused, the container untouched, where QEMU and virtiofsd cannot save a VM."""
+    def checkpoint(self, image_path: str | None, leave_running: bool, page_server: str | None = None) -> None:
+        """The VM saved to image_path, or streamed to a `restore --listen` at page_server (snapshot.py);
+        without leave_running the container then ends as if SIGKILLed. Refused, the container untouched,
+        where QEMU and virtiofsd cannot save a VM."""
         from . import config as config_mod, snapshot
         with self.store.lock(self.id):
             self.record = self.store.load(self.id)
@@ -351,7 +356,7 @@ class Container:
                 raise PyrunvError(f"cannot checkpoint {self.id}: it runs in the VM of pod {self.record.sandbox}")
             if pod_members(self.store, self.id):  # restore would bring the VM back without their host side
                 raise PyrunvError(f"cannot checkpoint {self.id}: other containers of its pod run in its VM")
-            snapshot.save(self, image_path, leave_running, config_mod.load())
+            snapshot.save(self, image_path, leave_running, config_mod.load(), page_server)
 
     def processes(self) -> list:
         self._check("ps")

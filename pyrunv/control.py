@@ -75,7 +75,7 @@ class Connection:
         self.close()
 
 
-def call(state_dir: str, op: str, timeout: float = 60.0, **args) -> dict:
+def call(state_dir: str, op: str, timeout: float = 60.0, fds=(), **args) -> dict:
     with Connection(state_dir, timeout) as conn:
-        conn.send({"op": op, **args})
+        conn.send({"op": op, **args}, fds)
         return conn.receive()

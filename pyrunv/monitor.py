@@ -33,11 +33,17 @@ def main(data: dict, report_fd: int) -> None:
         os._exit(1)
 
 
+def _close_fds_except(keep: list) -> None:
+    keep = sorted(keep)
+    for low, high in zip([3] + [fd + 1 for fd in keep], keep + [1 << 16]):
+        os.closerange(low, high)
+
+
 class Monitor:
     def __init__(self, store, record, plan, config, terminal, console_socket, console_size, restore_from):
         self.store, self.record, self.plan, self.config = store, record, plan, config
         self.terminal, self.console_socket, self.console_size = terminal, console_socket, console_size
-        self.restore_from = restore_from  # a saved VM's state file: QEMU waits for it instead of booting
+        self.restore_from = restore_from  # a saved VM's incoming URI (file: or fd:): QEMU loads it, no boot
         self.state_dir = store.path(record.id)
         self.tap_name = None  # the VM's tap, if the spec has a network namespace (see network.py)
 
@@ -45,8 +51,8 @@ class Monitor:
         status = (1, 0)
         try:
             os.setsid()
-            os.closerange(3, report_fd)
-            os.closerange(report_fd + 1, 1 << 16)
+            incoming = self.restore_from or ""
+            _close_fds_except([report_fd] + ([int(incoming[3:])] if incoming.startswith("fd:") else []))
             logs.reopen(self.path("monitor.log"))
             ctypes.CDLL(None).prctl(PR_SET_NAME, b"pyrunv-monitor")
             # Namespaces before asyncio starts any thread: unshare needs a single-threaded process.

@@ -30,8 +30,9 @@ _BOOTSTRAP = ("import os, sys; sys.path.insert(0, sys.argv[4]); from pyrunv impo
 
 def launch(store: state.Store, record: state.Record, plan: VmPlan, config: Config, *,
            terminal: bool, console_socket: str | None, console_size: tuple | None, cgroup=None,
-           restore_from: str | None = None) -> tuple:
+           restore_from: str | None = None, inherit: int | None = None) -> tuple:
     """Starts the monitor and returns (pid, accel) once the container's process is prepared in the VM.
+    restore_from is QEMU's incoming URI for a saved VM; the monitor inherits the fd `inherit` that it names.
     The monitor enters `cgroup` (a cgroups.HostCgroup) before it starts QEMU and virtiofsd, so that their
     memory is charged there from the first page; the hierarchies that count CPU time wait for `start`."""
     read_end, write_end = os.pipe()
@@ -43,6 +44,8 @@ def launch(store: state.Store, record: state.Record, plan: VmPlan, config: Confi
             os.close(data_write)
             os.set_inheritable(data_read, True)
             os.set_inheritable(write_end, True)
+            if inherit is not None:
+                os.set_inheritable(inherit, True)
             os.execv(sys.executable, [sys.executable, "-S", "-c", _BOOTSTRAP, f"pyrunv-monitor:{record.id}",
                                       str(data_read), str(write_end), PYRUNV_PATH])
         finally:

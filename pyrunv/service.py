@@ -102,12 +102,23 @@ class Service:
             loop.add_signal_handler(sig, self._forward, sig)
         self.shutdown = loop.create_future()
 
-    async def _restore(self, path: str) -> None:
-        """A saved VM instead of a boot: QEMU loads the state and the VM runs on from where it was saved."""
+    async def _restore(self, uri: str) -> None:
+        """A saved VM instead of a boot: QEMU loads the state and the VM runs on from where it was saved.
+        A streamed one (fd:) hears "ok" back once it runs here: its source ends only then (snapshot.py)."""
         qmp = await self._qmp_client()
-        await qmp.execute("migrate-incoming", {"uri": f"file:{path}"})
-        await self._migration_done(qmp, "restore")
-        await qmp.execute("cont")
+        stream = socket.socket(fileno=int(uri[3:])) if uri.startswith("fd:") else None
+        try:
+            if stream:
+                uri = await self._hand_fd(qmp, stream, "incoming")
+            await qmp.execute("migrate-incoming", {"uri": uri})
+            await self._migration_done(qmp, "restore")
+            await qmp.execute("cont")
+            if stream:
+                stream.setblocking(False)  # QEMU's channel shared the file's flags
+                await asyncio.get_running_loop().sock_sendall(stream, b"ok\n")
+        finally:
+            if stream:
+                stream.close()
         self.channel.ready.set_result("restored")
         # A restore is a create and a start: the new namespace's veth takes over the VM's NIC, as at start.
         if self.monitor.tap_name and network.interfaces_to_plumb():
@@ -127,26 +138,51 @@ class Service:
             await asyncio.sleep(0.02)
 
     async def _op_checkpoint(self, request, fds, conn):
-        """Saves the VM to request["path"]: stopped first, so that nothing changes while it is written. It
-        then runs on (leave_running), or ends as a container killed by SIGKILL would; on failure it runs on."""
+        """Saves the VM to request["path"], or streams it to the socket it was sent (a `restore --listen`):
+        stopped first, so that nothing changes while it is written. It then runs on (leave_running), or ends
+        as a container killed by SIGKILL would; on failure, or if the restore does not say "ok", it runs on."""
         qmp = await self._qmp_client()
+        stream = socket.socket(fileno=fds.pop()) if fds else None
         was_running = not self.paused
         if was_running:
             await qmp.execute("stop")
             self.paused = True
         try:
-            await qmp.execute("migrate", {"uri": f"file:{request['path']}"})
+            if stream:
+                from . import snapshot
+                stream.setblocking(False)
+                saved = snapshot.metadata(self.monitor.record.id, plan_mod.to_json(self.plan))
+                await asyncio.get_running_loop().sock_sendall(stream, snapshot.stream_header(saved))
+                uri = await self._hand_fd(qmp, stream, "checkpoint")
+            else:
+                uri = f"file:{request['path']}"
+            await qmp.execute("migrate", {"uri": uri})
             await self._migration_done(qmp, "checkpoint")
+            if stream:
+                await self._resumed_at_the_other_end(stream)
         except BaseException:
             if was_running:
                 await self._resume_vm()
             raise
+        finally:
+            if stream:
+                stream.close()
         if request.get("leave_running"):
             if was_running:
                 await self._resume_vm()
         elif not self.shutdown.done():
             self.shutdown.set_result(None)
         return {"ok": True, "plan": plan_mod.to_json(self.plan)}
+
+    @staticmethod
+    async def _resumed_at_the_other_end(stream: socket.socket) -> None:
+        stream.setblocking(False)  # QEMU's channel shared the file's flags
+        try:
+            answer = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(stream, 3), MIGRATION_TIMEOUT)
+        except (OSError, asyncio.TimeoutError):
+            answer = b""
+        if answer != b"ok\n":
+            raise PyrunvError("checkpoint: the restore at the other end did not resume the VM")
 
     async def _power_off(self) -> None:
         """Asks the agent to power the VM off; QEMU (-no-reboot) exits. The monitor's exit stack kills
@@ -165,6 +201,13 @@ class Service:
             await asyncio.wait_for(client.connect(self.monitor.qmp_socket), 10)
             self._qmp = client
         return self._qmp
+
+    @staticmethod
+    async def _hand_fd(qmp, sock: socket.socket, name: str) -> str:
+        """Gives QEMU a copy of sock under name; returns the migration URI that names it."""
+        qmp.send_fd_scm(sock.fileno())
+        await qmp.execute("getfd", {"fdname": name})
+        return f"fd:{name}"
 
     async def _disconnect_qmp(self) -> None:
         if self._qmp is not None:
@@ -247,8 +290,7 @@ class Service:
             with conn:
                 try:
                     qmp = await self._qmp_client()
-                    qmp.send_fd_scm(conn.fileno())
-                    await qmp.execute("getfd", {"fdname": "vnc"})
+                    await self._hand_fd(qmp, conn, "vnc")
                     await qmp.execute("add_client", {"protocol": "vnc", "fdname": "vnc", "skipauth": True})
                 except Exception as e:  # one client's failure must not end the display for the next
                     log.warning("display client: %s", e)

@@ -2,9 +2,12 @@
 Debian 13 has them: tools/debian13 runs these there). Where the host cannot, the refusal is tested in
 test_vm.py."""
 import os
+import re
+import socket
+import subprocess
 
 import pytest
-from faultlib import describe_status, wait_pid, wait_until
+from faultlib import describe_status, one_line_error, wait_pid, wait_until
 
 from pyrunv import config, vm
 
@@ -64,3 +67,66 @@ def test_leave_running_keeps_the_container_going(runtime, counter, tmp_path):
     assert wait_until(lambda: last() > saved)
     assert os.path.getsize(tmp_path / "image" / "vm.state") > 1 << 20
     runtime("delete", "--force", "keep", check=True)
+
+
+def _listening(runtime, tmp_path, *args):
+    """A `restore --listen 127.0.0.1:0` in the background: (its process, its output file, the address)."""
+    out = open(tmp_path / "restore.out", "w+b")
+    restore = subprocess.Popen(runtime.argv("restore", "--listen", "127.0.0.1:0", *args), stdin=subprocess.DEVNULL,
+                               stdout=out, stderr=out)
+    said = wait_until(lambda: re.search(rb"listening on (\S+)", (tmp_path / "restore.out").read_bytes()))
+    assert said, (tmp_path / "restore.out").read_bytes()
+    return restore, said.group(1).decode()
+
+
+def test_a_checkpoint_streamed_into_a_restore_runs_on_there(runtime, counter, tmp_path, subreaper):
+    """Migration as between two hosts with the same files: one VM's state through a TCP socket into another."""
+    path, data, last = counter
+    runtime.detached("run", "--detach", "--bundle", path, "here")
+    assert wait_until(lambda: (data / "count").exists() and last() >= 4000)
+    restore, address = _listening(runtime, tmp_path, "--detach", "--bundle", path, "--pid-file", tmp_path / "pid",
+                                  "there")
+    runtime("checkpoint", "--page-server", address, "here", check=True)
+    assert restore.wait(timeout=120) == 0, (tmp_path / "restore.out").read_bytes()
+    assert runtime.state("here")["status"] == "stopped"
+    assert runtime.state("there")["status"] == "running"
+    saved = last()
+    assert wait_until(lambda: last() > saved), "it counts on there"
+    counts = [int(n) for n in (data / "count").read_text().split()]
+    assert counts == list(range(2000, counts[-1] + 1, 2000)), "from where it was, never reset"
+    assert runtime("exec", "there", "true").returncode == 0
+    (data / "stop").touch()
+    assert describe_status(wait_pid(int((tmp_path / "pid").read_text()))) == "exit 7"
+    for name in ("here", "there"):
+        runtime("delete", name, check=True)
+    assert runtime.leftovers() == []
+
+
+def test_a_stream_the_restore_refuses_leaves_the_source_running(runtime, counter, bundle, tmp_path):
+    """The restoring side reads the header, finds the bundle unlike the saved one and says no: the source
+    has not heard "ok", so it runs on, and the refusing side leaves nothing behind."""
+    path, data, last = counter
+    runtime.detached("run", "--detach", "--bundle", path, "kept")
+    assert wait_until(lambda: (data / "count").exists() and last() >= 2000)
+    restore, address = _listening(runtime, tmp_path, "--detach", "--bundle", bundle("true"), "refuser")
+    assert one_line_error(runtime("checkpoint", "--page-server", address, "kept")).startswith("pyrunv: checkpoint: ")
+    assert restore.wait(timeout=120) == 1
+    assert (tmp_path / "restore.out").read_text().splitlines()[-1] == (
+        "pyrunv: cannot restore refuser: the bundle's mounts, devices or network are not those of the checkpoint's "
+        "container")
+    assert runtime.state("kept")["status"] == "running"
+    saved = last()
+    assert wait_until(lambda: last() > saved), "the source counts on"
+    runtime("delete", "--force", "kept", check=True)
+    assert runtime.leftovers() == []
+
+
+def test_a_restore_refuses_a_stream_that_is_not_a_checkpoint(runtime, bundle, tmp_path):
+    restore, address = _listening(runtime, tmp_path, "--bundle", bundle("true"), "junk")
+    host, _, port = address.rpartition(":")
+    with socket.create_connection((host, int(port))) as sender:
+        sender.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert restore.wait(timeout=60) == 1
+    assert (tmp_path / "restore.out").read_text().splitlines()[-1] == (
+        "pyrunv: what 127.0.0.1 sent is not a pyrunv checkpoint")
+    assert runtime.leftovers() == []

@@ -227,3 +227,13 @@ def test_exec_cap_adds_to_every_set_and_keeps_all_caps_when_the_config_has_none(
     assert with_caps["capabilities"]["effective"] == ["CAP_CHOWN"]
     without = _exec_process(tmp_path / "2", {"args": ["x"], "cwd": "/"}, caps=("CAP_CHOWN",))
     assert "capabilities" not in without
+
+
+@pytest.mark.parametrize("args, line", [
+    (["checkpoint", "c"], "checkpoint needs exactly one of --image-path and --page-server"),
+    (["restore", "--image-path", "i", "--listen", "127.0.0.1:0", "c"],
+     "restore needs exactly one of --image-path and --listen"),
+])
+def test_checkpoint_and_restore_need_one_place_for_the_vm(root, args, line):
+    result = pyrunv(root, *args)
+    assert (result.returncode, result.stderr) == (1, f"pyrunv: {line}\n")

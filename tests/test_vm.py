@@ -208,6 +208,10 @@ def test_checkpoint_refuses_in_one_line_without_the_qemu_it_needs_and_leaves_the
     result = runtime("checkpoint", "--image-path", tmp_path / "image", "cp")
     assert one_line_error(result) == f"pyrunv: cannot checkpoint cp: {refusal}"
     assert "QEMU >= 8.2" in refusal and "this host has QEMU 7.2" in refusal
+    result = runtime("checkpoint", "--page-server", "127.0.0.1:9", "cp")
+    assert one_line_error(result) == f"pyrunv: cannot checkpoint cp: {refusal}"
+    result = runtime.detached("restore", "--listen", "127.0.0.1:0", "--bundle", bundle("true"), "new", check=False)
+    assert one_line_error(result) == f"pyrunv: cannot restore new: {refusal}"
     assert runtime.state("cp")["status"] == "running"
     assert runtime("exec", "cp", "true").returncode == 0
     runtime("kill", "cp", "KILL", check=True)
