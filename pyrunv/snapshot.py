@@ -20,6 +20,7 @@ from .plan import VmPlan
 
 METADATA = "pyrunv-checkpoint.json"
 STATE = "vm.state"
+PODMAN_PROBE = "inventory.img"  # CRIU's file, whose presence podman checks before it calls restore
 FORMAT = "pyrunv-checkpoint/1"
 STREAM_MAGIC = b"PYRUNVCK"
 HEADER = struct.Struct("!8sI")  # the magic, then the length of the metadata's JSON
@@ -53,6 +54,7 @@ def save(container, image_path: str | None, leave_running: bool, config, page_se
                          leave_running=leave_running)
     with open(os.path.join(image_path, METADATA), "w") as f:
         json.dump(metadata(container.id, reply["plan"]), f)
+    open(os.path.join(image_path, PODMAN_PROBE), "w").close()
 
 
 def metadata(container_id: str, plan_json: dict) -> dict:

@@ -110,8 +110,11 @@ def virtiofsd(config: Config, share_dir: str, listen_fd: int, log_path: str) -> 
     else:
         argv = [config.virtiofsd, f"--fd={listen_fd}", f"--shared-dir={share_dir}", "--cache=auto",
                 "--announce-submounts", "--thread-pool-size=1", "--sandbox=namespace"]
-        if _numbers(found) >= CHECKPOINT_VIRTIOFSD:  # its open files travel with a saved VM, found by their paths
-            argv.append("--migration-mode=find-paths")
+        if _numbers(found) >= CHECKPOINT_VIRTIOFSD:
+            # Its open files travel with a saved VM, found by their paths. One that is gone at the restore
+            # (podman's import makes a fresh rootfs without the mount points) fails only when used, as a
+            # file deleted on the host under a running container does.
+            argv += ["--migration-mode=find-paths", "--migration-on-error=guest-error"]
     return Daemon("virtiofsd", argv, (listen_fd,), log_path)
 
 

@@ -11,7 +11,7 @@ from faultlib import describe_status, one_line_error, wait_pid, wait_until
 
 from pyrunv import config, vm
 
-pytestmark = [pytest.mark.vm, pytest.mark.skipif(
+pytestmark = [pytest.mark.vm, pytest.mark.checkpoint, pytest.mark.skipif(
     vm.checkpoint_refusal(config.load()) is not None, reason="this host's QEMU and virtiofsd cannot save a VM")]
 
 # Counts into a file it keeps open on the share (its fd survives with virtiofsd's state), and exits 7 when
