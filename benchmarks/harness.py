@@ -164,10 +164,11 @@ class Workspace:
     def command(self, kind: str, root: str, *args: str, stdout=subprocess.DEVNULL, env=None, timeout: float = 120,
                 log: str = "") -> tuple:
         """`pyrunv` or `runc --root ROOT ARGS...`, timed from exec to exit: (seconds, its stdout: bytes with
-        stdout=subprocess.PIPE, else None). Its stderr goes to LOG.err under the workspace's logs. Raises
+        stdout=subprocess.PIPE, else None). Its stderr goes to LOG.err under the workspace's logs (log=os.devnull:
+        nowhere). Raises
         BenchError when it fails or outlives timeout. A command that leaves a container running (`run -d`,
         `restore -d`) must not be given a pipe, which the container keeps open."""
-        err = os.path.join(self.logs, f"{log or self.unique(f'{kind}-{args[0]}')}.err")
+        err = log if log == os.devnull else os.path.join(self.logs, f"{log or self.unique(f'{kind}-{args[0]}')}.err")
         what = f"{kind} {' '.join(args)}"
         with open(err, "wb") as err_file:
             started = time.perf_counter()
@@ -182,14 +183,14 @@ class Workspace:
         return elapsed, result.stdout
 
     def run(self, kind: str, root: str, bundle: str, container_id: str, *, detach: bool = False,
-            stdout=subprocess.DEVNULL, env=None, timeout: float = 300) -> tuple:
+            stdout=subprocess.DEVNULL, env=None, timeout: float = 300, log: str = "") -> tuple:
         """`run [-d]` of a container: (seconds, exit status). Raises BenchError when it fails.
-        Not detached, it is deleted by `run` itself (pyrunv) or right after (runc)."""
+        Not detached, it is deleted by `run` itself (pyrunv) or right after (runc). log: as for command()."""
         self._track(kind, root, container_id, True)
         try:
             elapsed, _ = self.command(kind, root, "run", *(["--detach"] if detach else []), "--bundle", bundle,
                                       container_id, stdout=stdout, env=env, timeout=timeout,
-                                      log=f"{kind}-{container_id}")
+                                      log=log or f"{kind}-{container_id}")
         finally:
             if not detach:  # `run` deletes the container when it exits (runc: unless --keep)
                 if os.path.exists(os.path.join(root, container_id)):
@@ -198,10 +199,10 @@ class Workspace:
                     self._track(kind, root, container_id, False)
         return elapsed, 0
 
-    def start_idle(self, kind: str, root: str, bundle: str, prefix: str = "idle") -> tuple:
+    def start_idle(self, kind: str, root: str, bundle: str, prefix: str = "idle", log: str = "") -> tuple:
         """A detached container (the bundle's process should be long-lived): (id, seconds to start)."""
         container_id = self.unique(prefix)
-        elapsed, _ = self.run(kind, root, bundle, container_id, detach=True)
+        elapsed, _ = self.run(kind, root, bundle, container_id, detach=True, log=log)
         return container_id, elapsed
 
     def state(self, kind: str, root: str, container_id: str) -> dict:

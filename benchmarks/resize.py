@@ -158,7 +158,8 @@ def image_size(kind: str, image: str) -> int:
 def save_once(ws: Workspace, kind: str, root: str, bundle: str, load: str) -> tuple:
     """A container started (and loaded), checkpointed, deleted, restored under a new ID, checked running and
     deleted: (checkpoint seconds, restore seconds, image bytes). What fails is deleted by the caller's clear."""
-    cid, _ = ws.start_idle(kind, root, bundle, "save")
+    # Its stdio on /dev/null: CRIU cannot dump a file outside the container's mounts, as a log would be.
+    cid, _ = ws.start_idle(kind, root, bundle, "save", log=os.devnull)
     if load != LOADS[0]:
         ws.command(kind, root, "exec", cid, "sh", "-c", FILL, timeout=600)
     image = ws.mkdir("images", cid)
