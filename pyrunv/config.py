@@ -9,6 +9,7 @@ GUEST_DIR = os.environ.get("PYRUNV_GUEST_DIR", "/var/lib/pyrunv/guest")
 ANNOTATION_PREFIX = "io.pyrunv.vm."
 MACHINES = ("microvm", "q35")
 ACCELS = ("auto", "kvm", "tcg")
+SHARE_CACHES = ("auto", "always", "never")
 
 
 @dataclasses.dataclass
@@ -31,6 +32,8 @@ class Config:
     boot_timeout: float = 30.0
     tcg_tb_size_mib: int = 16       # TCG translation cache: 24 MiB saved ~45 ms of boot but cost 8 MiB PSS
     kernel_params: str = ""
+    share_cache: str = "auto"      # virtiofsd's --cache: auto, always or never (docs/configuration.md)
+    share_threads: int = 0         # virtiofsd's --thread-pool-size; 0 serves requests on its queue thread
     qemu_user: str = ""            # run QEMU as this unprivileged user
     # Annotations may come from untrusted pod specs: only these keys (after the prefix) are honoured.
     annotations_allowed: list = dataclasses.field(
@@ -63,6 +66,10 @@ def check(config: Config, where: str) -> None:
         raise PyrunvError(f"{where}: machine must be one of {', '.join(MACHINES)}, not {config.machine!r}")
     if config.accel not in ACCELS:
         raise PyrunvError(f"{where}: accel must be one of {', '.join(ACCELS)}, not {config.accel!r}")
+    if config.share_cache not in SHARE_CACHES:
+        raise PyrunvError(f"{where}: share_cache must be one of {', '.join(SHARE_CACHES)}, not {config.share_cache!r}")
+    if not 0 <= int(config.share_threads) <= 64:
+        raise PyrunvError(f"{where}: share_threads must be between 0 and 64, not {config.share_threads}")
     if not 1 <= int(config.vcpus) <= 16:
         raise PyrunvError(f"{where}: vcpus must be between 1 and 16, not {config.vcpus}")
     if not 32 <= int(config.memory_mib) <= 65536:

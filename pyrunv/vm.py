@@ -104,12 +104,17 @@ def is_c_virtiofsd(version_line: str) -> bool:
 def virtiofsd(config: Config, share_dir: str, listen_fd: int, log_path: str) -> Daemon:
     """Either virtiofsd, each with its own flags; both sandbox themselves in namespaces, in the share."""
     found = version(config.virtiofsd)
+    threads = f"--thread-pool-size={config.share_threads}"
     if is_c_virtiofsd(found):
-        argv = [config.virtiofsd, f"--fd={listen_fd}", "-o", f"source={share_dir}", "-o", "cache=auto",
-                "-o", "announce_submounts", "--thread-pool-size=1"]
+        if config.share_threads > 1:
+            raise PyrunvError(f"share_threads = {config.share_threads} needs the Rust virtiofsd: QEMU's C virtiofsd "
+                              "kills its own pool threads (its seccomp filter lacks sched_getaffinity)")
+        cache = "none" if config.share_cache == "never" else config.share_cache
+        argv = [config.virtiofsd, f"--fd={listen_fd}", "-o", f"source={share_dir}", "-o", f"cache={cache}",
+                "-o", "announce_submounts", threads]
     else:
-        argv = [config.virtiofsd, f"--fd={listen_fd}", f"--shared-dir={share_dir}", "--cache=auto",
-                "--announce-submounts", "--thread-pool-size=1", "--sandbox=namespace"]
+        argv = [config.virtiofsd, f"--fd={listen_fd}", f"--shared-dir={share_dir}", f"--cache={config.share_cache}",
+                "--announce-submounts", threads, "--sandbox=namespace"]
         if _numbers(found) >= CHECKPOINT_VIRTIOFSD:
             # Its open files travel with a saved VM, found by their paths. One that is gone at the restore
             # (podman's import makes a fresh rootfs without the mount points) fails only when used, as a
