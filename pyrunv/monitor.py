@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import os
 import socket
+import sys
 
 from . import control, hostmount, jsonlite, logs, network, plan as plan_mod, state, vm
 from .config import Config
@@ -61,7 +62,12 @@ class Monitor:
                 hostmount.network_namespace(self.plan.network_namespace)
             with contextlib.ExitStack() as stack:
                 accel = self._start_vm(stack)
+                # asyncio imports ssl if it can (2-4 MiB of PSS per monitor) and manages without it: the monitor
+                # speaks no TLS. Whatever imports ssl later (qemu.qmp, on the first QMP command) gets it then.
+                blocked = sys.modules.setdefault("ssl", None) is None
                 import asyncio
+                if blocked:
+                    del sys.modules["ssl"]
                 from .service import Service
                 status = asyncio.run(Service(self, accel).run(report_fd))
         except PyrunvError as e:
