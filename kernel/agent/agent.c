@@ -5,7 +5,6 @@
 #include "agent.h"
 #include "protocol.h"
 
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <net/if.h>
@@ -791,23 +790,13 @@ static int open_agent_port(void)
 {
     /* The port appears once the host's side of virtio-serial has announced it: look every millisecond. */
     for (int tries = 0; tries < 5000; tries++) {
-        DIR *d = opendir("/sys/class/virtio-ports");
-        struct dirent *e;
-        while (d && (e = readdir(d))) {
-            char path[300], name[64] = "";
-            snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", e->d_name);
-            FILE *f = fopen(path, "re");
-            if (!f) continue;
-            if (fgets(name, sizeof name, f)) name[strcspn(name, "\n")] = 0;
-            fclose(f);
-            if (strcmp(name, AGENT_PORT_NAME)) continue;
-            snprintf(path, sizeof path, "/dev/%s", e->d_name);
-            closedir(d);
+        char port[64], path[80];
+        if (find_entry("/sys/class/virtio-ports", "name", AGENT_PORT_NAME, port, sizeof port) == 0) {
+            snprintf(path, sizeof path, "/dev/%s", port);
             int fd = open(path, O_RDWR | O_NONBLOCK | O_CLOEXEC);
             if (fd < 0) die(path);
             return fd;
         }
-        if (d) closedir(d);
         usleep(1000);
     }
     errno = ENODEV;

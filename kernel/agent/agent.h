@@ -68,6 +68,8 @@ int configure_network(char *records, size_t len, char *err, size_t errlen);
 void cgroup_path(char *out, size_t len, uint32_t container, const char *file);
 /* Writes text to a file (a cgroup's, /proc's): 0, or -1 with errno set. */
 int write_text(const char *path, const char *text);
+/* The entry of sysfs directory dir whose file reads want on its first line, into entry: 0, or -1. */
+int find_entry(const char *dir, const char *file, const char *want, char *entry, size_t size);
 /* Writes "file value" records into the container's cgroup; -1 with a message in err on failure. */
 int cgroup_limits(uint32_t container, const char *const *records, int n, char *err, size_t errlen);
 void fail(int sync_fd, const char *fmt, ...) __attribute__((noreturn, format(printf, 2, 3)));

@@ -174,24 +174,15 @@ static int touch_p(const char *path)
 /* The guest's numbers of the virtio-blk disk whose serial the host gave it. */
 static int disk_numbers(const char *serial, unsigned *major, unsigned *minor)
 {
-    DIR *d = opendir("/sys/block");
-    struct dirent *e;
+    char disk[64], path[300];
     int found = -1;
-    while (d && found < 0 && (e = readdir(d))) {
-        char path[300], text[64] = "";
-        snprintf(path, sizeof path, "/sys/block/%s/serial", e->d_name);
-        FILE *f = fopen(path, "re");
-        if (!f) continue;
-        if (fgets(text, sizeof text, f)) text[strcspn(text, "\n")] = 0;
+    if (find_entry("/sys/block", "serial", serial, disk, sizeof disk) < 0) return -1;
+    snprintf(path, sizeof path, "/sys/block/%s/dev", disk);
+    FILE *f = fopen(path, "re");
+    if (f) {
+        if (fscanf(f, "%u:%u", major, minor) == 2) found = 0;
         fclose(f);
-        if (strcmp(text, serial)) continue;
-        snprintf(path, sizeof path, "/sys/block/%s/dev", e->d_name);
-        if ((f = fopen(path, "re"))) {
-            if (fscanf(f, "%u:%u", major, minor) == 2) found = 0;
-            fclose(f);
-        }
     }
-    if (d) closedir(d);
     return found;
 }
 
@@ -399,6 +390,24 @@ int write_text(const char *path, const char *text)
     ssize_t n = write(fd, text, strlen(text));
     close(fd); /* leaves write's errno: a successful close does not touch it */
     return n < 0 ? -1 : 0;
+}
+
+int find_entry(const char *dir, const char *file, const char *want, char *entry, size_t size)
+{
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    int found = -1;
+    while (d && found < 0 && (e = readdir(d))) {
+        char path[300], text[64] = "";
+        snprintf(path, sizeof path, "%s/%s/%s", dir, e->d_name, file);
+        FILE *f = fopen(path, "re");
+        if (!f) continue;
+        if (fgets(text, sizeof text, f)) text[strcspn(text, "\n")] = 0;
+        fclose(f);
+        if (!strcmp(text, want) && (size_t)snprintf(entry, size, "%s", e->d_name) < size) found = 0;
+    }
+    if (d) closedir(d);
+    return found;
 }
 
 static void write_file(const char *path, const char *value, int sync_fd)
