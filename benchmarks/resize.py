@@ -22,6 +22,9 @@ TOUCH_MIB = 200       # touched and freed in the guest before each shrink, so th
 WRITTEN_MIB = 256     # what the loaded container of the checkpoint holds in its /dev/shm
 SHM_MIB = WRITTEN_MIB + 64
 IDLE = ("sleep", "3600")
+# What is checkpointed: busybox's one long `sleep` ends as soon as CRIU restores it (its nanosleep is not
+# resumed), where a loop of short ones runs on; pyrunv's restore resumes either.
+SAVED_IDLE = ("sh", "-c", "while :; do sleep 1; done")
 KINDS = ("pyrunv", "runc")
 STAGES = ("touched", "shrunk", "grown")
 # Non-zero data (QEMU saves a zero page as a flag, so /dev/zero would make the image small), 1 MiB made once and
@@ -34,7 +37,7 @@ FILL = ("yes 0123456789abcdef | head -c 1048576 > /dev/shm/seed; set --; i=0; "
 LOADS = ("idle", f"{WRITTEN_MIB} MiB written")
 
 
-def bundles(ws: Workspace, name: str, cgroup_paths: list, shm_mib: int = 0) -> dict:
+def bundles(ws: Workspace, name: str, cgroup_paths: list, shm_mib: int = 0, command=IDLE) -> dict:
     """kind -> a bundle of an idle busybox container with a memory limit of LIMIT_MIB and a cgroupsPath of its own
     (runc's `update` needs one), one level below the hierarchies' roots, named after the run, so that nothing else
     shares it and nothing is left above it; each path is added to cgroup_paths. shm_mib: /dev/shm's size."""
@@ -50,7 +53,7 @@ def bundles(ws: Workspace, name: str, cgroup_paths: list, shm_mib: int = 0) -> d
                 if mount["destination"] == "/dev/shm":
                     mount["options"] = [o for o in mount.get("options", []) if not o.startswith("size=")] \
                         + [f"size={shm_mib}m"]
-        made[kind] = ws.bundle(f"{name}-{kind}", *IDLE, edit=edit)
+        made[kind] = ws.bundle(f"{name}-{kind}", *command, edit=edit)
     return made
 
 
@@ -189,7 +192,7 @@ def save_rounds(ws: Workspace, s: Settings, roots: dict, cgroup_paths: list) -> 
     results = {f"{kind} {load}": {"checkpoint": [], "restore": [], "size": []} for load in LOADS for kind in kinds}
     if not kinds:
         return results, skipped, []
-    made = bundles(ws, "saved", cgroup_paths, shm_mib=SHM_MIB)
+    made = bundles(ws, "saved", cgroup_paths, shm_mib=SHM_MIB, command=SAVED_IDLE)
     try:
         for _ in range(s.rounds):
             for load in LOADS:
@@ -227,7 +230,8 @@ def resize(ws: Workspace, s: Settings, kvm: dict) -> Figure:
         "guest's RAM as QEMU's `query-balloon` reports it, idle after "
         f"{s.settle:g} s, then right after each step, round by round. Checkpoint and restore: "
         "`checkpoint --image-path DIR ID`, then (the container stopped and deleted) `restore --detach --image-path "
-        f"DIR --bundle B ID2`, of an idle container and of one holding {WRITTEN_MIB} MiB of non-zero data in its "
+        f"DIR --bundle B ID2`, of an idle container (`{' '.join(SAVED_IDLE[:2])} '{SAVED_IDLE[2]}'`) and of one "
+        f"holding {WRITTEN_MIB} MiB of non-zero data in its "
         f"/dev/shm ({SHM_MIB} MiB there), timed from exec to exit, with the size of the image (pyrunv: "
         f"DIR/{snapshot.STATE}; runc: the whole of DIR); {rounds(s.rounds)}; pyrunv only where its QEMU and "
         "virtiofsd can save a VM, runc only where `criu` is installed.")
