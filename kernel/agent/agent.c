@@ -41,12 +41,19 @@ struct proc {
     int sync;          /* to the child until it has exec'd */
     int in_fd;         /* stdin pipe (or a dup of the tty master) */
     int out_fd[3];     /* [S_STDOUT], [S_STDERR]: read ends, or the tty master */
+    int deferred[3];   /* waits for more output until coalesce_until */
     int watching[3];
     uint32_t credit[3];
     struct buf in_pending;
     int in_eof;
     int exited, code, sig;
 };
+
+/* Output that is less than a frame's worth waits this long for more, so that a process that writes a little at
+ * a time still fills frames: each frame is a trip through the emulated device (a kick, an interrupt), which
+ * under TCG costs far more than its bytes. */
+#define COALESCE_MS 5
+static long long coalesce_until; /* CLOCK_MONOTONIC ms; 0 while no output waits */
 
 static int chan = -1, epfd = -1, sigfd = -1, root_pidns = -1, kmsg = -1;
 static struct buf chan_out, chan_in;
@@ -193,9 +200,31 @@ static void maybe_finish(struct proc *p)
     release(p);
 }
 
+static long long now_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000LL + t.tv_nsec / 1000000;
+}
+
+/* Whether readable output waits for more: less than a frame's worth is there, and more may come. */
+static int defer_output(struct proc *p, int s, uint32_t events)
+{
+    int avail = 0;
+    uint32_t frame = p->credit[s] < DATA_CHUNK ? p->credit[s] : DATA_CHUNK;
+    if (p->terminal || p->exited || (events & (EPOLLHUP | EPOLLERR)) || ioctl(p->out_fd[s], FIONREAD, &avail) < 0
+        || avail <= 0 || (uint32_t)avail >= frame)
+        return 0;
+    p->deferred[s] = 1;
+    epoll_set(p->out_fd[s], 0, 0, &p->watching[s]);
+    if (!coalesce_until) coalesce_until = now_ms() + COALESCE_MS;
+    return 1;
+}
+
 static void pump_output(struct proc *p, int s)
 {
     static char chunk[DATA_CHUNK];
+    p->deferred[s] = 0;
     while (p->out_fd[s] >= 0 && p->credit[s]) {
         size_t want = p->credit[s] < DATA_CHUNK ? p->credit[s] : DATA_CHUNK;
         ssize_t n = read(p->out_fd[s], chunk, want);
@@ -295,6 +324,7 @@ static int make_stdio(struct stdio_pipes *sp, int terminal)
         sp->child[i] = i == 0 ? fds[0] : fds[1];
         sp->parent[i] = i == 0 ? fds[1] : fds[0];
         set_nonblock(sp->parent[i]);
+        if (i) fcntl(fds[0], F_SETPIPE_SZ, WINDOW); /* room to write on while its output waits to be framed */
     }
     return 0;
 }
@@ -904,7 +934,15 @@ int main(int argc, char **argv)
 
     for (;;) {
         struct epoll_event events[32];
-        int n = epoll_wait(epfd, events, 32, -1);
+        long long wait = coalesce_until - now_ms();
+        if (coalesce_until && wait <= 0) {
+            coalesce_until = 0;
+            for (int i = 0; i < MAX_PROCS; i++)
+                for (int s = S_STDOUT; s <= S_STDERR; s++)
+                    if (procs[i].used && procs[i].deferred[s]) pump_output(&procs[i], s);
+            continue;
+        }
+        int n = epoll_wait(epfd, events, 32, coalesce_until ? (int)wait : -1);
         if (n < 0 && errno == EINTR) continue;
         if (n < 0) die("epoll_wait");
         for (int i = 0; i < n; i++) {
@@ -921,8 +959,8 @@ int main(int argc, char **argv)
                 reap();
                 break;
             }
-            case R_OUT: if (p->used) pump_output(p, S_STDOUT); break;
-            case R_ERR: if (p->used) pump_output(p, S_STDERR); break;
+            case R_OUT: if (p->used && !defer_output(p, S_STDOUT, events[i].events)) pump_output(p, S_STDOUT); break;
+            case R_ERR: if (p->used && !defer_output(p, S_STDERR, events[i].events)) pump_output(p, S_STDERR); break;
             case R_IN: if (p->used) pump_input(p); break;
             case R_KMSG: forward_kmsg(); break;
             }
