@@ -45,6 +45,8 @@ class Monitor:
         self.store, self.record, self.plan, self.config = store, record, plan, config
         self.terminal, self.console_socket, self.console_size = terminal, console_socket, console_size
         self.restore_from = restore_from  # a saved VM's incoming URI (file: or fd:): QEMU loads it, no boot
+        # A streamed one's socket, inherited from the CLI (snapshot.receive)
+        self.incoming_fd = int(restore_from[3:]) if restore_from and restore_from.startswith("fd:") else None
         self.state_dir = store.path(record.id)
         self.tap_name = None  # the VM's tap, if the spec has a network namespace (see network.py)
 
@@ -52,8 +54,7 @@ class Monitor:
         status = (1, 0)
         try:
             os.setsid()
-            incoming = self.restore_from or ""
-            _close_fds_except([report_fd] + ([int(incoming[3:])] if incoming.startswith("fd:") else []))
+            _close_fds_except([report_fd] + ([self.incoming_fd] if self.incoming_fd is not None else []))
             logs.reopen(self.path("monitor.log"))
             ctypes.CDLL(None).prctl(PR_SET_NAME, b"pyrunv-monitor")
             # Namespaces before asyncio starts any thread: unshare needs a single-threaded process.

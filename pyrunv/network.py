@@ -29,6 +29,12 @@ ARPHRD_ETHER = 1
 MAIN_TABLE = 254
 
 
+def host_port(address: str) -> tuple:
+    """(host, port) of "HOST:PORT" or "[V6]:PORT", for a socket; ValueError if PORT is no number."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def make_tap() -> tuple:
     """(fd, name) of a new tap in the current network namespace, up. It lives as long as the fd: it goes
     when QEMU and the monitor have closed it."""

@@ -106,7 +106,7 @@ class Service:
         """A saved VM instead of a boot: QEMU loads the state and the VM runs on from where it was saved.
         A streamed one (fd:) hears "ok" back once it runs here: its source ends only then (snapshot.py)."""
         qmp = await self._qmp_client()
-        stream = socket.socket(fileno=int(uri[3:])) if uri.startswith("fd:") else None
+        stream = socket.socket(fileno=self.monitor.incoming_fd) if self.monitor.incoming_fd is not None else None
         try:
             if stream:
                 uri = await self._hand_fd(qmp, stream, "incoming")

@@ -14,7 +14,7 @@ import struct
 import sys
 import time
 
-from . import plan as plan_mod
+from . import network, plan as plan_mod
 from .errors import PyrunvError
 from .plan import VmPlan
 
@@ -68,9 +68,8 @@ def stream_header(saved: dict) -> bytes:
 
 
 def _address(address: str, what: str) -> tuple:
-    host, _, port = address.rpartition(":")
     try:
-        return host.strip("[]"), int(port)
+        return network.host_port(address)
     except ValueError:
         raise PyrunvError(f"{what}: {address!r} is not HOST:PORT") from None
 

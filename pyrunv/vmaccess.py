@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 
-from . import control, vm
+from . import control, network, vm
 from .errors import PyrunvError
 
 
@@ -82,9 +82,8 @@ def display(vm_dir: str, listen: str | None, alive) -> None:
     if listen is None:
         print(os.path.join(vm_dir, vm.VNC_SOCKET))
         return
-    host, _, port = listen.rpartition(":")
     try:
-        server = socket.create_server((host.strip("[]"), int(port)))
+        server = socket.create_server(network.host_port(listen))
     except (ValueError, OSError) as e:
         raise PyrunvError(f"display: cannot listen on {listen!r}: {getattr(e, 'strerror', None) or e}") from None
     with server:

@@ -200,6 +200,11 @@ static void maybe_finish(struct proc *p)
     release(p);
 }
 
+static uint32_t frame_limit(const struct proc *p, int s)
+{
+    return p->credit[s] < DATA_CHUNK ? p->credit[s] : DATA_CHUNK;
+}
+
 static long long now_ms(void)
 {
     struct timespec t;
@@ -211,9 +216,8 @@ static long long now_ms(void)
 static int defer_output(struct proc *p, int s, uint32_t events)
 {
     int avail = 0;
-    uint32_t frame = p->credit[s] < DATA_CHUNK ? p->credit[s] : DATA_CHUNK;
     if (p->terminal || p->exited || (events & (EPOLLHUP | EPOLLERR)) || ioctl(p->out_fd[s], FIONREAD, &avail) < 0
-        || avail <= 0 || (uint32_t)avail >= frame)
+        || avail <= 0 || (uint32_t)avail >= frame_limit(p, s))
         return 0;
     p->deferred[s] = 1;
     epoll_set(p->out_fd[s], 0, 0, &p->watching[s]);
@@ -226,7 +230,7 @@ static void pump_output(struct proc *p, int s)
     static char chunk[DATA_CHUNK];
     p->deferred[s] = 0;
     while (p->out_fd[s] >= 0 && p->credit[s]) {
-        size_t want = p->credit[s] < DATA_CHUNK ? p->credit[s] : DATA_CHUNK;
+        size_t want = frame_limit(p, s);
         ssize_t n = read(p->out_fd[s], chunk, want);
         if (n > 0) {
             send_frame(s == S_STDOUT ? FR_STDOUT : FR_STDERR, p->id, chunk, (uint32_t)n);
@@ -240,6 +244,15 @@ static void pump_output(struct proc *p, int s)
     }
     if (p->out_fd[s] >= 0) watch_output(p, s);
     maybe_finish(p);
+}
+
+/* Once coalesce_until has passed: the output that waited goes out, whatever its size. */
+static void pump_deferred(void)
+{
+    coalesce_until = 0;
+    for (int i = 0; i < MAX_PROCS; i++)
+        for (int s = S_STDOUT; s <= S_STDERR; s++)
+            if (procs[i].used && procs[i].deferred[s]) pump_output(&procs[i], s);
 }
 
 static void pump_input(struct proc *p)
@@ -934,15 +947,16 @@ int main(int argc, char **argv)
 
     for (;;) {
         struct epoll_event events[32];
-        long long wait = coalesce_until - now_ms();
-        if (coalesce_until && wait <= 0) {
-            coalesce_until = 0;
-            for (int i = 0; i < MAX_PROCS; i++)
-                for (int s = S_STDOUT; s <= S_STDERR; s++)
-                    if (procs[i].used && procs[i].deferred[s]) pump_output(&procs[i], s);
-            continue;
+        int timeout = -1; /* the clock is read only while output waits */
+        if (coalesce_until) {
+            long long wait = coalesce_until - now_ms();
+            if (wait <= 0) {
+                pump_deferred();
+                continue;
+            }
+            timeout = (int)wait;
         }
-        int n = epoll_wait(epfd, events, 32, coalesce_until ? (int)wait : -1);
+        int n = epoll_wait(epfd, events, 32, timeout);
         if (n < 0 && errno == EINTR) continue;
         if (n < 0) die("epoll_wait");
         for (int i = 0; i < n; i++) {
