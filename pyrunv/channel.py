@@ -15,7 +15,7 @@ from .logs import log
 HEADER = struct.Struct("<III")
 PAIR = struct.Struct("<II")
 FLAG = struct.Struct("<I")
-EXIT = struct.Struct("<ii")
+EXIT = struct.Struct("<iiI")  # code, signal, OOM kills (of a container's init; an older agent sent no count)
 WINDOW = 256 << 10
 CHUNK = 64 << 10
 MAX_PAYLOAD = 1 << 20  # the agent never sends more; a guest that does is not trusted further
@@ -111,8 +111,9 @@ class Channel:
                 stream, credit = PAIR.unpack(payload)
                 proc.stdin_credit(credit)
             elif kind == F.EXIT:
-                code, sig = EXIT.unpack(payload)
+                code, sig, oom_kills = EXIT.unpack(payload + bytes(4) if len(payload) == 8 else payload)
                 del self._procs[ident]
+                proc.oom_kills = oom_kills
                 proc.exited(code, sig)
 
 
@@ -137,6 +138,7 @@ class ProcessIO:
         self._winsize = None
         self._tasks: list[asyncio.Task] = []
         self.exit: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.oom_kills = 0  # for a container's init, as the agent counted them when it exited
         channel.attach(self)
 
     def start_relay(self) -> None:

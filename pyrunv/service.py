@@ -46,7 +46,7 @@ class Service:
             if not self.monitor.report(report_fd, f"ok {self.accel}"):
                 return (1, 0)  # create died before it could record us: tear everything down
             status = await self._serve()
-            ended = {"exit": status[0], "signal": status[1], "oom_kills": await self._oom_kills(INIT_ID)}
+            ended = {"exit": status[0], "signal": status[1], "oom_kills": self.init.oom_kills}
             with contextlib.suppress(OSError):  # a full disk must not change the status the engine sees
                 with open(self._path(state.EXIT_FILE), "w") as f:
                     json.dump(ended, f)
@@ -185,13 +185,17 @@ class Service:
             raise PyrunvError("checkpoint: the restore at the other end did not resume the VM")
 
     async def _power_off(self) -> None:
-        """Asks the agent to power the VM off; QEMU (-no-reboot) exits. The monitor's exit stack kills
-        whatever is still there after the grace period."""
-        if self.paused or not self.channel.ready.done() or self.qemu_gone.done() or self.channel.closed.done():
+        """Ends the VM. What the guest wrote to its share is on the host already (virtio-fs writes through), so
+        QEMU is killed; a VM with block devices is asked to power off instead, after the agent's sync. The
+        monitor's exit stack kills whatever is still there after the grace period."""
+        if self.qemu_gone.done():
             return
-        with contextlib.suppress(PyrunvError):
-            self.channel.send(F.POWEROFF, 0)
-            await asyncio.wait([self.qemu_gone], timeout=1.0)
+        if self.plan.disks and not self.paused and self.channel.ready.done() and not self.channel.closed.done():
+            with contextlib.suppress(PyrunvError):
+                self.channel.send(F.POWEROFF, 0)
+        else:
+            self.qemu.proc.kill()
+        await asyncio.wait([self.qemu_gone], timeout=1.0)
 
     async def _qmp_client(self):
         """QMP is only needed for pause and resume, so it connects on first use, off the boot path."""
@@ -532,14 +536,7 @@ class Service:
         relay.cancel()
         for fd in set(fds):
             os.close(fd)
-        return {"exit": code, "signal": sig, **({"oom_kills": await self._oom_kills(ident)} if container else {})}
-
-    async def _oom_kills(self, container: int) -> int:
-        """What the container's cgroup counted, if the VM can still say."""
-        try:
-            return (await self._stats(container)).get("oom_kills", 0)
-        except (PyrunvError, asyncio.TimeoutError):
-            return 0
+        return {"exit": code, "signal": sig, **({"oom_kills": io.oom_kills} if container else {})}
 
     async def _waiter_signals(self, conn: socket.socket, ident: int) -> None:
         """The waiter forwards the signals it gets as JSON lines."""

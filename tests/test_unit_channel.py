@@ -32,11 +32,11 @@ class FakeAgent:
         assert all(kind == F.CREDIT and ident == PROC for kind, ident, _ in frames), frames
         return [PAIR.unpack(payload) for _, _, payload in frames]
 
-    def exit(self, code: int, signal: int = 0) -> None:
+    def exit(self, code: int, signal: int = 0, oom_kills: int = 0) -> None:
         """What the agent sends when a process ends: the end of both outputs, then the status."""
         self.send(F.STDOUT, PROC)
         self.send(F.STDERR, PROC)
-        self.send(F.EXIT, PROC, EXIT.pack(code, signal))
+        self.send(F.EXIT, PROC, EXIT.pack(code, signal, oom_kills))
 
 
 @pytest.fixture
@@ -134,8 +134,22 @@ def test_the_end_of_output_alone_does_not_end_the_wait(executor, pipe):
         agent.send(F.STDERR, PROC)
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(proc.wait()), 0.2)
-        agent.send(F.EXIT, PROC, EXIT.pack(128 + 15, 15))
+        agent.send(F.EXIT, PROC, EXIT.pack(128 + 15, 15, 0))
         assert await proc.wait() == (143, 15)
+    run(scenario)
+
+
+@pytest.mark.parametrize("payload, oom_kills", [(EXIT.pack(137, 9, 2), 2), (EXIT.pack(137, 9, 2)[:8], 0)],
+                         ids=["with the count", "an older agent's, without"])
+def test_an_exit_carries_the_oom_kills_of_a_containers_init(executor, pipe, payload, oom_kills):
+    async def scenario(channel, agent):
+        proc = ProcessIO(channel, PROC, (None, pipe[1], None), executor)
+        proc.start_relay()
+        agent.send(F.STDOUT, PROC)
+        agent.send(F.STDERR, PROC)
+        agent.send(F.EXIT, PROC, payload)
+        assert await proc.wait() == (137, 9)
+        assert proc.oom_kills == oom_kills
     run(scenario)
 
 

@@ -191,11 +191,16 @@ static void release(struct proc *p)
     memset(p, 0, sizeof *p);
 }
 
-/* The exit status goes out only after the last byte of output: nothing written before exit is lost. */
+static unsigned long long cgroup_number(uint32_t container, const char *file, const char *key);
+
+/* The exit status goes out only after the last byte of output: nothing written before exit is lost. A
+ * container's init also says how many of the container's processes the OOM killer took, so that the host
+ * needs no STATS round trip while the VM ends. */
 static void maybe_finish(struct proc *p)
 {
     if (!p->exited || p->out_fd[S_STDOUT] >= 0 || p->out_fd[S_STDERR] >= 0) return;
-    int32_t payload[2] = { p->code, p->sig };
+    uint32_t oom_kills = p->is_init ? (uint32_t)cgroup_number(p->container, "memory.events", "oom_kill") : 0;
+    int32_t payload[3] = { p->code, p->sig, (int32_t)oom_kills };
     send_frame(FR_EXIT, p->id, payload, sizeof payload);
     release(p);
 }

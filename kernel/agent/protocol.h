@@ -42,7 +42,7 @@ enum frame_type {
     FR_ERROR = 66,   /* payload: message */
     FR_STDOUT = 67,  /* payload: data; empty = EOF */
     FR_STDERR = 68,
-    FR_EXIT = 69,    /* payload: i32 exit code (128+N for signal N), u32 signal */
+    FR_EXIT = 69,    /* payload: i32 exit code (128+N for signal N), u32 signal, u32 OOM kills (a container's init) */
     FR_REPLY = 70,   /* payload: text answer to PS / STATS */
 };
 
