@@ -47,16 +47,36 @@ class Container:
     def create(cls, store: state.Store, container_id: str, bundle: str, pid_file, console_socket,
                systemd_cgroup: bool = False, restore_from=None) -> "Container":
         """create, or with restore_from (a snapshot.Source) restore: the VM resumes where it was saved, and
-        the container is running."""
+        the container is running.
+
+        The schema's check of config.json (jsonschema alone takes some 80 ms to load) runs while the VM boots:
+        the VM is planned from the document as parsed, and the container exists only once the check has
+        passed. Any error on the way yields to the schema's, so a document the schema refuses gets the same
+        one line as if it had been checked first."""
+        from . import spec as spec_mod
+        state.validate_id(container_id)
+        document = spec_mod.read_document(bundle)
+        check_schema = _Once(lambda: cls._validate(store, container_id, document))
+        try:
+            return cls._create(store, container_id, bundle, document, check_schema, pid_file, console_socket,
+                               systemd_cgroup, restore_from)
+        except BaseException:
+            check_schema()
+            raise
+
+    @classmethod
+    def _create(cls, store: state.Store, container_id: str, bundle: str, document, check_schema, pid_file,
+                console_socket, systemd_cgroup: bool, restore_from) -> "Container":
         import dataclasses
         from . import cgroups, config as config_mod, hooks, spec as spec_mod
-        state.validate_id(container_id)
-        spec = spec_mod.load(bundle, check=lambda document: cls._validate(store, container_id, document))
+        spec = spec_mod.parse(bundle, document)
         if spec.process.terminal and not console_socket and not os.isatty(0):
             raise PyrunvError("cannot allocate tty if runc will detach without setting console socket")
         sandbox_id = pod.sandbox_of(container_id, spec.annotations)
         if sandbox_id and restore_from:
             raise PyrunvError(f"cannot restore {container_id}: a container of a pod has no VM of its own")
+        if sandbox_id:
+            check_schema()  # it boots nothing to overlap with
         sandbox = cls._running_sandbox(store, sandbox_id) if sandbox_id else None
         spec_mod.check_namespace_paths(spec)
         record = state.Record(id=container_id, bundle=spec.bundle, rootfs=spec.rootfs, status=Status.CREATING.value,
@@ -75,7 +95,7 @@ class Container:
                 if sandbox:
                     container._join(sandbox, spec, console_socket, cgroup, config)
                 else:
-                    container._boot(spec, console_socket, cgroup, config, restore_from)
+                    container._boot(spec, console_socket, cgroup, config, restore_from, check_schema)
                 record.pid_start = state.process_start_time(record.pid)
                 record.status = (Status.RUNNING if restore_from else Status.CREATED).value
                 store.save(record)
@@ -139,15 +159,15 @@ class Container:
                     raise PyrunvError(f"container {container_id} does not exist")
         cls.load(store, container_id).delete(force)
 
-    def _boot(self, spec, console_socket, cgroup, config, restore_from) -> None:
+    def _boot(self, spec, console_socket, cgroup, config, restore_from, while_booting) -> None:
         """A VM of its own: the monitor boots it and prepares the container's init in it (or resumes a saved
-        one, whose init runs already)."""
+        one, whose init runs already). while_booting() runs meanwhile; its error ends the VM."""
         from . import plan as plan_mod, sandbox
         plan = plan_mod.make(spec, config)
         incoming, stream = None, None
         if restore_from:
             plan, incoming, stream = restore_from.open(self.id, plan, config)
-        log.debug("create %s: spec validated, VM planned", self.id)
+        log.debug("create %s: VM planned", self.id)
         self.record.ident, self.record.memory_mib = state.VM_INIT, plan.memory_mib
         try:
             if cgroup:
@@ -155,7 +175,7 @@ class Container:
             self.record.pid, self.record.accel = sandbox.launch(
                 self.store, self.record, plan, config, terminal=spec.process.terminal,
                 console_socket=console_socket, console_size=spec.process.console_size, cgroup=cgroup,
-                restore_from=incoming, inherit=stream.fileno() if stream else None)
+                restore_from=incoming, inherit=stream.fileno() if stream else None, while_booting=while_booting)
         finally:
             if stream:
                 stream.close()  # the monitor has it now
@@ -395,6 +415,23 @@ class Container:
             sandbox.stop_process(self.record.pid, self.record.pid_start or state.process_start_time(self.record.pid))
         if self.record.cgroup:
             cgroups.HostCgroup(**self.record.cgroup).remove()
+
+
+class _Once:
+    """Runs check() on the first call; later calls repeat its outcome: nothing, or the same user's error."""
+
+    def __init__(self, check):
+        self.check, self.done, self.error = check, False, None
+
+    def __call__(self) -> None:
+        if not self.done:
+            self.done = True
+            try:
+                self.check()
+            except PyrunvError as e:
+                self.error = e
+        if self.error:
+            raise self.error
 
 
 def pod_members(store: state.Store, sandbox_id: str) -> list:

@@ -30,8 +30,9 @@ _BOOTSTRAP = ("import os, sys; sys.path.insert(0, sys.argv[4]); from pyrunv impo
 
 def launch(store: state.Store, record: state.Record, plan: VmPlan, config: Config, *,
            terminal: bool, console_socket: str | None, console_size: tuple | None, cgroup=None,
-           restore_from: str | None = None, inherit: int | None = None) -> tuple:
-    """Starts the monitor and returns (pid, accel) once the container's process is prepared in the VM.
+           restore_from: str | None = None, inherit: int | None = None, while_booting=None) -> tuple:
+    """Starts the monitor and returns (pid, accel) once the container's process is prepared in the VM;
+    while_booting() runs meanwhile, and if it raises, the monitor is killed with its VM.
     restore_from is QEMU's incoming URI for a saved VM; the monitor inherits the fd `inherit` that it names.
     The monitor enters `cgroup` (a cgroups.HostCgroup) before it starts QEMU and virtiofsd, so that their
     memory is charged there from the first page; the hierarchies that count CPU time wait for `start`."""
@@ -52,34 +53,38 @@ def launch(store: state.Store, record: state.Record, plan: VmPlan, config: Confi
             os._exit(1)  # the monitor never returns into the CLI's code
     os.close(write_end)
     os.close(data_read)
-    if cgroup:  # the monitor reads its data below before it starts anything
+    with os.fdopen(read_end, "rb") as reports:
         try:
-            cgroup.add(pid, cpu_time=False)
+            with os.fdopen(data_write, "w") as data:
+                if cgroup:  # before the monitor has its data: it starts nothing until then
+                    cgroup.add(pid, cpu_time=False)
+                json.dump({"path": [PYRUNV_PATH] + sys.path,
+                           "log": logs.settings(), "root": store.root,
+                           "record": record.to_json(), "plan": plan_mod.to_json(plan),
+                           "config": dataclasses.asdict(config), "terminal": terminal, "console_socket": console_socket,
+                           "console_size": console_size, "restore_from": restore_from}, data)
+            if while_booting:
+                while_booting()
+            report = _report(reports, config.boot_timeout + 30)
+            if not report.startswith("ok "):
+                raise PyrunvError(report.strip() or "the container's monitor failed; see the log")
         except BaseException:
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # its helpers die with it (PDEATHSIG)
             os.waitpid(pid, 0)
             raise
-    with os.fdopen(data_write, "w") as f:
-        json.dump({"path": [PYRUNV_PATH] + sys.path,
-                   "log": logs.settings(), "root": store.root,
-                   "record": record.to_json(), "plan": plan_mod.to_json(plan), "config": dataclasses.asdict(config),
-                   "terminal": terminal, "console_socket": console_socket, "console_size": console_size,
-                   "restore_from": restore_from}, f)
+    return pid, report.split()[1]
+
+
+def _report(reports, deadline: float) -> str:
+    """What the monitor wrote before it closed its end: "ok ACCEL", or why it failed."""
     report = b""
-    deadline = config.boot_timeout + 30
-    with os.fdopen(read_end, "rb") as f:
-        while select.select([f], [], [], deadline)[0]:
-            chunk = f.read1(4096)
-            if not chunk:
-                break
-            report += chunk
-    text = report.decode(errors="replace")
-    if not text.startswith("ok "):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)  # its helpers die with it (PDEATHSIG)
-        os.waitpid(pid, 0)
-        raise PyrunvError(text.strip() or "the container's monitor failed; see the log")
-    return pid, text.split()[1]
+    while select.select([reports], [], [], deadline)[0]:
+        chunk = reports.read1(4096)
+        if not chunk:
+            break
+        report += chunk
+    return report.decode(errors="replace")
 
 
 def stop(store: state.Store, record: state.Record, timeout: float = 10.0) -> None:

@@ -181,11 +181,20 @@ def shown(text: str) -> str:
     return text if text.isprintable() else repr(text)
 
 
-def load(bundle: str, check=validate) -> Spec:
-    """The bundle's spec; check(document) validates it against the schema (by default here, in this process)."""
+def load(bundle: str) -> Spec:
+    """The bundle's spec, validated against the schema."""
+    document = read_document(bundle)
+    validate(document)
+    return parse(bundle, document)
+
+
+def read_document(bundle: str):
+    return read_json(os.path.join(os.path.abspath(bundle), "config.json"), "config.json")
+
+
+def parse(bundle: str, document) -> Spec:
+    """The spec of a document the schema accepts (a document it refuses may fail here in any way)."""
     bundle = os.path.abspath(bundle)
-    document = read_json(os.path.join(bundle, "config.json"), "config.json")
-    check(document)
     if "args" not in document["process"]:
         raise PyrunvError("invalid config.json: process.args: args must not be empty")
     rootfs = os.path.join(bundle, document["root"]["path"])

@@ -1,6 +1,7 @@
 """The VM: the QEMU command line, virtiofsd, the KVM probe, and helper daemons that always get cleaned up."""
 import contextlib
 import ctypes
+import functools
 import os
 import signal
 import socket
@@ -25,9 +26,12 @@ BASE_PARAMS = ("console=ttyS0 quiet panic=-1 reboot=t tsc=reliable no_timer_chec
                "8250.nr_uarts=1 cryptomgr.notests random.trust_cpu=on rcupdate.rcu_expedited=1 noreplace-smp")
 
 
-def _die_with_parent() -> None:
-    # A helper outlives nothing: if the monitor is SIGKILLed, the kernel kills QEMU and virtiofsd too.
+def _die_with(parent: int) -> None:
+    # A helper outlives nothing: if the monitor is SIGKILLed, the kernel kills QEMU and virtiofsd too
+    # (create kills a booting monitor when the spec fails its check). A monitor already gone took no one.
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 class Daemon:
@@ -45,7 +49,8 @@ class Daemon:
         credentials = unprivileged(self.user) if self.user else {}
         try:
             self.proc = subprocess.Popen(self.argv, pass_fds=self.pass_fds, stdin=subprocess.DEVNULL,
-                                         stdout=out, stderr=out, preexec_fn=_die_with_parent, **credentials)
+                                         stdout=out, stderr=out,
+                                         preexec_fn=functools.partial(_die_with, os.getpid()), **credentials)
         except OSError as e:
             raise PyrunvError(f"cannot start {self.name}: {e.strerror}: {_shown(self.argv)}") from None
         finally:

@@ -1,7 +1,9 @@
 """The guest (kernel + agent) seen end to end through a real VM under TCG or KVM."""
 import json
 import os
+import re
 import subprocess
+import time
 
 import pytest
 
@@ -184,3 +186,35 @@ def test_tmpcopyup_fills_a_tmpfs_with_what_the_image_has_there(runtime, bundle):
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode().splitlines() == ["root:x:0:", "nogroup:x:65534:", "640 7", "1"]
     assert not os.path.exists(os.path.join(path, "rootfs", "etc", "new")), "writes stay in the tmpfs"
+
+
+REFUSED_HOSTNAME = r"^invalid config.json: hostname: 'a/b' does not match '\^\[\^\\\\u0000/\]\*\$'$"
+
+
+def test_a_spec_the_schema_refuses_is_one_line_though_its_vm_had_started(runtime, bundle):
+    """A hostname the schema refuses parses well enough to plan the VM: create checks the schema while the VM
+    boots (Container.create), and ends it."""
+    result = runtime("run", "--bundle", bundle("true", edit=lambda c: c.update(hostname="a/b")), "refused")
+    assert result.returncode == 1
+    assert re.match(REFUSED_HOSTNAME, result.stderr.decode().removeprefix("pyrunv: ").strip())
+    assert runtime.leftovers() == []
+
+
+def test_a_schema_check_that_fails_once_qemu_runs_leaves_nothing_behind(runtime, bundle, monkeypatch):
+    from pyrunv import spec, state
+    from pyrunv.container import Container
+    from pyrunv.errors import PyrunvError
+    helpers = runtime.root / "refused" / "helpers.json"  # written once QEMU and virtiofsd run
+    check = spec.validate
+
+    def once_qemu_runs(document, what="config.json"):
+        deadline = time.monotonic() + 60
+        while not helpers.exists():
+            assert time.monotonic() < deadline, "QEMU did not start"
+            time.sleep(0.01)
+        check(document, what)
+    monkeypatch.setattr(spec, "validate", once_qemu_runs)
+    path = bundle("true", edit=lambda c: c.update(hostname="a/b"))
+    with pytest.raises(PyrunvError, match=REFUSED_HOSTNAME):
+        Container.create(state.Store(str(runtime.root)), "refused", str(path), None, None)
+    assert runtime.leftovers() == []
