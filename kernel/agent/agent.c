@@ -385,13 +385,24 @@ static struct proc *new_proc(uint32_t id)
     return NULL;
 }
 
-/* In the child: into the container's cgroup, and for an init a cgroup namespace rooted there. */
-static void enter_cgroup(uint32_t container, int is_init, int sync_fd)
+#define CLONE_INTO_CGROUP 0x200000000ULL
+struct clone3_args { uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls, set_tid,
+                     set_tid_size, cgroup; };
+
+/* A child born in the container's cgroup: moving it there afterwards would cost a cgroup migration, which
+ * waits for an RCU grace period (some 10 ms of a create under TCG). -1 with errno on failure. */
+static pid_t clone_into_cgroup(uint32_t container, uint64_t flags)
 {
     char path[128];
-    cgroup_path(path, sizeof path, container, "cgroup.procs");
-    if (write_text(path, "0") < 0) fail(sync_fd, "join cgroup: %s", strerror(errno));
-    if (is_init && unshare(CLONE_NEWCGROUP) < 0) fail(sync_fd, "cgroup namespace: %s", strerror(errno));
+    cgroup_path(path, sizeof path, container, "");
+    int cgroup = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (cgroup < 0) return -1;
+    struct clone3_args args = { .flags = flags | CLONE_INTO_CGROUP, .exit_signal = SIGCHLD, .cgroup = (uint64_t)cgroup };
+    pid_t pid = (pid_t)syscall(SYS_clone3, &args, sizeof args);
+    int saved = errno;
+    close(cgroup);
+    errno = saved;
+    return pid;
 }
 
 static int write_map(pid_t pid, const char *file, const char *const *lines, int n, char *err, size_t errlen)
@@ -475,19 +486,19 @@ static void spawn(uint32_t type, uint32_t id, char *payload, uint32_t len)
         }
         close(nsfd);
     }
+    uint64_t flags = 0;
     if (type == FR_CREATE) {
-        unsigned long flags = CLONE_NEWNS | SIGCHLD | (s.userns ? CLONE_NEWUSER : 0);
+        flags = CLONE_NEWNS | (s.userns ? CLONE_NEWUSER : 0);
         if (!join_pids[J_PID]) flags |= CLONE_NEWPID;
         if (!join_pids[J_IPC]) flags |= CLONE_NEWIPC;
         if (!join_pids[J_UTS]) flags |= CLONE_NEWUTS;
-        pid = (pid_t)syscall(SYS_clone, flags, 0, 0, 0, 0);
-    } else {
-        pid = fork();
     }
+    pid = clone_into_cgroup(s.container, flags);
     if (pidns_of && pid != 0 && setns(root_pidns, CLONE_NEWPID) < 0) die("return to the root pid namespace");
     if (pid == 0) {
         child_fds(&sp, sv[1]);
-        enter_cgroup(s.container, type == FR_CREATE, 3);
+        /* An init's cgroup namespace is rooted at its cgroup: made here, as clone3 would root it at ours. */
+        if (type == FR_CREATE && unshare(CLONE_NEWCGROUP) < 0) fail(3, "cgroup namespace: %s", strerror(errno));
         char mapped;
         if (s.userns) {
             if (read(3, &mapped, 1) != 1) _exit(127); /* until the agent has written its maps */
@@ -506,7 +517,7 @@ static void spawn(uint32_t type, uint32_t id, char *payload, uint32_t len)
     close(sv[1]);
     close_all(sp.child, 3);
     if (pid < 0) {
-        snprintf(err, sizeof err, "fork: %s", strerror(errno));
+        snprintf(err, sizeof err, "clone into the cgroup: %s", strerror(errno));
         close(sv[0]);
         goto fail_pipes;
     }
