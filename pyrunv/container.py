@@ -175,7 +175,7 @@ class Container:
             self.record.pid, self.record.accel = sandbox.launch(
                 self.store, self.record, plan, config, terminal=spec.process.terminal,
                 console_socket=console_socket, console_size=spec.process.console_size, cgroup=cgroup,
-                restore_from=incoming, inherit=stream.fileno() if stream else None, while_booting=while_booting)
+                restore_from=incoming, while_booting=while_booting)
         finally:
             if stream:
                 stream.close()  # the monitor has it now

@@ -40,11 +40,16 @@ def configure(path: str | None = None, fmt: str | None = "text", debug: bool | N
     _settings.update(path=path, fmt=fmt, debug=bool(debug))
 
 
+def set_fallback(path: str | None) -> None:
+    """The monitor's: its stderr is the container's, so it logs to `path` when there is no --log."""
+    _settings["fallback"] = path
+
+
 def reopen(fallback_path: str | None = None) -> None:
-    """The monitor's: its stderr is the container's, so it logs to `fallback_path` when there is no --log;
-    and what other libraries log through the logging package comes here rather than to that stderr."""
+    """set_fallback, and what other libraries log through the logging package comes here rather than to
+    the monitor's stderr."""
     import logging
-    _settings["fallback"] = fallback_path
+    set_fallback(fallback_path)
 
     class Forward(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:

@@ -4,8 +4,10 @@ It owns the VM (virtiofsd, QEMU, QMP) and the guest channel, relays the stdio it
 `create`, forwards the signals it receives, serves the CLI's control socket, and finally exits with
 the container's status: its exit code, or death by the same signal.
 
-sandbox.launch starts it as a fresh interpreter; this module starts the VM without asyncio, so that QEMU
-boots while the monitor imports the rest (service.py), which attaches to the running VM."""
+sandbox.launch forks it from the CLI. The child starts the VM at once, with the modules the CLI has
+loaded (`Monitor.start_vm`), then execs a fresh interpreter (`main`), which takes the running VM over
+(`Monitor.adopt`) and imports the rest (service.py) while QEMU boots. The fresh interpreter keeps none of
+the CLI's modules (click, jsonschema) in its memory for the container's lifetime."""
 import contextlib
 import ctypes
 import os
@@ -22,14 +24,15 @@ PR_SET_NAME = 15
 
 
 def main(data: dict, report_fd: int) -> None:
-    """The monitor process, as `launch` describes it to the new interpreter."""
+    """The monitor's fresh interpreter, as `launch` describes it (`handover`): it serves the VM the forked
+    child started."""
     try:
         logs.configure(**data["log"])
         size = data["console_size"]
         monitor = Monitor(state.Store(data["root"]), state.Record(**data["record"]), plan_mod.from_json(data["plan"]),
                           Config(**data["config"]), data["terminal"], data["console_socket"],
                           tuple(size) if size else None, data["restore_from"])
-        exit_like(*monitor.run(report_fd))
+        exit_like(*monitor.serve(data["vm"], report_fd))
     finally:
         os._exit(1)
 
@@ -50,19 +53,39 @@ class Monitor:
         self.state_dir = store.path(record.id)
         self.tap_name = None  # the VM's tap, if the spec has a network namespace (see network.py)
 
-    def run(self, report_fd: int) -> tuple:
+    def start_vm(self, report_fd: int, cgroup) -> dict:
+        """In the child `launch` forked, before its exec: the monitor's session and namespaces, and the VM
+        started. Returns what the fresh interpreter needs to take the VM over (`adopt`); the fds it names
+        are made inheritable. On an error, what it started is gone before it raises."""
+        if cgroup:  # first: QEMU's and virtiofsd's memory is charged there from their first page
+            cgroup.add(os.getpid(), cpu_time=False)
+        os.setsid()
+        _close_fds_except([report_fd] + ([self.incoming_fd] if self.incoming_fd is not None else []))
+        logs.set_fallback(self.path("monitor.log"))  # our stderr is the container's
+        # Namespaces while the process has a single thread: unshare needs one.
+        hostmount.private_namespace()
+        if self.plan.network_namespace is not None:
+            hostmount.network_namespace(self.plan.network_namespace)
+        with contextlib.ExitStack() as stack:
+            accel = self._start_vm(stack)
+            sockets = {"agent": self.agent_socket, "qmp": self.qmp_socket, "display": self.display_listener}
+            handover = {"accel": accel, "tap_name": self.tap_name,
+                        "fds": {name: s.fileno() for name, s in sockets.items() if s is not None},
+                        "helpers": [daemon.handover() for daemon in (self.virtiofsd, self.qemu)]}
+            for fd in list(handover["fds"].values()) + ([self.incoming_fd] if self.incoming_fd is not None else []):
+                os.set_inheritable(fd, True)
+            stack.pop_all()  # the VM runs on: the fresh interpreter owns it now
+        return handover
+
+    def serve(self, handover: dict, report_fd: int) -> tuple:
+        """In the fresh interpreter: serves the VM start_vm started, until its container has ended; returns
+        the status to exit like."""
         status = (1, 0)
         try:
-            os.setsid()
-            _close_fds_except([report_fd] + ([self.incoming_fd] if self.incoming_fd is not None else []))
-            logs.reopen(self.path("monitor.log"))
-            ctypes.CDLL(None).prctl(PR_SET_NAME, b"pyrunv-monitor")
-            # Namespaces before asyncio starts any thread: unshare needs a single-threaded process.
-            hostmount.private_namespace()
-            if self.plan.network_namespace is not None:
-                hostmount.network_namespace(self.plan.network_namespace)
             with contextlib.ExitStack() as stack:
-                accel = self._start_vm(stack)
+                self.adopt(handover, stack)
+                logs.reopen(self.path("monitor.log"))
+                ctypes.CDLL(None).prctl(PR_SET_NAME, b"pyrunv-monitor")
                 # asyncio imports ssl if it can (2-4 MiB of PSS per monitor) and manages without it: the monitor
                 # speaks no TLS. Whatever imports ssl later (qemu.qmp, on the first QMP command) gets it then.
                 blocked = sys.modules.setdefault("ssl", None) is None
@@ -70,13 +93,23 @@ class Monitor:
                 if blocked:
                     del sys.modules["ssl"]
                 from .service import Service
-                status = asyncio.run(Service(self, accel).run(report_fd))
+                status = asyncio.run(Service(self, handover["accel"]).run(report_fd))
         except PyrunvError as e:
             self.report(report_fd, str(e))  # only now: everything the boot started is gone
         except BaseException as e:  # the monitor must always report and exit
             log.exception("monitor failed")
             self.report(report_fd, f"monitor failed: {e}")
         return status
+
+    def adopt(self, handover: dict, stack: contextlib.ExitStack) -> None:
+        """The VM that start_vm started, with the same teardown: QEMU stopped first, then virtiofsd."""
+        virtiofsd, qemu = (vm.Daemon.adopt(**helper) for helper in handover["helpers"])
+        self.virtiofsd, self.qemu = stack.enter_context(virtiofsd), stack.enter_context(qemu)
+        fds = handover["fds"]
+        self.agent_socket = stack.enter_context(socket.socket(fileno=fds["agent"]))
+        self.qmp_socket = stack.enter_context(socket.socket(fileno=fds["qmp"]))
+        self.display_listener = stack.enter_context(socket.socket(fileno=fds["display"])) if "display" in fds else None
+        self.tap_name = handover["tap_name"]
 
     @staticmethod
     def report(report_fd: int, message: str) -> bool:

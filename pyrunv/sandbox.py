@@ -12,6 +12,7 @@ import sys
 import time
 
 from . import control, logs, plan as plan_mod, state
+from .logs import log
 from .config import Config
 from .errors import PyrunvError
 from .plan import VmPlan
@@ -20,9 +21,9 @@ from .plan import VmPlan
 # pyrunv's own directory: an editable install finds it by a meta-path hook, not a path entry, so the CLI's
 # sys.path has it only when the cwd happens to be the source tree.
 PYRUNV_PATH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The monitor is a fresh interpreter: it lives as long as the container and need not carry the
-# modules the CLI loaded (click, jsonschema) in its memory. -S and the CLI's own sys.path spare it
-# the site-packages scan.
+# The monitor's fresh interpreter (monitor.main) lives as long as the container and need not carry the
+# modules the CLI loaded (click, jsonschema) in its memory. -S and the CLI's own sys.path spare it the
+# site-packages scan.
 _BOOTSTRAP = ("import os, sys; sys.path.insert(0, sys.argv[4]); from pyrunv import jsonlite; "
               "data = jsonlite.loads(os.fdopen(int(sys.argv[2])).read()); sys.path[:] = data['path']; "
               "from pyrunv.monitor import main; main(data, int(sys.argv[3]))")
@@ -30,39 +31,21 @@ _BOOTSTRAP = ("import os, sys; sys.path.insert(0, sys.argv[4]); from pyrunv impo
 
 def launch(store: state.Store, record: state.Record, plan: VmPlan, config: Config, *,
            terminal: bool, console_socket: str | None, console_size: tuple | None, cgroup=None,
-           restore_from: str | None = None, inherit: int | None = None, while_booting=None) -> tuple:
+           restore_from: str | None = None, while_booting=None) -> tuple:
     """Starts the monitor and returns (pid, accel) once the container's process is prepared in the VM;
     while_booting() runs meanwhile, and if it raises, the monitor is killed with its VM.
-    restore_from is QEMU's incoming URI for a saved VM; the monitor inherits the fd `inherit` that it names.
+    restore_from is QEMU's incoming URI for a saved VM; the monitor inherits the fd that an `fd:` URI names.
     The monitor enters `cgroup` (a cgroups.HostCgroup) before it starts QEMU and virtiofsd, so that their
     memory is charged there from the first page; the hierarchies that count CPU time wait for `start`."""
     read_end, write_end = os.pipe()
-    data_read, data_write = os.pipe()
     pid = os.fork()
     if pid == 0:
-        try:
-            os.close(read_end)
-            os.close(data_write)
-            os.set_inheritable(data_read, True)
-            os.set_inheritable(write_end, True)
-            if inherit is not None:
-                os.set_inheritable(inherit, True)
-            os.execv(sys.executable, [sys.executable, "-S", "-c", _BOOTSTRAP, f"pyrunv-monitor:{record.id}",
-                                      str(data_read), str(write_end), PYRUNV_PATH])
-        finally:
-            os._exit(1)  # the monitor never returns into the CLI's code
+        os.close(read_end)
+        _become_monitor(store, record, plan, config, terminal, console_socket, console_size, cgroup, restore_from,
+                        write_end)
     os.close(write_end)
-    os.close(data_read)
     with os.fdopen(read_end, "rb") as reports:
         try:
-            with os.fdopen(data_write, "w") as data:
-                if cgroup:  # before the monitor has its data: it starts nothing until then
-                    cgroup.add(pid, cpu_time=False)
-                json.dump({"path": [PYRUNV_PATH] + sys.path,
-                           "log": logs.settings(), "root": store.root,
-                           "record": record.to_json(), "plan": plan_mod.to_json(plan),
-                           "config": dataclasses.asdict(config), "terminal": terminal, "console_socket": console_socket,
-                           "console_size": console_size, "restore_from": restore_from}, data)
             if while_booting:
                 while_booting()
             report = _report(reports, config.boot_timeout + 30)
@@ -74,6 +57,34 @@ def launch(store: state.Store, record: state.Record, plan: VmPlan, config: Confi
             os.waitpid(pid, 0)
             raise
     return pid, report.split()[1]
+
+
+def _become_monitor(store, record, plan, config, terminal, console_socket, console_size, cgroup, restore_from,
+                    report_fd: int) -> None:
+    """The forked child: starts the VM at once, with the modules the CLI has loaded, then execs the monitor's
+    fresh interpreter, which takes the VM over while it boots. Never returns into the CLI's code."""
+    from .monitor import Monitor
+    try:
+        monitor = Monitor(store, record, plan, config, terminal, console_socket, console_size, restore_from)
+        handover = monitor.start_vm(report_fd, cgroup)
+        data = os.memfd_create("pyrunv-monitor", 0)  # not a pipe: that could fill before anyone reads it
+        with open(data, "w", closefd=False) as f:
+            json.dump({"path": [PYRUNV_PATH] + sys.path, "log": logs.settings(), "root": store.root,
+                       "record": record.to_json(), "plan": plan_mod.to_json(plan), "config": dataclasses.asdict(config),
+                       "terminal": terminal, "console_socket": console_socket, "console_size": console_size,
+                       "restore_from": restore_from, "vm": handover}, f)
+        os.lseek(data, 0, os.SEEK_SET)
+        for fd in (data, report_fd):
+            os.set_inheritable(fd, True)
+        os.execv(sys.executable, [sys.executable, "-S", "-c", _BOOTSTRAP, f"pyrunv-monitor:{record.id}",
+                                  str(data), str(report_fd), PYRUNV_PATH])
+    except PyrunvError as e:
+        Monitor.report(report_fd, str(e))  # only now: what start_vm started is gone
+    except BaseException as e:
+        log.exception("monitor failed")
+        Monitor.report(report_fd, f"monitor failed: {e}")
+    finally:
+        os._exit(1)
 
 
 def _report(reports, deadline: float) -> str:

@@ -3,6 +3,7 @@ import contextlib
 import ctypes
 import functools
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -42,7 +43,20 @@ class Daemon:
         self.user = user
         self.proc: subprocess.Popen | None = None
 
+    def handover(self) -> dict:
+        """What Daemon.adopt needs in the monitor's fresh interpreter (see monitor.py)."""
+        return {"name": self.name, "argv": self.argv, "pid": self.proc.pid, "log_path": self.log_path}
+
+    @classmethod
+    def adopt(cls, name: str, argv: list, pid: int, log_path: str | None) -> "Daemon":
+        """A helper this process started before its exec: its child still, with `with` as for one it starts."""
+        daemon = cls(name, argv, log_path=log_path)
+        daemon.proc = _Child(pid)
+        return daemon
+
     def __enter__(self) -> "Daemon":
+        if self.proc is not None:
+            return self  # adopted
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         # Credentials change before exec, so the helper never holds root; PDEATHSIG is set after that
         # change (a change of credentials would clear it).
@@ -85,6 +99,45 @@ class Daemon:
             tail = lines[-1].strip() if lines else ""
         log.error("%s %s (exit status %s): %s", self.name, what, code, _shown(self.argv))
         return f"{self.name} {what}" + (f": {tail}" if tail else "")
+
+
+class _Child:
+    """A child started before this process's exec: the part of Popen that Daemon uses."""
+
+    def __init__(self, pid: int):
+        self.pid, self.returncode = pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped already
+                pid, status = self.pid, 0
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.poll() is None:
+            pidfd = os.pidfd_open(self.pid)
+            try:
+                ended = select.select([pidfd], [], [], timeout)[0]
+            finally:
+                os.close(pidfd)
+            if not ended:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+            self.poll()
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 def unprivileged(user: str) -> dict:
