@@ -63,8 +63,8 @@ def _become_monitor(store, record, plan, config, terminal, console_socket, conso
                     report_fd: int) -> None:
     """The forked child: starts the VM at once, with the modules the CLI has loaded, then execs the monitor's
     fresh interpreter, which takes the VM over while it boots. Never returns into the CLI's code."""
-    from .monitor import Monitor
     try:
+        from .monitor import Monitor
         monitor = Monitor(store, record, plan, config, terminal, console_socket, console_size, restore_from)
         handover = monitor.start_vm(report_fd, cgroup)
         data = os.memfd_create("pyrunv-monitor", 0)  # not a pipe: that could fill before anyone reads it
@@ -84,7 +84,7 @@ def _become_monitor(store, record, plan, config, terminal, console_socket, conso
         log.exception("monitor failed")
         Monitor.report(report_fd, f"monitor failed: {e}")
     finally:
-        os._exit(1)
+        os._exit(1)  # also if the report itself failed: create then says the monitor failed
 
 
 def _report(reports, deadline: float) -> str:
