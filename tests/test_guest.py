@@ -191,9 +191,9 @@ def test_tmpcopyup_fills_a_tmpfs_with_what_the_image_has_there(runtime, bundle):
 REFUSED_HOSTNAME = r"^invalid config.json: hostname: 'a/b' does not match '\^\[\^\\\\u0000/\]\*\$'$"
 
 
-def test_a_spec_the_schema_refuses_is_one_line_though_its_vm_had_started(runtime, bundle):
+def test_a_spec_only_the_schema_refuses_is_one_line_with_nothing_left(runtime, bundle):
     """A hostname the schema refuses parses well enough to plan the VM: create checks the schema while the VM
-    boots (Container.create), and ends it."""
+    boots (Container.create), and ends it; the next test makes sure that QEMU runs by then."""
     result = runtime("run", "--bundle", bundle("true", edit=lambda c: c.update(hostname="a/b")), "refused")
     assert result.returncode == 1
     assert re.match(REFUSED_HOSTNAME, result.stderr.decode().removeprefix("pyrunv: ").strip())
