@@ -10,6 +10,7 @@ loaded (`Monitor.start_vm`), then execs a fresh interpreter (`main`), which take
 the CLI's modules (click, jsonschema) in its memory for the container's lifetime."""
 import contextlib
 import ctypes
+import dataclasses
 import os
 import socket
 import sys
@@ -28,11 +29,7 @@ def main(data: dict, report_fd: int) -> None:
     child started."""
     try:
         logs.configure(**data["log"])
-        size = data["console_size"]
-        monitor = Monitor(state.Store(data["root"]), state.Record(**data["record"]), plan_mod.from_json(data["plan"]),
-                          Config(**data["config"]), data["terminal"], data["console_socket"],
-                          tuple(size) if size else None, data["restore_from"])
-        exit_like(*monitor.serve(data["vm"], report_fd))
+        exit_like(*Monitor.from_json(data).serve(data["vm"], report_fd))
     finally:
         os._exit(1)
 
@@ -53,14 +50,29 @@ class Monitor:
         self.state_dir = store.path(record.id)
         self.tap_name = None  # the VM's tap, if the spec has a network namespace (see network.py)
 
+    def to_json(self) -> dict:
+        """What from_json makes the same monitor of, in the fresh interpreter."""
+        return {"root": self.store.root, "record": self.record.to_json(), "plan": plan_mod.to_json(self.plan),
+                "config": dataclasses.asdict(self.config), "terminal": self.terminal,
+                "console_socket": self.console_socket, "console_size": self.console_size,
+                "restore_from": self.restore_from}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Monitor":
+        size = data["console_size"]
+        return cls(state.Store(data["root"]), state.Record(**data["record"]), plan_mod.from_json(data["plan"]),
+                   Config(**data["config"]), data["terminal"], data["console_socket"], tuple(size) if size else None,
+                   data["restore_from"])
+
     def start_vm(self, report_fd: int, cgroup) -> dict:
         """In the child `launch` forked, before its exec: the monitor's session and namespaces, and the VM
         started. Returns what the fresh interpreter needs to take the VM over (`adopt`); the fds it names
         are made inheritable. On an error, what it started is gone before it raises."""
         if cgroup:  # first: QEMU's and virtiofsd's memory is charged there from their first page
             cgroup.add(os.getpid(), cpu_time=False)
+        inherited = [self.incoming_fd] if self.incoming_fd is not None else []
         os.setsid()
-        _close_fds_except([report_fd] + ([self.incoming_fd] if self.incoming_fd is not None else []))
+        _close_fds_except([report_fd] + inherited)
         logs.set_fallback(self.path("monitor.log"))  # our stderr is the container's
         # Namespaces while the process has a single thread: unshare needs one.
         hostmount.private_namespace()
@@ -72,7 +84,7 @@ class Monitor:
             handover = {"accel": accel, "tap_name": self.tap_name,
                         "fds": {name: s.fileno() for name, s in sockets.items() if s is not None},
                         "helpers": [daemon.handover() for daemon in (self.virtiofsd, self.qemu)]}
-            for fd in list(handover["fds"].values()) + ([self.incoming_fd] if self.incoming_fd is not None else []):
+            for fd in list(handover["fds"].values()) + inherited:
                 os.set_inheritable(fd, True)
             stack.pop_all()  # the VM runs on: the fresh interpreter owns it now
         return handover

@@ -3,7 +3,6 @@
 The monitor (monitor.py, service.py) runs the VM; it lives as long as the VM's own container, the
 sandbox of a pod. The pod's other containers come and go inside it (container.py)."""
 import contextlib
-import dataclasses
 import json
 import os
 import select
@@ -11,7 +10,7 @@ import signal
 import sys
 import time
 
-from . import control, logs, plan as plan_mod, state
+from . import control, logs, state
 from .logs import log
 from .config import Config
 from .errors import PyrunvError
@@ -37,12 +36,13 @@ def launch(store: state.Store, record: state.Record, plan: VmPlan, config: Confi
     restore_from is QEMU's incoming URI for a saved VM; the monitor inherits the fd that an `fd:` URI names.
     The monitor enters `cgroup` (a cgroups.HostCgroup) before it starts QEMU and virtiofsd, so that their
     memory is charged there from the first page; the hierarchies that count CPU time wait for `start`."""
+    from .monitor import Monitor
+    monitor = Monitor(store, record, plan, config, terminal, console_socket, console_size, restore_from)
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(read_end)
-        _become_monitor(store, record, plan, config, terminal, console_socket, console_size, cgroup, restore_from,
-                        write_end)
+        _become_monitor(monitor, cgroup, write_end)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as reports:
         try:
@@ -59,30 +59,25 @@ def launch(store: state.Store, record: state.Record, plan: VmPlan, config: Confi
     return pid, report.split()[1]
 
 
-def _become_monitor(store, record, plan, config, terminal, console_socket, console_size, cgroup, restore_from,
-                    report_fd: int) -> None:
+def _become_monitor(monitor, cgroup, report_fd: int) -> None:
     """The forked child: starts the VM at once, with the modules the CLI has loaded, then execs the monitor's
     fresh interpreter, which takes the VM over while it boots. Never returns into the CLI's code."""
     try:
-        from .monitor import Monitor
-        monitor = Monitor(store, record, plan, config, terminal, console_socket, console_size, restore_from)
         handover = monitor.start_vm(report_fd, cgroup)
         data = os.memfd_create("pyrunv-monitor", 0)  # not a pipe: that could fill before anyone reads it
         with open(data, "w", closefd=False) as f:
-            json.dump({"path": [PYRUNV_PATH] + sys.path, "log": logs.settings(), "root": store.root,
-                       "record": record.to_json(), "plan": plan_mod.to_json(plan), "config": dataclasses.asdict(config),
-                       "terminal": terminal, "console_socket": console_socket, "console_size": console_size,
-                       "restore_from": restore_from, "vm": handover}, f)
+            json.dump({"path": [PYRUNV_PATH] + sys.path, "log": logs.settings(), **monitor.to_json(),
+                       "vm": handover}, f)
         os.lseek(data, 0, os.SEEK_SET)
         for fd in (data, report_fd):
             os.set_inheritable(fd, True)
-        os.execv(sys.executable, [sys.executable, "-S", "-c", _BOOTSTRAP, f"pyrunv-monitor:{record.id}",
+        os.execv(sys.executable, [sys.executable, "-S", "-c", _BOOTSTRAP, f"pyrunv-monitor:{monitor.record.id}",
                                   str(data), str(report_fd), PYRUNV_PATH])
     except PyrunvError as e:
-        Monitor.report(report_fd, str(e))  # only now: what start_vm started is gone
+        monitor.report(report_fd, str(e))  # only now: what start_vm started is gone
     except BaseException as e:
         log.exception("monitor failed")
-        Monitor.report(report_fd, f"monitor failed: {e}")
+        monitor.report(report_fd, f"monitor failed: {e}")
     finally:
         os._exit(1)  # also if the report itself failed: create then says the monitor failed
 
