@@ -240,7 +240,9 @@ def qemu_argv(config: Config, plan: VmPlan, accel: str, *, agent_fd: int, qmp_fd
             "-append", kernel_cmdline(config, plan, accel, extra_params),
             "-add-fd", f"fd={console_fd},set=1", "-serial", "file:/dev/fdset/1",
             "-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control",
-            "-device", device(plan, "virtio-serial"),
+            # The guest sets up queues for every port the device may have (31 by default): about 4.5 MiB of
+            # its memory. Port 0 is kept for a console, so the agent's port needs 2.
+            "-device", f"{device(plan, 'virtio-serial')},max_ports=2",
             "-chardev", f"socket,id=agent,fd={agent_fd}",
             "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",
             "-device", device(plan, "virtio-rng"),
