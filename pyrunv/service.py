@@ -10,9 +10,10 @@ import json
 import os
 import signal
 import socket
+import struct
 import time
 
-from . import control, hostmount, network, plan as plan_mod, pod, spec as spec_mod, state
+from . import control, hostmount, network, plan as plan_mod, pod, spec as spec_mod, state, vm
 from .channel import FLAG, PAIR, STDERR, STDOUT, WINDOW, Channel, F, ProcessIO
 from .errors import PyrunvError
 from .logs import log
@@ -23,6 +24,7 @@ from .waiter import FORWARDED
 INIT_ID = state.VM_INIT
 BALLOON_TIMEOUT = 10.0
 MIGRATION_TIMEOUT = 120.0  # saving or loading a VM's RAM to a file
+RESTORED = struct.Struct("<qI")  # the host's clock for the agent's RESTORED: seconds, nanoseconds; then entropy
 SCM_MAX_FD = 253  # the kernel's limit of fds in one message: stdio and a container's mount trees
 
 
@@ -110,9 +112,8 @@ class Service:
         try:
             if stream:
                 uri = await self._hand_fd(qmp, stream, "incoming")
-            await qmp.execute("migrate-incoming", {"uri": uri})
-            await self._migration_done(qmp, "restore")
-            await qmp.execute("cont")
+            from .snapshot import saved_with_mapped_ram
+            await self._load(qmp, uri, saved_with_mapped_ram(uri))
             if stream:
                 stream.setblocking(False)  # QEMU's channel shared the file's flags
                 await asyncio.get_running_loop().sock_sendall(stream, b"ok\n")
@@ -123,6 +124,43 @@ class Service:
         # A restore is a create and a start: the new namespace's veth takes over the VM's NIC, as at start.
         if self.monitor.tap_name and network.interfaces_to_plumb():
             await self._plumb_network(self.monitor.tap_name)
+
+    async def _load(self, qmp, uri: str, mapped_ram: bool = False) -> None:
+        """QEMU loads a saved VM, which then runs with the host's time and fresh randomness."""
+        if mapped_ram:
+            await self._mapped_ram(qmp, True)
+        await qmp.execute("migrate-incoming", {"uri": uri})
+        await self._migration_done(qmp, "restore")
+        await qmp.execute("cont")
+        if mapped_ram:
+            await self._mapped_ram(qmp, False)  # it stays set for this QEMU's own saves otherwise
+        now = time.time_ns()
+        refresh = RESTORED.pack(now // 10**9, now % 10**9) + os.urandom(32)
+        try:
+            await asyncio.wait_for(self.channel.request(F.RESTORED, None, refresh), 10)
+        except PyrunvError as e:  # an agent saved before it knew RESTORED
+            log.info("the restored guest kept its clock and randomness: %s", e)
+
+    async def _save(self, qmp, uri: str, what: str, mapped_ram: bool) -> None:
+        """QEMU saves the stopped VM to uri. The guest RAM its save allocated by reading it is given back."""
+        ram = vm.GuestRam(self.qemu.pid)
+        try:
+            holes = ram.holes()
+            if mapped_ram:
+                await self._mapped_ram(qmp, True)
+            try:
+                await qmp.execute("migrate", {"uri": uri})
+                await self._migration_done(qmp, what)
+            finally:
+                if mapped_ram:
+                    await self._mapped_ram(qmp, False)  # a save to a stream cannot use it
+                ram.punch(holes)
+        finally:
+            ram.close()
+
+    @staticmethod
+    async def _mapped_ram(qmp, on: bool) -> None:
+        await qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "mapped-ram", "state": on}]})
 
     async def _migration_done(self, qmp, what: str) -> None:
         """Waits for QEMU's migration (a save or a load) to end; the user's error if it failed."""
@@ -143,6 +181,8 @@ class Service:
         as a container killed by SIGKILL would; on failure, or if the restore does not say "ok", it runs on."""
         qmp = await self._qmp_client()
         stream = socket.socket(fileno=fds.pop()) if fds else None
+        # In a file, the RAM at fixed offsets: a restore then writes only the pages that are not zero.
+        mapped_ram = not stream and vm.qemu_release(self.config.qemu) >= vm.MAPPED_RAM_QEMU
         was_running = not self.paused
         if was_running:
             await qmp.execute("stop")
@@ -156,8 +196,7 @@ class Service:
                 uri = await self._hand_fd(qmp, stream, "checkpoint")
             else:
                 uri = f"file:{request['path']}"
-            await qmp.execute("migrate", {"uri": uri})
-            await self._migration_done(qmp, "checkpoint")
+            await self._save(qmp, uri, "checkpoint", mapped_ram=mapped_ram)
             if stream:
                 await self._resumed_at_the_other_end(stream)
         except BaseException:
@@ -172,7 +211,7 @@ class Service:
                 await self._resume_vm()
         elif not self.shutdown.done():
             self.shutdown.set_result(None)
-        return {"ok": True, "plan": plan_mod.to_json(self.plan)}
+        return {"ok": True, "plan": plan_mod.to_json(self.plan), "mapped_ram": mapped_ram}
 
     @staticmethod
     async def _resumed_at_the_other_end(stream: socket.socket) -> None:

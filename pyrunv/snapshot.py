@@ -53,12 +53,24 @@ def save(container, image_path: str | None, leave_running: bool, config, page_se
     reply = control.call(container.vm_dir, "checkpoint", timeout=180, path=os.path.join(image_path, STATE),
                          leave_running=leave_running)
     with open(os.path.join(image_path, METADATA), "w") as f:
-        json.dump(metadata(container.id, reply["plan"]), f)
+        json.dump(metadata(container.id, reply["plan"], reply.get("mapped_ram", False)), f)
     open(os.path.join(image_path, PODMAN_PROBE), "w").close()
 
 
-def metadata(container_id: str, plan_json: dict) -> dict:
-    return {"format": FORMAT, "id": container_id, "plan": plan_json}
+def metadata(container_id: str, plan_json: dict, mapped_ram: bool = False) -> dict:
+    """mapped_ram: QEMU's capability of that name was on for the save; the load needs it on as well."""
+    return {"format": FORMAT, "id": container_id, "plan": plan_json, "mapped_ram": mapped_ram}
+
+
+def saved_with_mapped_ram(incoming_uri: str) -> bool:
+    """Whether the checkpoint whose state file incoming_uri names (file:DIR/vm.state) was saved with it."""
+    if not incoming_uri.startswith("file:"):
+        return False
+    try:
+        with open(os.path.join(os.path.dirname(incoming_uri[5:]), METADATA)) as f:
+            return bool(json.load(f).get("mapped_ram"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def stream_header(saved: dict) -> bytes:

@@ -159,9 +159,50 @@ def is_c_virtiofsd(version_line: str) -> bool:
     return "version" in version_line.split()
 
 
+class GuestRam:
+    """The guest RAM of a running QEMU (its memfd), to give back what a save touched. QEMU's save reads
+    every page, and the read of a page never written allocates it: all 128 MiB of a 128 MiB guest that had
+    used 20. The holes from before the save are punched again after it, while the VM is stopped."""
+    def __init__(self, qemu_pid: int):
+        self.fd = None
+        directory = f"/proc/{qemu_pid}/fd"
+        for name in os.listdir(directory):
+            if os.readlink(os.path.join(directory, name)).startswith("/memfd:memory-backend-memfd"):
+                self.fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_CLOEXEC)
+                break
+        if self.fd is None:
+            raise OSError(f"no guest RAM among QEMU's files ({directory})")
+
+    def holes(self) -> list:
+        found, offset, end = [], 0, os.fstat(self.fd).st_size
+        while offset < end:
+            hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
+            try:
+                offset = os.lseek(self.fd, hole, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after the hole
+                offset = end
+            if offset > hole:
+                found.append((hole, offset - hole))
+        return found
+
+    def punch(self, holes: list) -> None:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        for offset, length in holes:
+            if libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, ctypes.c_long(offset),
+                              ctypes.c_long(length)) < 0:
+                raise OSError(ctypes.get_errno(), "fallocate")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
 def virtiofsd(config: Config, share_dir: str, listen_fd: int, log_path: str) -> Daemon:
     """Either virtiofsd, each with its own flags; both sandbox themselves in namespaces, in the share."""
-    found = version(config.virtiofsd)
+    found = cached_version(config.virtiofsd) or version(config.virtiofsd)  # the latter says why not
     threads = f"--thread-pool-size={config.share_threads}"
     if is_c_virtiofsd(found):
         if config.share_threads > 1:
@@ -324,11 +365,12 @@ def _numbers(text: str) -> tuple:
 CHECKPOINT_QEMU = (8, 2)        # QEMU that migrates a vhost-user-fs device
 PCREL_QEMU = (8, 1)             # QEMU whose TCG translates x86 code position-independently (CF_PCREL)
 CHECKPOINT_VIRTIOFSD = (1, 11)  # the Rust virtiofsd that migrates its state (--migration-mode)
+MAPPED_RAM_QEMU = (9, 0)        # QEMU that saves RAM at fixed offsets in a file and loads only what is not zero
 
 
 def checkpoint_refusal(config: Config) -> str | None:
     """Why this host's QEMU and virtiofsd cannot save a VM with its virtio-fs share; None if they can."""
-    qemu, virtiofsd = version(config.qemu), version(config.virtiofsd)
+    qemu, virtiofsd = (cached_version(binary) or version(binary) for binary in (config.qemu, config.virtiofsd))
     rust = not is_c_virtiofsd(virtiofsd)
     found = (f"QEMU {'.'.join(map(str, _numbers(qemu)))} and {'the Rust' if rust else 'the C'} "
              f"virtiofsd {'.'.join(map(str, _numbers(virtiofsd)))}")
@@ -339,7 +381,7 @@ def checkpoint_refusal(config: Config) -> str | None:
 
 
 VERDICT_PATH = "/run/pyrunv-accel.json"  # tmpfs: a reboot or a new kvm module asks again
-RELEASE_PATH = "/run/pyrunv-qemu-release.json"
+VERSION_PATH = "/run/pyrunv-version{}.json"  # one per binary, named after its path
 
 
 def _remembered(path: str, key: str, compute):
@@ -372,16 +414,21 @@ def choose_accel(config: Config, plan: VmPlan) -> str:
     return _remembered(VERDICT_PATH, key, probe_kvm)
 
 
-def qemu_release(qemu: str) -> tuple:
-    """(major, minor) of the QEMU binary, (0, 0) if it cannot say; asked once per binary and boot of the host."""
+def cached_version(binary: str) -> str:
+    """version(binary), asked once per binary (its size and mtime) and boot of the host; "" if it cannot say."""
     try:
-        st = os.stat(qemu)
+        st = os.stat(binary)
     except OSError:
-        return (0, 0)
+        return ""
 
-    def ask() -> tuple:
+    def ask() -> str:
         try:
-            return _numbers(version(qemu))
+            return version(binary)
         except PyrunvError:
-            return (0, 0)
-    return tuple(_remembered(RELEASE_PATH, f"{qemu} {st.st_mtime_ns} {st.st_size}", ask))
+            return ""
+    return _remembered(VERSION_PATH.format(binary.replace("/", "_")), f"{binary} {st.st_mtime_ns} {st.st_size}", ask)
+
+
+def qemu_release(qemu: str) -> tuple:
+    """(major, minor) of the QEMU binary, (0, 0) if it cannot say."""
+    return _numbers(cached_version(qemu))

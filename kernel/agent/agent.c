@@ -763,6 +763,32 @@ static void freeze_container(uint32_t container, const char *payload, uint32_t l
     else send_frame(FR_OK, container, NULL, 0);
 }
 
+/* RESTORED: a saved VM runs again, maybe a template shared by many. Its clock stood still while it was
+ * saved, and its random state is the saved one's: take the host's time, and reseed from the host's bytes. */
+#define RNDADDENTROPY 0x40085203 /* _IOW('R', 3, int[2]) */
+#define RNDRESEEDCRNG 0x5207     /* _IO('R', 7) */
+static void restored(uint32_t id, const char *payload, uint32_t len)
+{
+    struct { int64_t sec; uint32_t nsec; } __attribute__((packed)) now;
+    struct { int entropy_count, buf_size; char buf[256]; } pool;
+    if (len < sizeof now || len - sizeof now > sizeof pool.buf) { send_text(FR_ERROR, id, "bad RESTORED frame"); return; }
+    memcpy(&now, payload, sizeof now);
+    pool.buf_size = (int)(len - sizeof now);
+    pool.entropy_count = pool.buf_size * 8;
+    memcpy(pool.buf, payload + sizeof now, (size_t)pool.buf_size);
+    struct timespec ts = { .tv_sec = now.sec, .tv_nsec = now.nsec };
+    const char *failed = NULL;
+    int fd = -1, e = 0;
+    if (clock_settime(CLOCK_REALTIME, &ts) < 0) failed = "set the clock", e = errno;
+    else if ((fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC)) < 0 || ioctl(fd, RNDADDENTROPY, &pool) < 0
+             || ioctl(fd, RNDRESEEDCRNG) < 0)
+        failed = "reseed the random number generator", e = errno;
+    if (fd >= 0) close(fd);
+    char err[128];
+    if (failed) { snprintf(err, sizeof err, "%s: %s", failed, strerror(e)); send_text(FR_ERROR, id, err); }
+    else send_frame(FR_OK, id, NULL, 0);
+}
+
 static void handle_frame(const struct frame_header *h, char *payload)
 {
     struct proc *p = find_proc(h->id);
@@ -807,6 +833,7 @@ static void handle_frame(const struct frame_header *h, char *payload)
     case FR_UPDATE: update_container(h->id, payload, h->len); break;
     case FR_KMSG: start_kmsg(h->id); break;
     case FR_FREEZE: freeze_container(h->id, payload, h->len); break;
+    case FR_RESTORED: restored(h->id, payload, h->len); break;
     case FR_POWEROFF:
         sync();
         reboot(RB_AUTOBOOT);

@@ -36,6 +36,7 @@ enum frame_type {
     FR_FREEZE = 13,  /* id: a container's init; payload: u32 1 (freeze) or 0 (thaw) */
     FR_UPDATE = 14,  /* id: a container's init; payload: records (cgroup); its cgroup's limits */
     FR_KMSG = 15,    /* the kernel log to the serial console, from its start, and from then on as it grows */
+    FR_RESTORED = 16, /* payload: i64 seconds, u32 nanoseconds (the host's clock), then entropy: after a load */
     /* guest -> host */
     FR_READY = 64,   /* payload: version text */
     FR_OK = 65,
