@@ -10,6 +10,7 @@ ANNOTATION_PREFIX = "io.pyrunv.vm."
 MACHINES = ("microvm", "q35")
 ACCELS = ("auto", "kvm", "tcg")
 SHARE_CACHES = ("auto", "always", "never")
+TEMPLATES = ("auto", "off")
 
 
 @dataclasses.dataclass
@@ -35,6 +36,8 @@ class Config:
     share_cache: str = "auto"      # virtiofsd's --cache: auto, always or never (docs/configuration.md)
     share_threads: int = 0         # virtiofsd's --thread-pool-size; 0 serves requests on its queue thread
     qemu_user: str = ""            # run QEMU as this unprivileged user
+    template: str = "auto"         # auto: VMs load a booted one of their shape where QEMU can (template.py); off
+    template_dir: str = "/var/lib/pyrunv/templates"
     # Annotations may come from untrusted pod specs: only these keys (after the prefix) are honoured.
     annotations_allowed: list = dataclasses.field(
         default_factory=lambda: ["memory_mib", "vcpus", "kernel_params", "machine", "accel"])
@@ -68,6 +71,8 @@ def check(config: Config, where: str) -> None:
         raise PyrunvError(f"{where}: accel must be one of {', '.join(ACCELS)}, not {config.accel!r}")
     if config.share_cache not in SHARE_CACHES:
         raise PyrunvError(f"{where}: share_cache must be one of {', '.join(SHARE_CACHES)}, not {config.share_cache!r}")
+    if config.template not in TEMPLATES:
+        raise PyrunvError(f"{where}: template must be one of {', '.join(TEMPLATES)}, not {config.template!r}")
     if not 0 <= int(config.share_threads) <= 64:
         raise PyrunvError(f"{where}: share_threads must be between 0 and 64, not {config.share_threads}")
     if not 1 <= int(config.vcpus) <= 16:

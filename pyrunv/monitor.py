@@ -15,7 +15,7 @@ import os
 import socket
 import sys
 
-from . import control, hostmount, jsonlite, logs, network, plan as plan_mod, state, vm
+from . import control, hostmount, jsonlite, logs, network, plan as plan_mod, state, template as template_mod, vm
 from .config import Config
 from .errors import PyrunvError
 from .waiter import exit_like
@@ -82,6 +82,7 @@ class Monitor:
             accel = self._start_vm(stack)
             sockets = {"agent": self.agent_socket, "qmp": self.qmp_socket, "display": self.display_listener}
             handover = {"accel": accel, "tap_name": self.tap_name,
+                        "template": self.template and [self.template.path, self.template.exists],
                         "fds": {name: s.fileno() for name, s in sockets.items() if s is not None},
                         "helpers": [daemon.handover() for daemon in (self.virtiofsd, self.qemu)]}
             for fd in list(handover["fds"].values()) + inherited:
@@ -122,6 +123,11 @@ class Monitor:
         self.qmp_socket = stack.enter_context(socket.socket(fileno=fds["qmp"]))
         self.display_listener = stack.enter_context(socket.socket(fileno=fds["display"])) if "display" in fds else None
         self.tap_name = handover["tap_name"]
+        self.template = None
+        if handover["template"]:
+            path, exists = handover["template"]
+            self.template = template_mod.Template(path)
+            self.template.exists = exists  # what QEMU was started for, whatever the directory holds now
 
     @staticmethod
     def report(report_fd: int, message: str) -> bool:
@@ -197,6 +203,11 @@ class Monitor:
                             qmp_fd=qmp_guest.fileno(), fs_fd=fs_client.fileno(), console_fd=console,
                             tap_fd=tap.fileno() if tap else None, user_qmp_fd=user_qmp.fileno(), disks=disks,
                             incoming=self.restore_from is not None)
+        self.template = None
+        if self.restore_from is None:
+            self.template = template_mod.choose(self.config, self.plan, argv, self.virtiofsd.argv)
+            if self.template and self.template.exists:
+                argv += ["-incoming", "defer"]  # the service loads it (Service._from_template)
         log.debug("starting %s", " ".join(argv))
         self.qemu = stack.enter_context(vm.Daemon(
             "qemu", argv, [f.fileno() for f in handed] + [console] + [fd for fds, _ in disks for fd in fds],

@@ -63,10 +63,20 @@ class Service:
         await self.channel.open()
         stack.push_async_callback(self._disconnect_qmp)
         stack.push_async_callback(self._power_off)
+        template = self.monitor.template
         if self.monitor.restore_from:
             await self._booting(self._restore(self.monitor.restore_from))
+        elif template and template.exists:
+            try:
+                await self._booting(self._from_template(template))
+            except PyrunvError as e:
+                template.discard()
+                raise PyrunvError(f"{e} (loading the template {template.path}, now removed: the next VM of this "
+                                  "shape boots)") from None
         else:
             log.debug("agent ready: %s", await self._booting(self.channel.ready))
+            if template:
+                await self._save_template(template)
         fds = (0, 1, 2)
         if self.monitor.terminal:
             console_socket = self.monitor.console_socket
@@ -140,6 +150,32 @@ class Service:
             await asyncio.wait_for(self.channel.request(F.RESTORED, None, refresh), 10)
         except PyrunvError as e:  # an agent saved before it knew RESTORED
             log.info("the restored guest kept its clock and randomness: %s", e)
+
+    async def _from_template(self, template) -> None:
+        """This VM's template (template.py) instead of a boot: what follows is as after READY."""
+        await self._load(await self._qmp_client(), f"file:{template.path}", mapped_ram=True)
+        template.used()
+        log.info("VM loaded from template %s", template.path)
+        self.channel.ready.set_result("template")
+
+    async def _save_template(self, template) -> None:
+        """This VM, just booted and with no container yet, saved as the template of its shape. A failure
+        costs this container only the time it took."""
+        qmp = await self._qmp_client()
+        await qmp.execute("stop")
+        saving = None
+        try:
+            saving = template.saving()
+            await self._save(qmp, f"file:{saving}", "template", mapped_ram=True)
+            template.saved(saving)
+            log.info("VM saved as template %s", template.path)
+        except Exception as e:  # PyrunvError, OSError, or QMP's
+            log.warning("VM not saved as template %s: %s", template.path, e)
+            if saving:
+                with contextlib.suppress(OSError):
+                    os.unlink(saving)
+        finally:
+            await qmp.execute("cont")
 
     async def _save(self, qmp, uri: str, what: str, mapped_ram: bool) -> None:
         """QEMU saves the stopped VM to uri. The guest RAM its save allocated by reading it is given back."""

@@ -380,6 +380,14 @@ def checkpoint_refusal(config: Config) -> str | None:
             f"(Debian 13's); this host has {found}")
 
 
+def template_refusal(config: Config) -> str | None:
+    """Why this host cannot start VMs from templates (template.py); None if it can."""
+    refusal = checkpoint_refusal(config)
+    if refusal or qemu_release(config.qemu) >= MAPPED_RAM_QEMU:
+        return refusal
+    return "a template's load without touching its zero pages needs QEMU >= 9.0 (mapped-ram)"
+
+
 VERDICT_PATH = "/run/pyrunv-accel.json"  # tmpfs: a reboot or a new kvm module asks again
 VERSION_PATH = "/run/pyrunv-version{}.json"  # one per binary, named after its path
 

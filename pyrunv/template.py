@@ -1,0 +1,67 @@
+"""VM templates: a VM loaded from a booted one instead of booting, as Firecracker's snapshots and Kata's
+VM templating start theirs. The first VM of a shape is saved just after its agent's READY, before any
+container exists in it; the next VMs of that shape load it, and each gets its own share, NIC, clock and
+randomness (the agent's RESTORED). A shape is QEMU's and virtiofsd's command lines less their file
+descriptors and paths, and the identity of QEMU, virtiofsd, the kernel and the initrd: any change makes
+another template. Where QEMU cannot (vm.template_refusal), VMs boot; so do VMs with block devices or a
+display, and those whose QEMU runs as another user (qemu_user). The save uses QEMU's mapped-ram, so that
+a load writes only the pages the template's guest had written, not all of its RAM."""
+import os
+import re
+
+from . import vm
+from .config import Config
+from .logs import log
+from .plan import VmPlan
+
+FORMAT = 1   # of the key: a change of what a template holds makes every old one unused
+KEEP = 8     # templates kept, the most recently used
+VARYING = re.compile(r"(fd|tsc_early_khz|--shared-dir)=[^,\s]*")  # per VM, or per host's clock reading
+
+
+class Template:
+    def __init__(self, path: str):
+        self.path = path
+        self.exists = os.path.exists(path)
+
+    def saving(self) -> str:
+        """A path to save the template to; `saved` gives it its name."""
+        os.makedirs(os.path.dirname(self.path), 0o700, exist_ok=True)
+        return f"{self.path}.{os.getpid()}"
+
+    def saved(self, saving: str) -> None:
+        os.rename(saving, self.path)  # a VM that starts meanwhile boots, or finds the whole file
+        directory = os.path.dirname(self.path)
+        kept = sorted((e for e in os.scandir(directory) if e.name.endswith(".vm")),
+                      key=lambda e: e.stat().st_mtime, reverse=True)
+        for old in kept[KEEP:]:
+            log.info("template %s: not used lately, removed", old.path)
+            os.unlink(old.path)
+
+    def used(self) -> None:
+        os.utime(self.path)
+
+    def discard(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def choose(config: Config, plan: VmPlan, qemu_argv: list, virtiofsd_argv: list) -> Template | None:
+    """The template of this VM's shape (which may not exist yet), or None if this VM must boot."""
+    # QEMU opens the template itself: one running as qemu_user could not read it.
+    if config.template != "auto" or config.qemu_user or plan.disks or plan.display or vm.template_refusal(config):
+        return None
+    return Template(os.path.join(config.template_dir, shape(config, plan, qemu_argv, virtiofsd_argv) + ".vm"))
+
+
+def shape(config: Config, plan: VmPlan, qemu_argv: list, virtiofsd_argv: list) -> str:
+    import hashlib  # here, in the child that starts the VM: the monitor's interpreter never needs OpenSSL
+    import json
+    files = []
+    for path in (config.qemu, config.virtiofsd, plan.kernel, plan.initrd):
+        st = os.stat(path)
+        files.append((path, st.st_size, st.st_mtime_ns))
+    argv = [VARYING.sub(r"\1=", arg) for arg in qemu_argv + virtiofsd_argv]
+    return hashlib.sha256(json.dumps([FORMAT, argv, files]).encode()).hexdigest()[:24]
