@@ -1,7 +1,7 @@
-"""Figures 1 to 7 (figure 8, pods, is in pods.py; figure 9, resizing and saving a VM, in resize.py). Each
-function measures pyrunv and what it is compared with side by side, in alternating runs (A, B, A, B ...), and
-returns a Figure: tables for the page, ratios, one summary line, and the raw samples. Nothing here asserts a
-time: every figure is reported."""
+"""Figures 1 to 7 (figure 8, pods, is in pods.py; figure 9, resizing and saving a VM, in resize.py; figure 10,
+templates, in templates.py). Each function measures pyrunv and what it is compared with side by side, in
+alternating runs (A, B, A, B ...), and returns a Figure: tables for the page, ratios, one summary line, and
+the raw samples. Nothing here asserts a time: every figure is reported."""
 import dataclasses
 import fcntl
 import os

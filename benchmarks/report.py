@@ -194,6 +194,7 @@ def markdown(figs: list, meta: dict, png_name: str | None, analysis: str | None,
             "/opt/pyrunv/venv/bin/python -m benchmarks --iterations 3 --density 20 --only 1,2,3  # a subset",
             "/opt/pyrunv/venv/bin/python -m benchmarks --only 8 --iterations 5   # pods, through containerd's CRI",
             "/opt/pyrunv/venv/bin/python -m benchmarks --only 9 --iterations 5   # update's balloon, checkpoint and restore",
+            "tools/debian13 bench --only 10 --iterations 5 --out /tmp/perf/performance.md  # templates, on Debian 13",
             "/opt/pyrunv/venv/bin/python -m benchmarks.boot --runs 10   # boot to agent READY alone",
             "/opt/pyrunv/venv/bin/python -m pytest -m 'vm and slow' tests/test_benchmarks_smoke.py",
             "```", "", f"This page: `{meta['command']}`", ""]
