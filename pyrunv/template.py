@@ -6,6 +6,7 @@ descriptors and paths, and the identity of QEMU, virtiofsd, the kernel and the i
 another template. Where QEMU cannot (vm.template_refusal), VMs boot; so do VMs with block devices or a
 display, and those whose QEMU runs as another user (qemu_user). The save uses QEMU's mapped-ram, so that
 a load writes only the pages the template's guest had written, not all of its RAM."""
+import contextlib
 import os
 import re
 
@@ -31,21 +32,27 @@ class Template:
 
     def saved(self, saving: str) -> None:
         os.rename(saving, self.path)  # a VM that starts meanwhile boots, or finds the whole file
-        directory = os.path.dirname(self.path)
-        kept = sorted((e for e in os.scandir(directory) if e.name.endswith(".vm")),
-                      key=lambda e: e.stat().st_mtime, reverse=True)
-        for old in kept[KEEP:]:
-            log.info("template %s: not used lately, removed", old.path)
-            os.unlink(old.path)
+        templates = []
+        for entry in os.scandir(os.path.dirname(self.path)):
+            with contextlib.suppress(FileNotFoundError):  # another monitor may prune at the same time
+                if entry.name.endswith(".vm"):
+                    templates.append((entry.stat().st_mtime, entry.path))
+        for _, path in sorted(templates, reverse=True)[KEEP:]:
+            log.info("template %s: not used lately, removed", path)
+            _remove(path)
 
     def used(self) -> None:
-        os.utime(self.path)
+        """Marks it recently used; QEMU has loaded it, so it may be gone by now."""
+        with contextlib.suppress(OSError):
+            os.utime(self.path)
 
     def discard(self) -> None:
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        _remove(self.path)
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def choose(config: Config, plan: VmPlan, qemu_argv: list, virtiofsd_argv: list) -> Template | None:

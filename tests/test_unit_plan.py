@@ -218,7 +218,7 @@ def test_a_qemu_that_translates_by_physical_address_gets_a_guest_that_zeroes_the
     ("virtiofsd 1.13.2", ["--cache=never", "--thread-pool-size=0", "--migration-on-error=guest-error"]),
 ])
 def test_the_shares_cache_and_threads_reach_either_virtiofsd(monkeypatch, version, flags):
-    monkeypatch.setattr(vm, "version", lambda binary: version)
+    monkeypatch.setattr(vm, "cached_version", lambda binary: version)
     argv = vm.virtiofsd(Config(share_cache="never", share_threads=0), "/share", 3, None).argv
     assert set(flags) <= set(argv), argv
 
@@ -237,6 +237,6 @@ def test_the_config_file_refuses_a_share_setting_out_of_range(tmp_path, setting,
 
 
 def test_the_c_virtiofsd_gets_no_thread_pool_it_would_kill(monkeypatch):
-    monkeypatch.setattr(vm, "version", lambda binary: "virtiofsd version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u18)")
+    monkeypatch.setattr(vm, "cached_version", lambda binary: "virtiofsd version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u18)")
     with pytest.raises(PyrunvError, match=r"^share_threads = 4 needs the Rust virtiofsd: QEMU's C virtiofsd kills"):
         vm.virtiofsd(Config(share_threads=4), "/share", 3, None)

@@ -77,3 +77,18 @@ def test_what_a_save_read_of_the_guest_ram_is_given_back_and_its_data_kept():
         ram.close()
     finally:
         os.close(fd)
+
+
+def test_a_new_template_is_kept_with_the_most_recently_used_and_the_oldest_go(tmp_path):
+    for age in range(template.KEEP + 2):
+        old = tmp_path / f"old{age}.vm"
+        old.write_text("saved VM")
+        os.utime(old, (1000 - age, 1000 - age))
+    template.Template(str(tmp_path / "old9.vm")).used()  # the oldest, used just now
+    fresh = template.Template(str(tmp_path / "fresh.vm"))
+    saving = fresh.saving()
+    with open(saving, "w") as f:
+        f.write("saved VM")
+    fresh.saved(saving)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["fresh.vm", "old9.vm"] + [f"old{age}.vm" for age in range(template.KEEP - 2)])
