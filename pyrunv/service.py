@@ -179,20 +179,26 @@ class Service:
 
     async def _save(self, qmp, uri: str, what: str, mapped_ram: bool) -> None:
         """QEMU saves the stopped VM to uri. The guest RAM its save allocated by reading it is given back."""
-        ram = vm.GuestRam(self.qemu.pid)
         try:
+            ram = vm.GuestRam(self.qemu.pid)
             holes = ram.holes()
-            if mapped_ram:
-                await self._mapped_ram(qmp, True)
-            try:
-                await qmp.execute("migrate", {"uri": uri})
-                await self._migration_done(qmp, what)
-            finally:
-                if mapped_ram:
-                    await self._mapped_ram(qmp, False)  # a save to a stream cannot use it
-                ram.punch(holes)
+        except OSError as e:
+            log.warning("%s: the guest RAM the save reads stays allocated: %s", what, e)
+            ram = None
+        if mapped_ram:
+            await self._mapped_ram(qmp, True)
+        try:
+            await qmp.execute("migrate", {"uri": uri})
+            await self._migration_done(qmp, what)
         finally:
-            ram.close()
+            if mapped_ram:
+                await self._mapped_ram(qmp, False)  # a save to a stream cannot use it
+            if ram:
+                try:
+                    ram.punch(holes)
+                except OSError as e:
+                    log.warning("%s: the guest RAM the save reads stays allocated: %s", what, e)
+                ram.close()
 
     @staticmethod
     async def _mapped_ram(qmp, on: bool) -> None:
