@@ -512,8 +512,10 @@ def throughput(ws: Workspace, s: Settings, kvm: dict) -> Figure:
 
 # 7. Files -------------------------------------------------------------------------------------------
 
-# busybox-static's `date` has no %N: adjtimex (read-only, no capability needed) gives the clock in microseconds.
-GUEST_NOW = r"""now() { adjtimex | awk '/tv_sec/ {s = $2} /tv_usec/ {u = $2} END {printf "%s%06d000\n", s, u}'; };"""
+# busybox-static's `date` has no %N: adjtimex (read-only, no capability needed) gives the clock, its tv_usec in
+# microseconds, or in nanoseconds where the kernel's status has STA_NANO (8192; a host whose NTP client set it).
+GUEST_NOW = (r"""now() { adjtimex | awk '/status:/ {nano = and($2, 8192)} /tv_sec/ {s = $2} /tv_usec/ {u = $2} """
+             r"""END {if (nano) printf "%s%09d\n", s, u; else printf "%s%06d000\n", s, u}'; };""")
 # The same reads twice: from the rootfs (virtio-fs in pyrunv's guest), then from a tmpfs copy (the floor).
 FILES_SCRIPT = GUEST_NOW + r"""
 a=$(now)
