@@ -44,9 +44,10 @@ class Monitor:
     def __init__(self, store, record, plan, config, terminal, console_socket, console_size, restore_from):
         self.store, self.record, self.plan, self.config = store, record, plan, config
         self.terminal, self.console_socket, self.console_size = terminal, console_socket, console_size
-        self.restore_from = restore_from  # a saved VM's incoming URI (file: or fd:): QEMU loads it, no boot
-        # A streamed one's socket, inherited from the CLI (snapshot.receive)
-        self.incoming_fd = int(restore_from[3:]) if restore_from and restore_from.startswith("fd:") else None
+        # A saved VM's incoming (snapshot.Source.open): QEMU loads it from its URI (file: or fd:), no boot
+        self.restore_from = restore_from
+        uri = restore_from["uri"] if restore_from else ""
+        self.incoming_fd = int(uri[3:]) if uri.startswith("fd:") else None  # a streamed one's, from the CLI
         self.state_dir = store.path(record.id)
         self.tap_name = None  # the VM's tap, if the spec has a network namespace (see network.py)
 
@@ -125,9 +126,7 @@ class Monitor:
         self.tap_name = handover["tap_name"]
         self.template = None
         if handover["template"]:
-            path, exists = handover["template"]
-            self.template = template_mod.Template(path)
-            self.template.exists = exists  # what QEMU was started for, whatever the directory holds now
+            self.template = template_mod.Template(*handover["template"])  # what QEMU was started for
 
     @staticmethod
     def report(report_fd: int, message: str) -> bool:

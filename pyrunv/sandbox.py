@@ -30,10 +30,10 @@ _BOOTSTRAP = ("import os, sys; sys.path.insert(0, sys.argv[4]); from pyrunv impo
 
 def launch(store: state.Store, record: state.Record, plan: VmPlan, config: Config, *,
            terminal: bool, console_socket: str | None, console_size: tuple | None, cgroup=None,
-           restore_from: str | None = None, while_booting=None) -> tuple:
+           restore_from: dict | None = None, while_booting=None) -> tuple:
     """Starts the monitor and returns (pid, accel) once the container's process is prepared in the VM;
     while_booting() runs meanwhile, and if it raises, the monitor is killed with its VM.
-    restore_from is QEMU's incoming URI for a saved VM; the monitor inherits the fd that an `fd:` URI names.
+    restore_from is a saved VM's incoming (snapshot.Source.open); the monitor inherits the fd its `fd:` URI names.
     The monitor enters `cgroup` (a cgroups.HostCgroup) before it starts QEMU and virtiofsd, so that their
     memory is charged there from the first page; the hierarchies that count CPU time wait for `start`."""
     from .monitor import Monitor

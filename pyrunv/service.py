@@ -114,16 +114,14 @@ class Service:
             loop.add_signal_handler(sig, self._forward, sig)
         self.shutdown = loop.create_future()
 
-    async def _restore(self, uri: str) -> None:
+    async def _restore(self, incoming: dict) -> None:
         """A saved VM instead of a boot: QEMU loads the state and the VM runs on from where it was saved.
         A streamed one (fd:) hears "ok" back once it runs here: its source ends only then (snapshot.py)."""
         qmp = await self._qmp_client()
         stream = socket.socket(fileno=self.monitor.incoming_fd) if self.monitor.incoming_fd is not None else None
         try:
-            if stream:
-                uri = await self._hand_fd(qmp, stream, "incoming")
-            from .snapshot import saved_with_mapped_ram
-            await self._load(qmp, uri, saved_with_mapped_ram(uri))
+            uri = await self._hand_fd(qmp, stream, "incoming") if stream else incoming["uri"]
+            await self._load(qmp, uri, incoming["mapped_ram"])
             if stream:
                 stream.setblocking(False)  # QEMU's channel shared the file's flags
                 await asyncio.get_running_loop().sock_sendall(stream, b"ok\n")

@@ -62,17 +62,6 @@ def metadata(container_id: str, plan_json: dict, mapped_ram: bool = False) -> di
     return {"format": FORMAT, "id": container_id, "plan": plan_json, "mapped_ram": mapped_ram}
 
 
-def saved_with_mapped_ram(incoming_uri: str) -> bool:
-    """Whether the checkpoint whose state file incoming_uri names (file:DIR/vm.state) was saved with it."""
-    if not incoming_uri.startswith("file:"):
-        return False
-    try:
-        with open(os.path.join(os.path.dirname(incoming_uri[5:]), METADATA)) as f:
-            return bool(json.load(f).get("mapped_ram"))
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def stream_header(saved: dict) -> bytes:
     """What the monitor sends before QEMU's stream: the metadata a file checkpoint keeps beside it."""
     data = json.dumps(saved).encode()
@@ -106,12 +95,13 @@ class Source:
     listen: str | None = None
 
     def open(self, container_id: str, fresh: VmPlan, config) -> tuple:
-        """(the saved VM's plan, QEMU's incoming URI, the socket the monitor must inherit for it, or None)"""
+        """(the saved VM's plan, its incoming: QEMU's URI and whether the save used mapped-ram, the socket the
+        monitor must inherit for it, or None)"""
         if self.listen:
             plan, stream = receive(self.listen, container_id, fresh, config)
-            return plan, f"fd:{stream.fileno()}", stream
-        plan, state_file = load(self.image_path, container_id, fresh, config)
-        return plan, f"file:{state_file}", None
+            return plan, {"uri": f"fd:{stream.fileno()}", "mapped_ram": False}, stream
+        plan, state_file, mapped_ram = load(self.image_path, container_id, fresh, config)
+        return plan, {"uri": f"file:{state_file}", "mapped_ram": mapped_ram}, None
 
 
 def receive(address: str, container_id: str, fresh: VmPlan, config) -> tuple:
@@ -146,7 +136,8 @@ def receive(address: str, container_id: str, fresh: VmPlan, config) -> tuple:
 
 
 def load(image_path: str, container_id: str, fresh: VmPlan, config) -> tuple:
-    """(the saved VM's plan with this bundle's share and network, its state file) of image_path."""
+    """(the saved VM's plan with this bundle's share and network, its state file, whether it was saved with
+    mapped-ram) of image_path."""
     image_path = os.path.abspath(image_path)
     try:
         with open(os.path.join(image_path, METADATA)) as f:
@@ -156,7 +147,8 @@ def load(image_path: str, container_id: str, fresh: VmPlan, config) -> tuple:
     except (OSError, ValueError):
         raise PyrunvError(f"{image_path} is not a pyrunv checkpoint") from None
     _refuse_without_support(f"restore {container_id}", config)
-    return _shaped_like(saved, image_path, container_id, fresh), os.path.join(image_path, STATE)
+    return (_shaped_like(saved, image_path, container_id, fresh), os.path.join(image_path, STATE),
+            saved.get("mapped_ram") is True)
 
 
 def _shaped_like(saved, source: str, container_id: str, fresh: VmPlan) -> VmPlan:

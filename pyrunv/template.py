@@ -21,9 +21,8 @@ VARYING = re.compile(r"(fd|tsc_early_khz|--shared-dir)=[^,\s]*")  # per VM, or p
 
 
 class Template:
-    def __init__(self, path: str):
-        self.path = path
-        self.exists = os.path.exists(path)
+    def __init__(self, path: str, exists: bool):
+        self.path, self.exists = path, exists
 
     def saving(self) -> str:
         """A path to save the template to; `saved` gives it its name."""
@@ -60,7 +59,8 @@ def choose(config: Config, plan: VmPlan, qemu_argv: list, virtiofsd_argv: list) 
     # QEMU opens the template itself: one running as qemu_user could not read it.
     if config.template != "auto" or config.qemu_user or plan.disks or plan.display or vm.template_refusal(config):
         return None
-    return Template(os.path.join(config.template_dir, shape(config, plan, qemu_argv, virtiofsd_argv) + ".vm"))
+    path = os.path.join(config.template_dir, shape(config, plan, qemu_argv, virtiofsd_argv) + ".vm")
+    return Template(path, os.path.exists(path))
 
 
 def shape(config: Config, plan: VmPlan, qemu_argv: list, virtiofsd_argv: list) -> str:

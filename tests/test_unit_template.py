@@ -84,8 +84,8 @@ def test_a_new_template_is_kept_with_the_most_recently_used_and_the_oldest_go(tm
         old = tmp_path / f"old{age}.vm"
         old.write_text("saved VM")
         os.utime(old, (1000 - age, 1000 - age))
-    template.Template(str(tmp_path / "old9.vm")).used()  # the oldest, used just now
-    fresh = template.Template(str(tmp_path / "fresh.vm"))
+    template.Template(str(tmp_path / "old9.vm"), True).used()  # the oldest, used just now
+    fresh = template.Template(str(tmp_path / "fresh.vm"), False)
     saving = fresh.saving()
     with open(saving, "w") as f:
         f.write("saved VM")
