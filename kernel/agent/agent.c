@@ -789,6 +789,36 @@ static void restored(uint32_t id, const char *payload, uint32_t len)
     else send_frame(FR_OK, id, NULL, 0);
 }
 
+static void mount_or_die(const char *src, const char *dst, const char *type, unsigned long flags, const char *data)
+{
+    mkdir(dst, 0755);
+    if (mount(src, dst, type, flags, data) < 0) die(dst);
+}
+
+static int tracing;
+
+/* With pyrunv.trace on the kernel command line: boot milestones, timed since the kernel started. */
+static void trace(const char *what)
+{
+    struct timespec ts;
+    if (!tracing) return;
+    clock_gettime(CLOCK_BOOTTIME, &ts);
+    fprintf(stderr, "pyrunv-agent: [%ld.%06ld] %s\n", (long)ts.tv_sec, ts.tv_nsec / 1000, what);
+}
+
+/* SHARE: a VM that booted without its share (a template's, docs/vm.md) has it now, on a hot-plugged PCIe
+ * slot. The device's driver binds a moment after the plug: until then the tag is unknown (EINVAL). */
+static void mount_share(uint32_t id)
+{
+    for (int tries = 0;; tries++) {
+        if (mount(SHARE_TAG, SHARE_DIR, "virtiofs", 0, NULL) == 0) break;
+        if (errno != EINVAL || tries == 10000) { send_text(FR_ERROR, id, strerror(errno)); return; }
+        usleep(1000);
+    }
+    trace("share mounted");
+    send_frame(FR_OK, id, NULL, 0);
+}
+
 static void handle_frame(const struct frame_header *h, char *payload)
 {
     struct proc *p = find_proc(h->id);
@@ -834,6 +864,7 @@ static void handle_frame(const struct frame_header *h, char *payload)
     case FR_KMSG: start_kmsg(h->id); break;
     case FR_FREEZE: freeze_container(h->id, payload, h->len); break;
     case FR_RESTORED: restored(h->id, payload, h->len); break;
+    case FR_SHARE: mount_share(h->id); break;
     case FR_POWEROFF:
         sync();
         reboot(RB_AUTOBOOT);
@@ -864,12 +895,6 @@ static void read_channel(void)
         handle_frame(&h, payload);
         free(payload);
     }
-}
-
-static void mount_or_die(const char *src, const char *dst, const char *type, unsigned long flags, const char *data)
-{
-    mkdir(dst, 0755);
-    if (mount(src, dst, type, flags, data) < 0) die(dst);
 }
 
 static int open_agent_port(void)
@@ -908,17 +933,6 @@ static int cmdline_has(const char *word)
     FILE *f = fopen("/proc/cmdline", "re");
     if (f) { if (!fgets(cmdline, sizeof cmdline, f)) cmdline[0] = 0; fclose(f); }
     return strstr(cmdline, word) != NULL;
-}
-
-static int tracing;
-
-/* With pyrunv.trace on the kernel command line: boot milestones, timed since the kernel started. */
-static void trace(const char *what)
-{
-    struct timespec ts;
-    if (!tracing) return;
-    clock_gettime(CLOCK_BOOTTIME, &ts);
-    fprintf(stderr, "pyrunv-agent: [%ld.%06ld] %s\n", (long)ts.tv_sec, ts.tv_nsec / 1000, what);
 }
 
 /* pivot_root(2) cannot leave the initramfs, so the container could not pivot out of it either: make a
@@ -961,9 +975,12 @@ static void boot(void)
     write_text("/proc/sys/vm/overcommit_memory", "1");
     mount_or_die("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620");
     mount_or_die("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
-    trace("boot: mounting the share");
-    mount_or_die(SHARE_TAG, SHARE_DIR, "virtiofs", 0, NULL);
-    trace("boot: share mounted");
+    mkdir(SHARE_DIR, 0755);
+    if (!cmdline_has("pyrunv.share=plugged")) {
+        trace("boot: mounting the share");
+        mount_or_die(SHARE_TAG, SHARE_DIR, "virtiofs", 0, NULL);
+        trace("boot: share mounted");
+    }
     loopback_up();
 }
 
