@@ -21,7 +21,7 @@ from pyrunv.plan import VmPlan
 
 
 def plan_for(config, accel: str) -> VmPlan:
-    return VmPlan(machine=config.machine, accel=accel, vcpus=1, memory_mib=config.memory_mib,
+    return VmPlan(machine=vm.machine_for(config, config.machine), accel=accel, vcpus=1, memory_mib=config.memory_mib,
                   kernel=config.kernel, initrd=config.initrd, kernel_params=config.kernel_params,
                   shared=(), init_records=b"")
 

@@ -19,8 +19,9 @@ def templates(ws: Workspace, s: Settings, kvm: dict) -> Figure:
         "(`template = \"auto\"`, a template directory of the run's own, the template made beforehand by one "
         f"untimed VM), in turn, {rounds(s.iterations)}. Then, {s.settle:g} s later, the host PSS of that "
         "container's QEMU, virtiofsd and monitor (one container running at a time), and the container is deleted. "
-        "Only where QEMU can load a template (QEMU >= 9.0 with the Rust virtiofsd: Debian 13); the other settings "
-        "are the defaults.")
+        "Only where QEMU can load a template: QEMU >= 9.0 with the Rust virtiofsd (Debian 13), the whole VM on "
+        "microvm; QEMU < 8.2 (Debian 12), on q35 with the share plugged in after the load, while the booted VMs "
+        "are microvm (`machine = \"auto\"`). The other settings are the defaults.")
     refusal = vm.template_refusal(config_mod.load())
     if refusal:
         fig.tables.append(Table(["", "not measured"], [["a VM loaded from its template", refusal]]))

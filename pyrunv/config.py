@@ -7,7 +7,7 @@ from .errors import PyrunvError
 DEFAULT_PATH = "/etc/pyrunv/config.toml"
 GUEST_DIR = os.environ.get("PYRUNV_GUEST_DIR", "/var/lib/pyrunv/guest")
 ANNOTATION_PREFIX = "io.pyrunv.vm."
-MACHINES = ("microvm", "q35")
+MACHINES = ("auto", "microvm", "q35")  # auto: q35 where a template needs it (vm.auto_machine), else microvm
 ACCELS = ("auto", "kvm", "tcg")
 SHARE_CACHES = ("auto", "always", "never")
 TEMPLATES = ("auto", "off")
@@ -28,7 +28,7 @@ class Config:
     # cache, virtiofsd and the monitor (docs/configuration.md has the measured figures).
     host_overhead_mib: int = 128
     host_pids_limit: int = 1024    # the host cgroup's pids.max where the spec limits pids: QEMU, virtiofsd, monitor threads
-    machine: str = "microvm"
+    machine: str = "auto"
     accel: str = "auto"
     boot_timeout: float = 30.0
     tcg_tb_size_mib: int = 16       # TCG translation cache: 24 MiB saved ~45 ms of boot but cost 8 MiB PSS

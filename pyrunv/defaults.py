@@ -49,7 +49,7 @@ ANNOTATIONS = {
     "memory_mib": "guest memory in MiB (default: the memory limit plus the guest's overhead)",
     "vcpus": "number of virtual CPUs (default: ceil(cpu quota / period))",
     "kernel_params": "extra guest kernel command-line parameters",
-    "machine": "QEMU machine type: microvm or q35",
+    "machine": "QEMU machine type: microvm, q35, or auto (q35 where a template needs it, else microvm)",
     "accel": "auto, kvm or tcg",
     "kernel": "path of the guest kernel (only if the config file allows it)",
     "display": "vnc: a virtio-gpu display served over VNC (`pyrunv display`; only if the config file allows it)",

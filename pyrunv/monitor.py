@@ -83,7 +83,7 @@ class Monitor:
             accel = self._start_vm(stack)
             sockets = {"agent": self.agent_socket, "qmp": self.qmp_socket, "display": self.display_listener}
             handover = {"accel": accel, "tap_name": self.tap_name,
-                        "template": self.template and [self.template.path, self.template.exists],
+                        "template": self.template and self.template.to_json(),
                         "fds": {name: s.fileno() for name, s in sockets.items() if s is not None},
                         "helpers": [daemon.handover() for daemon in (self.virtiofsd, self.qemu)]}
             for fd in list(handover["fds"].values()) + inherited:
@@ -198,14 +198,15 @@ class Monitor:
                               serial))
             except OSError as e:
                 raise PyrunvError(f"cannot open block device {path}: {e.strerror}") from None
+        self.template = template_mod.choose(self.config, self.plan) if self.restore_from is None else None
         argv = vm.qemu_argv(self.config, self.plan, accel, agent_fd=agent_guest.fileno(),
                             qmp_fd=qmp_guest.fileno(), fs_fd=fs_client.fileno(), console_fd=console,
                             tap_fd=tap.fileno() if tap else None, user_qmp_fd=user_qmp.fileno(), disks=disks,
-                            incoming=self.restore_from is not None)
-        self.template = None
-        if self.restore_from is None:
-            self.template = template_mod.choose(self.config, self.plan, argv, self.virtiofsd.argv)
-            if self.template and self.template.exists:
+                            incoming=self.restore_from is not None,
+                            plug_share=self.template is not None and self.template.plugged)
+        if self.template:
+            self.template.locate(self.config, self.plan, argv, self.virtiofsd.argv)
+            if self.template.exists:
                 argv += ["-incoming", "defer"]  # the service loads it (Service._from_template)
         log.debug("starting %s", " ".join(argv))
         self.qemu = stack.enter_context(vm.Daemon(

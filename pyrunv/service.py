@@ -25,6 +25,9 @@ INIT_ID = state.VM_INIT
 BALLOON_TIMEOUT = 10.0
 MIGRATION_TIMEOUT = 120.0  # saving or loading a VM's RAM to a file
 RESTORED = struct.Struct("<qI")  # the host's clock for the agent's RESTORED: seconds, nanoseconds; then entropy
+# QEMU's migration capabilities: RAM at fixed offsets in a file (a load writes only what is not zero); RAM
+# left out, for a template whose RAM the monitor saves itself (template.py).
+MAPPED_RAM, IGNORE_SHARED = "mapped-ram", "x-ignore-shared"
 SCM_MAX_FD = 253  # the kernel's limit of fds in one message: stdio and a container's mount trees
 
 
@@ -77,6 +80,8 @@ class Service:
             log.debug("agent ready: %s", await self._booting(self.channel.ready))
             if template:
                 await self._save_template(template)
+        if template and template.plugged:
+            await self._booting(self._plug_share())
         fds = (0, 1, 2)
         if self.monitor.terminal:
             console_socket = self.monitor.console_socket
@@ -121,7 +126,7 @@ class Service:
         stream = socket.socket(fileno=self.monitor.incoming_fd) if self.monitor.incoming_fd is not None else None
         try:
             uri = await self._hand_fd(qmp, stream, "incoming") if stream else incoming["uri"]
-            await self._load(qmp, uri, incoming["mapped_ram"])
+            await self._load(qmp, uri, MAPPED_RAM if incoming["mapped_ram"] else None)
             if stream:
                 stream.setblocking(False)  # QEMU's channel shared the file's flags
                 await asyncio.get_running_loop().sock_sendall(stream, b"ok\n")
@@ -133,15 +138,15 @@ class Service:
         if self.monitor.tap_name and network.interfaces_to_plumb():
             await self._plumb_network(self.monitor.tap_name)
 
-    async def _load(self, qmp, uri: str, mapped_ram: bool = False) -> None:
+    async def _load(self, qmp, uri: str, capability: str | None = None) -> None:
         """QEMU loads a saved VM, which then runs with the host's time and fresh randomness."""
-        if mapped_ram:
-            await self._mapped_ram(qmp, True)
+        if capability:
+            await self._capability(qmp, capability, True)
         await qmp.execute("migrate-incoming", {"uri": uri})
         await self._migration_done(qmp, "restore")
         await qmp.execute("cont")
-        if mapped_ram:
-            await self._mapped_ram(qmp, False)  # it stays set for this QEMU's own saves otherwise
+        if capability:
+            await self._capability(qmp, capability, False)  # it stays set for this QEMU's own saves otherwise
         now = time.time_ns()
         refresh = RESTORED.pack(now // 10**9, now % 10**9) + os.urandom(32)
         try:
@@ -151,7 +156,18 @@ class Service:
 
     async def _from_template(self, template) -> None:
         """This VM's template (template.py) instead of a boot: what follows is as after READY."""
-        await self._load(await self._qmp_client(), f"file:{template.path}", mapped_ram=True)
+        qmp = await self._qmp_client()
+        if template.plugged:
+            ram = vm.GuestRam(self.qemu.pid)
+            try:
+                with open(template.path, "rb") as saved:
+                    ram.load_from(saved.fileno())
+                    saved.seek(ram.size)  # QEMU's state follows the RAM
+                    await self._load(qmp, await self._hand_fd(qmp, saved, "template"), IGNORE_SHARED)
+            finally:
+                ram.close()
+        else:
+            await self._load(qmp, f"file:{template.path}", MAPPED_RAM)
         template.used()
         log.info("VM loaded from template %s", template.path)
         self.channel.ready.set_result("template")
@@ -164,7 +180,10 @@ class Service:
         saving = None
         try:
             saving = template.saving()
-            await self._save(qmp, f"file:{saving}", "template", mapped_ram=True)
+            if template.plugged:
+                await self._save_without_ram(qmp, saving)
+            else:
+                await self._save(qmp, f"file:{saving}", "template", MAPPED_RAM)
             template.saved(saving)
             log.info("VM saved as template %s", template.path)
         except Exception as e:  # PyrunvError, OSError, or QMP's
@@ -175,7 +194,7 @@ class Service:
         finally:
             await qmp.execute("cont")
 
-    async def _save(self, qmp, uri: str, what: str, mapped_ram: bool) -> None:
+    async def _save(self, qmp, uri: str, what: str, capability: str | None) -> None:
         """QEMU saves the stopped VM to uri. The guest RAM its save allocated by reading it is given back."""
         try:
             ram = vm.GuestRam(self.qemu.pid)
@@ -183,14 +202,9 @@ class Service:
         except OSError as e:
             log.warning("%s: the guest RAM the save reads stays allocated: %s", what, e)
             ram = None
-        if mapped_ram:
-            await self._mapped_ram(qmp, True)
         try:
-            await qmp.execute("migrate", {"uri": uri})
-            await self._migration_done(qmp, what)
+            await self._migrate(qmp, uri, what, capability)
         finally:
-            if mapped_ram:
-                await self._mapped_ram(qmp, False)  # a save to a stream cannot use it
             if ram:
                 try:
                     ram.punch(holes)
@@ -198,9 +212,37 @@ class Service:
                     log.warning("%s: the guest RAM the save reads stays allocated: %s", what, e)
                 ram.close()
 
+    async def _save_without_ram(self, qmp, path: str) -> None:
+        """A template that holds no share (template.py): the guest's RAM, written here, then QEMU's state."""
+        ram = vm.GuestRam(self.qemu.pid)
+        try:
+            with open(path, "wb") as saving:
+                ram.save_to(saving.fileno())
+                saving.seek(ram.size)
+                await self._migrate(qmp, await self._hand_fd(qmp, saving, "template"), "template", IGNORE_SHARED)
+        finally:
+            ram.close()
+
+    async def _migrate(self, qmp, uri: str, what: str, capability: str | None) -> None:
+        if capability:
+            await self._capability(qmp, capability, True)
+        try:
+            await qmp.execute("migrate", {"uri": uri})
+            await self._migration_done(qmp, what)
+        finally:
+            if capability:
+                await self._capability(qmp, capability, False)  # the next save may not want it
+
+    async def _plug_share(self) -> None:
+        """The share of a VM whose template holds none: plugged into its empty PCIe port, then mounted."""
+        qmp = await self._qmp_client()
+        await qmp.execute("device_add", vm.share_device(self.plan, plugged=True))
+        await self.channel.request(F.SHARE, None, b"")
+        log.debug("share plugged in")
+
     @staticmethod
-    async def _mapped_ram(qmp, on: bool) -> None:
-        await qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "mapped-ram", "state": on}]})
+    async def _capability(qmp, name: str, on: bool) -> None:
+        await qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": name, "state": on}]})
 
     async def _migration_done(self, qmp, what: str) -> None:
         """Waits for QEMU's migration (a save or a load) to end; the user's error if it failed."""
@@ -236,7 +278,7 @@ class Service:
                 uri = await self._hand_fd(qmp, stream, "checkpoint")
             else:
                 uri = f"file:{request['path']}"
-            await self._save(qmp, uri, "checkpoint", mapped_ram=mapped_ram)
+            await self._save(qmp, uri, "checkpoint", MAPPED_RAM if mapped_ram else None)
             if stream:
                 await self._resumed_at_the_other_end(stream)
         except BaseException:

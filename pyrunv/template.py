@@ -4,8 +4,15 @@ container exists in it; the next VMs of that shape load it, and each gets its ow
 randomness (the agent's RESTORED). A shape is QEMU's and virtiofsd's command lines less their file
 descriptors and paths, and the identity of QEMU, virtiofsd, the kernel and the initrd: any change makes
 another template. Where QEMU cannot (vm.template_refusal), VMs boot; so do VMs with block devices or a
-display, and those whose QEMU runs as another user (qemu_user). The save uses QEMU's mapped-ram, so that
-a load writes only the pages the template's guest had written, not all of its RAM."""
+display, and those whose QEMU runs as another user (qemu_user).
+
+Two kinds, by what QEMU can save. Where it can save the virtio-fs device (QEMU >= 9.0, the Rust virtiofsd),
+the template is the whole VM, saved with mapped-ram, so that a load writes only the pages the template's
+guest had written, not all of its RAM. Where it cannot (QEMU 7.2), the template holds no share: its VM
+boots on q35 without one, and every VM of the shape gets its share plugged into an empty PCIe port after
+the boot or load (the agent's SHARE). QEMU then saves only its devices' state (x-ignore-shared); the file
+holds the guest's RAM first, written by the monitor at the RAM's own offsets, without its zero pages, and
+that state after it."""
 import contextlib
 import os
 import re
@@ -17,12 +24,20 @@ from .plan import VmPlan
 
 FORMAT = 1   # of the key: a change of what a template holds makes every old one unused
 KEEP = 8     # templates kept, the most recently used
-VARYING = re.compile(r"(fd|tsc_early_khz|--shared-dir)=[^,\s]*")  # per VM, or per host's clock reading
+VARYING = re.compile(r"(fd|tsc_early_khz|--shared-dir|source)=[^,\s]*")  # per VM, or per host's clock reading
 
 
 class Template:
-    def __init__(self, path: str, exists: bool):
-        self.path, self.exists = path, exists
+    def __init__(self, plugged: bool, path: str = "", exists: bool = False):
+        self.plugged, self.path, self.exists = plugged, path, exists  # plugged: it holds no share
+
+    def locate(self, config: Config, plan: VmPlan, qemu_argv: list, virtiofsd_argv: list) -> None:
+        """The template of this VM's shape, which may not exist yet."""
+        self.path = os.path.join(config.template_dir, shape(config, plan, qemu_argv, virtiofsd_argv) + ".vm")
+        self.exists = os.path.exists(self.path)
+
+    def to_json(self) -> list:
+        return [self.plugged, self.path, self.exists]
 
     def saving(self) -> str:
         """A path to save the template to; `saved` gives it its name."""
@@ -54,13 +69,13 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
-def choose(config: Config, plan: VmPlan, qemu_argv: list, virtiofsd_argv: list) -> Template | None:
-    """The template of this VM's shape (which may not exist yet), or None if this VM must boot."""
+def choose(config: Config, plan: VmPlan) -> Template | None:
+    """This VM's kind of template, to be located once its command line is known; None if it must boot."""
     # QEMU opens the template itself: one running as qemu_user could not read it.
-    if config.template != "auto" or config.qemu_user or plan.disks or plan.display or vm.template_refusal(config):
+    if (config.template != "auto" or config.qemu_user or plan.disks or plan.display
+            or vm.template_refusal(config, plan.machine)):
         return None
-    path = os.path.join(config.template_dir, shape(config, plan, qemu_argv, virtiofsd_argv) + ".vm")
-    return Template(path, os.path.exists(path))
+    return Template(vm.share_plugged_in(config))
 
 
 def shape(config: Config, plan: VmPlan, qemu_argv: list, virtiofsd_argv: list) -> str:

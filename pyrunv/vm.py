@@ -20,6 +20,7 @@ AGENT_PORT = "pyrunv.agent"
 QMP_SOCKET = "qmp.sock"  # in the state directory: `pyrunv qmp` and qmp-shell connect to it
 VNC_SOCKET = "vnc.sock"  # in the state directory of a VM with a display: VNC clients connect to it
 SHARE_TAG = "pyrunv"
+SHARE_PORT = "share-port"  # the PCIe port a template's VM gets its share on (template.py)
 PR_SET_PDEATHSIG = 1
 # noreplace-smp: a one-vCPU guest would otherwise rewrite every LOCK prefix in its text at boot, one
 # text_poke each (about 40 ms under TCG).
@@ -173,17 +174,36 @@ class GuestRam:
         if self.fd is None:
             raise OSError(f"no guest RAM among QEMU's files ({directory})")
 
+    @property
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
     def holes(self) -> list:
-        found, offset, end = [], 0, os.fstat(self.fd).st_size
-        while offset < end:
-            hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
-            try:
-                offset = os.lseek(self.fd, hole, os.SEEK_DATA)
-            except OSError:  # ENXIO: no data after the hole
-                offset = end
-            if offset > hole:
-                found.append((hole, offset - hole))
+        found, offset = [], 0
+        for start, end in _data_runs(self.fd, self.size):
+            if start > offset:
+                found.append((offset, start - offset))
+            offset = end
+        if offset < self.size:
+            found.append((offset, self.size - offset))
         return found
+
+    def save_to(self, fd: int) -> None:
+        """Writes the guest's RAM into a file at the same offsets, leaving out the pages that hold only zeros:
+        the file is sparse, and as long as the RAM."""
+        os.ftruncate(fd, self.size)
+        for start, end in _data_runs(self.fd, self.size):
+            for offset in range(start, end, COPY_CHUNK):
+                chunk = os.pread(self.fd, min(COPY_CHUNK, end - offset), offset)
+                for page in range(0, len(chunk), PAGE):
+                    if chunk[page:page + PAGE] != ZERO_PAGE:
+                        os.pwrite(fd, chunk[page:page + PAGE], offset + page)
+
+    def load_from(self, fd: int) -> None:
+        """The RAM save_to wrote, into this guest's RAM, which is still all holes: its holes stay holes."""
+        for start, end in _data_runs(fd, self.size):
+            for offset in range(start, end, COPY_CHUNK):
+                os.pwrite(self.fd, os.pread(fd, min(COPY_CHUNK, end - offset), offset), offset)
 
     def punch(self, holes: list) -> None:
         import ctypes
@@ -198,6 +218,22 @@ class GuestRam:
 
 
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+PAGE = 4096
+ZERO_PAGE = bytes(PAGE)
+COPY_CHUNK = 2 << 20
+
+
+def _data_runs(fd: int, end: int):
+    """The (start, end) of each run of data in the file before end, between its holes."""
+    offset = 0
+    while offset < end:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: nothing but a hole from offset on
+            return
+        offset = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+        if start < end:
+            yield start, offset
 
 
 def virtiofsd(config: Config, share_dir: str, listen_fd: int, log_path: str) -> Daemon:
@@ -237,6 +273,14 @@ def machine_args(plan: VmPlan, accel: str) -> list:
     return ["-M", "q35"]
 
 
+def share_device(plan: VmPlan, plugged: bool = False) -> dict:
+    """The virtio-fs device's properties: on QEMU's command line, or for QMP's device_add (plugged)."""
+    properties = {"driver": device(plan, "vhost-user-fs"), "chardev": "fs", "tag": SHARE_TAG}
+    if plugged:
+        properties.update(bus=SHARE_PORT, id="share")
+    return properties
+
+
 def device(plan: VmPlan, kind: str) -> str:
     return f"{kind}-{'device' if plan.machine == 'microvm' else 'pci'}"
 
@@ -266,9 +310,12 @@ TCG_CPU = "max,-erms,-fsrm"
 
 def qemu_argv(config: Config, plan: VmPlan, accel: str, *, agent_fd: int, qmp_fd: int, fs_fd: int | None,
               console_fd: int, tap_fd: int | None = None, user_qmp_fd: int | None = None,
-              disks=(), incoming: bool = False, extra_params: str = "") -> list:
+              disks=(), incoming: bool = False, plug_share: bool = False, extra_params: str = "") -> list:
     """Every file QEMU needs besides the kernel and initrd comes as an fd, so that it can run as an
-    unprivileged user who cannot open the 0700 state directory."""
+    unprivileged user who cannot open the 0700 state directory. With plug_share, the share's device is
+    left out, for the service to plug into an empty PCIe port after the boot or load (template.py)."""
+    if plug_share:
+        extra_params = " ".join(p for p in (extra_params, "pyrunv.share=plugged") if p)
     tcg = f"tcg,thread={'multi' if plan.vcpus > 1 else 'single'},tb-size={config.tcg_tb_size_mib}"
     argv = [config.qemu, *machine_args(plan, accel),
             "-accel", tcg if accel == "tcg" else "kvm",
@@ -291,8 +338,13 @@ def qemu_argv(config: Config, plan: VmPlan, accel: str, *, agent_fd: int, qmp_fd
             "-device", device(plan, "virtio-balloon"),
             "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
     if fs_fd is not None:
-        argv += ["-chardev", f"socket,id=fs,fd={fs_fd}",
-                 "-device", f"{device(plan, 'vhost-user-fs')},chardev=fs,tag={SHARE_TAG}"]
+        argv += ["-chardev", f"socket,id=fs,fd={fs_fd}"]
+        if plug_share:  # a port with PCIe's own hot-plug: q35 would use ACPI's, and the guest has no ACPI
+            argv += ["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
+                     "-device", f"pcie-root-port,id={SHARE_PORT},chassis=1"]
+        else:
+            properties = share_device(plan)
+            argv += ["-device", ",".join([properties.pop("driver")] + [f"{k}={v}" for k, v in properties.items()])]
     if user_qmp_fd is not None:
         argv += ["-chardev", f"socket,id=userqmp,fd={user_qmp_fd},server=on,wait=off",
                  "-mon", "chardev=userqmp,mode=control"]
@@ -380,12 +432,32 @@ def checkpoint_refusal(config: Config) -> str | None:
             f"(Debian 13's); this host has {found}")
 
 
-def template_refusal(config: Config) -> str | None:
-    """Why this host cannot start VMs from templates (template.py); None if it can."""
+def template_refusal(config: Config, machine: str = "") -> str | None:
+    """Why this host cannot start VMs of this machine (by default the config's) from templates (template.py);
+    None if it can."""
+    machine = machine or machine_for(config, config.machine, templated=True)
+    if share_plugged_in(config):
+        return None if machine == "q35" else (
+            f"a template on QEMU < {'.'.join(map(str, CHECKPOINT_QEMU))}, which cannot save a virtio-fs device, "
+            "holds none: the share is plugged in after the load, which needs the q35 machine (PCIe hot-plug)")
     refusal = checkpoint_refusal(config)
     if refusal or qemu_release(config.qemu) >= MAPPED_RAM_QEMU:
         return refusal
     return "a template's load without touching its zero pages needs QEMU >= 9.0 (mapped-ram)"
+
+
+def share_plugged_in(config: Config) -> bool:
+    """Whether a template holds no share, which is plugged in after its load: QEMU cannot save a vhost-user-fs
+    device. Such a template saves the guest's RAM itself, besides QEMU's state (x-ignore-shared)."""
+    return (0, 0) < qemu_release(config.qemu) < CHECKPOINT_QEMU
+
+
+def machine_for(config: Config, machine: str, templated: bool = False) -> str:
+    """The machine asked for; for "auto", q35 where a VM that may start from a template needs it (its share is
+    plugged in), else microvm, which boots faster."""
+    if machine != "auto":
+        return machine
+    return "q35" if templated and config.template == "auto" and share_plugged_in(config) else "microvm"
 
 
 VERDICT_PATH = "/run/pyrunv-accel.json"  # tmpfs: a reboot or a new kvm module asks again

@@ -167,7 +167,7 @@ def test_annotations_of_other_prefixes_are_ignored():
     ("memory_mib", "1.5", "^annotation io.pyrunv.vm.memory_mib: invalid value '1.5'$"),
     ("vcpus", "99", "^annotations: vcpus must be between 1 and 16, not 99$"),
     ("memory_mib", "8", "^annotations: memory_mib must be between 32 and 65536, not 8$"),
-    ("machine", "pc", "^annotations: machine must be one of microvm, q35, not 'pc'$"),
+    ("machine", "pc", "^annotations: machine must be one of auto, microvm, q35, not 'pc'$"),
     ("accel", "hvf", "^annotations: accel must be one of auto, kvm, tcg, not 'hvf'$"),
 ])
 def test_a_bad_annotation_value_is_named(key, value, expected):
@@ -198,9 +198,9 @@ def test_the_init_records_describe_the_whole_container():
 
 
 def test_the_plan_carries_the_config_paths():
-    config = Config(kernel="/k", initrd="/i")
+    config = Config(kernel="/k", initrd="/i", machine="q35")
     vm = plan.make(make_spec(), config)
-    assert (vm.kernel, vm.initrd, vm.machine, vm.accel) == ("/k", "/i", "microvm", "auto")
+    assert (vm.kernel, vm.initrd, vm.machine, vm.accel) == ("/k", "/i", "q35", "auto")
 
 
 @pytest.mark.parametrize("release, accel, zeroing", [((7, 2), "tcg", False), ((8, 1), "tcg", True),

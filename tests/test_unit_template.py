@@ -1,5 +1,5 @@
-"""VM templates without a VM: which template a VM's shape names, when a VM must boot, and the guest RAM
-that a save touched given back."""
+"""VM templates without a VM: which template a VM's shape names, when a VM must boot, which VMs get their
+share plugged in, and the guest RAM that a save touched given back, or that a template holds."""
 import dataclasses
 import mmap
 import os
@@ -14,16 +14,29 @@ from pyrunv.spec import Process, Spec
 PAGE = 4096
 
 
-@pytest.fixture
-def config(tmp_path, monkeypatch):
-    """A host whose QEMU could load templates, with files for the binaries, kernel and initrd."""
+def a_config(tmp_path, monkeypatch, qemu_release: tuple) -> Config:
+    """A host with this QEMU and a virtiofsd that can save its state, with files for the binaries, kernel and
+    initrd."""
     for name in ("qemu", "virtiofsd", "vmlinux", "initrd.img"):
         (tmp_path / name).write_text(name)
-    monkeypatch.setattr(vm, "template_refusal", lambda config: None)
+    monkeypatch.setattr(vm, "qemu_release", lambda qemu: qemu_release)
+    monkeypatch.setattr(vm, "checkpoint_refusal", lambda config: None if qemu_release >= vm.CHECKPOINT_QEMU else "old")
     monkeypatch.setattr(vm, "host_tsc_khz", lambda: 2100000)
     return Config(qemu=str(tmp_path / "qemu"), virtiofsd=str(tmp_path / "virtiofsd"),
                   kernel=str(tmp_path / "vmlinux"), initrd=str(tmp_path / "initrd.img"),
-                  template_dir=str(tmp_path / "templates"), annotations_allowed=["memory_mib"])
+                  template_dir=str(tmp_path / "templates"), annotations_allowed=["memory_mib", "machine"])
+
+
+@pytest.fixture
+def config(tmp_path, monkeypatch):
+    """Debian 13's QEMU: a template is the whole VM, share included."""
+    return a_config(tmp_path, monkeypatch, (10, 0))
+
+
+@pytest.fixture
+def old_qemu(tmp_path, monkeypatch):
+    """Debian 12's QEMU, which cannot save a virtio-fs device."""
+    return a_config(tmp_path, monkeypatch, (7, 2))
 
 
 def a_plan(config, **annotations):
@@ -32,9 +45,18 @@ def a_plan(config, **annotations):
     return plan.make(spec, config)
 
 
+def argv_of(config, vm_plan, fd=3, plug_share=False):
+    return vm.qemu_argv(config, vm_plan, "tcg", agent_fd=fd, qmp_fd=fd + 1, fs_fd=fd + 2, console_fd=fd + 3,
+                        plug_share=plug_share)
+
+
 def chosen(config, vm_plan, fd=3, share="/run/pyrunv/a/share"):
-    argv = vm.qemu_argv(config, vm_plan, "tcg", agent_fd=fd, qmp_fd=fd + 1, fs_fd=fd + 2, console_fd=fd + 3)
-    return template.choose(config, vm_plan, argv, ["virtiofsd", f"--fd={fd + 4}", f"--shared-dir={share}"])
+    """The template a monitor would start this VM for, located as the monitor locates it."""
+    found = template.choose(config, vm_plan)
+    if found:
+        argv = argv_of(config, vm_plan, fd, found.plugged)
+        found.locate(config, vm_plan, argv, ["virtiofsd", f"--fd={fd + 4}", f"--shared-dir={share}"])
+    return found
 
 
 def test_vms_of_one_shape_name_one_template_whatever_their_fds_and_shares(config):
@@ -57,6 +79,56 @@ def test_vms_with_disks_a_display_or_an_unprivileged_qemu_or_with_templates_off_
     assert chosen(dataclasses.replace(config, qemu_user="nobody"), a_plan(config)) is None
     config.template = "off"
     assert chosen(config, a_plan(config)) is None
+
+
+def test_a_template_holds_the_share_where_qemu_can_save_it(config):
+    vm_plan = a_plan(config)
+    assert vm_plan.machine == "microvm" and not chosen(config, vm_plan).plugged
+    assert "vhost-user-fs-device,chardev=fs,tag=pyrunv" in argv_of(config, vm_plan)
+
+
+def test_where_qemu_cannot_save_the_share_a_templated_vm_is_q35_and_gets_its_share_plugged_in(old_qemu):
+    vm_plan = a_plan(old_qemu)
+    assert vm_plan.machine == "q35" and chosen(old_qemu, vm_plan).plugged
+    argv = argv_of(old_qemu, vm_plan, plug_share=True)
+    assert "pcie-root-port,id=share-port,chassis=1" in argv and not any("vhost-user-fs" in arg for arg in argv)
+    assert "pyrunv.share=plugged" in argv[argv.index("-append") + 1]
+    assert vm.share_device(vm_plan, plugged=True) == {
+        "driver": "vhost-user-fs-pci", "chardev": "fs", "tag": "pyrunv", "bus": "share-port", "id": "share"}
+    assert "pyrunv.share=plugged" not in " ".join(argv_of(old_qemu, vm_plan))
+
+
+def test_where_qemu_cannot_save_the_share_other_vms_boot_on_microvm_or_the_machine_asked_for(old_qemu):
+    assert chosen(old_qemu, a_plan(old_qemu, machine="microvm")) is None
+    disk = dataclasses.replace(a_plan(old_qemu), disks=(("/dev/loop0", "disk0"),))
+    assert chosen(old_qemu, disk) is None
+    old_qemu.template = "off"
+    assert a_plan(old_qemu).machine == "microvm"
+
+
+def test_a_templates_ram_is_the_guests_without_its_zero_pages_and_loads_into_holes(tmp_path):
+    saved = os.open(tmp_path / "template.vm", os.O_RDWR | os.O_CREAT)
+    fd = os.memfd_create("memory-backend-memfd")
+    os.ftruncate(fd, 64 * PAGE)
+    os.pwrite(fd, b"kernel", 0)
+    os.pwrite(fd, bytes(PAGE), PAGE)  # written, but only zeros: as a page the guest freed and cleared
+    os.pwrite(fd, b"slab", 40 * PAGE)
+    ram = vm.GuestRam(os.getpid())
+    ram.save_to(saved)
+    ram.close()
+    os.close(fd)
+    assert os.fstat(saved).st_size == 64 * PAGE and os.fstat(saved).st_blocks * 512 <= 2 * PAGE
+    fd = os.memfd_create("memory-backend-memfd")
+    try:
+        os.ftruncate(fd, 64 * PAGE)
+        ram = vm.GuestRam(os.getpid())
+        ram.load_from(saved)
+        assert ram.holes() == [(PAGE, 39 * PAGE), (41 * PAGE, 23 * PAGE)]
+        assert os.pread(fd, 6, 0) == b"kernel" and os.pread(fd, 4, 40 * PAGE) == b"slab"
+        ram.close()
+    finally:
+        os.close(fd)
+        os.close(saved)
 
 
 def test_what_a_save_read_of_the_guest_ram_is_given_back_and_its_data_kept():
@@ -84,8 +156,8 @@ def test_a_new_template_is_kept_with_the_most_recently_used_and_the_oldest_go(tm
         old = tmp_path / f"old{age}.vm"
         old.write_text("saved VM")
         os.utime(old, (1000 - age, 1000 - age))
-    template.Template(str(tmp_path / "old9.vm"), True).used()  # the oldest, used just now
-    fresh = template.Template(str(tmp_path / "fresh.vm"), False)
+    template.Template(False, str(tmp_path / "old9.vm"), True).used()  # the oldest, used just now
+    fresh = template.Template(False, str(tmp_path / "fresh.vm"), False)
     saving = fresh.saving()
     with open(saving, "w") as f:
         f.write("saved VM")
