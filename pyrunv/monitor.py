@@ -207,7 +207,7 @@ class Monitor:
         if self.template:
             self.template.locate(self.config, self.plan, argv, self.virtiofsd.argv)
             if self.template.exists:
-                argv += ["-incoming", "defer"]  # the service loads it (Service._from_template)
+                argv += ["-incoming", "defer"]  # loaded below, once QEMU runs
         log.debug("starting %s", " ".join(argv))
         self.qemu = stack.enter_context(vm.Daemon(
             "qemu", argv, [f.fileno() for f in handed] + [console] + [fd for fds, _ in disks for fd in fds],
@@ -217,4 +217,7 @@ class Monitor:
             s.close()
         with open(self.path("helpers.json"), "w") as f:
             f.write(jsonlite.dumps([(d.pid, state.process_start_time(d.pid)) for d in (self.qemu, self.virtiofsd)]))
+        if self.template and self.template.exists:
+            with control.socket_path(self.state_dir, vm.QMP_SOCKET) as path:  # the people's QMP, free till create ends
+                self.template.load(self.plan, self.qemu.pid, path, self.config.boot_timeout)
         return accel

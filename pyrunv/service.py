@@ -13,7 +13,7 @@ import socket
 import struct
 import time
 
-from . import control, hostmount, network, plan as plan_mod, pod, spec as spec_mod, state, vm
+from . import control, hostmount, migration, network, plan as plan_mod, pod, spec as spec_mod, state, vm
 from .channel import FLAG, PAIR, STDERR, STDOUT, WINDOW, Channel, F, ProcessIO
 from .errors import PyrunvError
 from .logs import log
@@ -23,11 +23,7 @@ from .waiter import FORWARDED
 
 INIT_ID = state.VM_INIT
 BALLOON_TIMEOUT = 10.0
-MIGRATION_TIMEOUT = 120.0  # saving or loading a VM's RAM to a file
 RESTORED = struct.Struct("<qI")  # the host's clock for the agent's RESTORED: seconds, nanoseconds; then entropy
-# QEMU's migration capabilities: RAM at fixed offsets in a file (a load writes only what is not zero); RAM
-# left out, for a template whose RAM the monitor saves itself (template.py).
-MAPPED_RAM, IGNORE_SHARED = "mapped-ram", "x-ignore-shared"
 SCM_MAX_FD = 253  # the kernel's limit of fds in one message: stdio and a container's mount trees
 
 
@@ -71,7 +67,9 @@ class Service:
             await self._booting(self._restore(self.monitor.restore_from))
         elif template and template.exists:
             try:
-                await self._booting(self._from_template(template))
+                await self._booting(self._refresh(template.plugged))  # the child that started QEMU loaded it
+                template.used()
+                self.channel.ready.set_result("template")
             except PyrunvError as e:
                 template.discard()
                 raise PyrunvError(f"{e} (loading the template {template.path}, now removed: the next VM of this "
@@ -80,8 +78,8 @@ class Service:
             log.debug("agent ready: %s", await self._booting(self.channel.ready))
             if template:
                 await self._save_template(template)
-        if template and template.plugged:
-            await self._booting(self._plug_share())
+            if template and template.plugged:
+                await self._booting(self._plug_share(await self._qmp_client()))
         fds = (0, 1, 2)
         if self.monitor.terminal:
             console_socket = self.monitor.console_socket
@@ -125,8 +123,9 @@ class Service:
         qmp = await self._qmp_client()
         stream = socket.socket(fileno=self.monitor.incoming_fd) if self.monitor.incoming_fd is not None else None
         try:
-            uri = await self._hand_fd(qmp, stream, "incoming") if stream else incoming["uri"]
-            await self._load(qmp, uri, MAPPED_RAM if incoming["mapped_ram"] else None)
+            uri = await migration.hand_fd(qmp, stream, "incoming") if stream else incoming["uri"]
+            await migration.load(qmp, uri, migration.MAPPED_RAM if incoming["mapped_ram"] else None)
+            await self._refresh()
             if stream:
                 stream.setblocking(False)  # QEMU's channel shared the file's flags
                 await asyncio.get_running_loop().sock_sendall(stream, b"ok\n")
@@ -138,39 +137,20 @@ class Service:
         if self.monitor.tap_name and network.interfaces_to_plumb():
             await self._plumb_network(self.monitor.tap_name)
 
-    async def _load(self, qmp, uri: str, capability: str | None = None) -> None:
-        """QEMU loads a saved VM, which then runs with the host's time and fresh randomness."""
-        if capability:
-            await self._capability(qmp, capability, True)
-        await qmp.execute("migrate-incoming", {"uri": uri})
-        await self._migration_done(qmp, "restore")
-        await qmp.execute("cont")
-        if capability:
-            await self._capability(qmp, capability, False)  # it stays set for this QEMU's own saves otherwise
+    async def _refresh(self, mount_share: bool = False) -> None:
+        """A loaded VM runs with the host's time and fresh randomness; with mount_share, it mounts its share,
+        plugged in before it ran, once the guest's hot-plug has brought it up."""
         now = time.time_ns()
         refresh = RESTORED.pack(now // 10**9, now % 10**9) + os.urandom(32)
+        restored = asyncio.ensure_future(asyncio.wait_for(self.channel.request(F.RESTORED, None, refresh), 10))
+        mounted = asyncio.ensure_future(self._mount_share()) if mount_share else None  # the agent's next frame
         try:
-            await asyncio.wait_for(self.channel.request(F.RESTORED, None, refresh), 10)
+            await restored
         except PyrunvError as e:  # an agent saved before it knew RESTORED
             log.info("the restored guest kept its clock and randomness: %s", e)
-
-    async def _from_template(self, template) -> None:
-        """This VM's template (template.py) instead of a boot: what follows is as after READY."""
-        qmp = await self._qmp_client()
-        if template.plugged:
-            ram = vm.GuestRam(self.qemu.pid)
-            try:
-                with open(template.path, "rb") as saved:
-                    ram.load_from(saved.fileno())
-                    saved.seek(ram.size)  # QEMU's state follows the RAM
-                    await self._load(qmp, await self._hand_fd(qmp, saved, "template"), IGNORE_SHARED)
-            finally:
-                ram.close()
-        else:
-            await self._load(qmp, f"file:{template.path}", MAPPED_RAM)
-        template.used()
-        log.info("VM loaded from template %s", template.path)
-        self.channel.ready.set_result("template")
+        finally:
+            if mounted:
+                await mounted
 
     async def _save_template(self, template) -> None:
         """This VM, just booted and with no container yet, saved as the template of its shape. A failure
@@ -183,7 +163,7 @@ class Service:
             if template.plugged:
                 await self._save_without_ram(qmp, saving)
             else:
-                await self._save(qmp, f"file:{saving}", "template", MAPPED_RAM)
+                await self._save(qmp, f"file:{saving}", "template", migration.MAPPED_RAM)
             template.saved(saving)
             log.info("VM saved as template %s", template.path)
         except Exception as e:  # PyrunvError, OSError, or QMP's
@@ -203,7 +183,7 @@ class Service:
             log.warning("%s: the guest RAM the save reads stays allocated: %s", what, e)
             ram = None
         try:
-            await self._migrate(qmp, uri, what, capability)
+            await migration.save(qmp, uri, what, capability)
         finally:
             if ram:
                 try:
@@ -219,43 +199,19 @@ class Service:
             with open(path, "wb") as saving:
                 ram.save_to(saving.fileno())
                 saving.seek(ram.size)
-                await self._migrate(qmp, await self._hand_fd(qmp, saving, "template"), "template", IGNORE_SHARED)
+                uri = await migration.hand_fd(qmp, saving, "template")
+                await migration.save(qmp, uri, "template", migration.IGNORE_SHARED)
         finally:
             ram.close()
 
-    async def _migrate(self, qmp, uri: str, what: str, capability: str | None) -> None:
-        if capability:
-            await self._capability(qmp, capability, True)
-        try:
-            await qmp.execute("migrate", {"uri": uri})
-            await self._migration_done(qmp, what)
-        finally:
-            if capability:
-                await self._capability(qmp, capability, False)  # the next save may not want it
-
-    async def _plug_share(self) -> None:
+    async def _plug_share(self, qmp) -> None:
         """The share of a VM whose template holds none: plugged into its empty PCIe port, then mounted."""
-        qmp = await self._qmp_client()
         await qmp.execute("device_add", vm.share_device(self.plan, plugged=True))
-        await self.channel.request(F.SHARE, None, b"")
+        await self._mount_share()
+
+    async def _mount_share(self) -> None:
+        await self.channel.request(F.SHARE, None, b"")  # the agent waits for the device, within 10 s
         log.debug("share plugged in")
-
-    @staticmethod
-    async def _capability(qmp, name: str, on: bool) -> None:
-        await qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": name, "state": on}]})
-
-    async def _migration_done(self, qmp, what: str) -> None:
-        """Waits for QEMU's migration (a save or a load) to end; the user's error if it failed."""
-        deadline = time.monotonic() + MIGRATION_TIMEOUT
-        while True:
-            info = await qmp.execute("query-migrate")
-            if info.get("status") == "completed" or (what == "restore" and not info):
-                return  # QEMU's destination side answers {} once the load is done
-            if info.get("status") in ("failed", "cancelled"):
-                raise PyrunvError(f"{what}: QEMU: {info.get('error-desc', info['status'])}")
-            if time.monotonic() > deadline:
-                raise PyrunvError(f"{what}: QEMU's migration did not end within {MIGRATION_TIMEOUT:g}s")
-            await asyncio.sleep(0.02)
 
     async def _op_checkpoint(self, request, fds, conn):
         """Saves the VM to request["path"], or streams it to the socket it was sent (a `restore --listen`):
@@ -275,10 +231,10 @@ class Service:
                 stream.setblocking(False)
                 saved = snapshot.metadata(self.monitor.record.id, plan_mod.to_json(self.plan))
                 await asyncio.get_running_loop().sock_sendall(stream, snapshot.stream_header(saved))
-                uri = await self._hand_fd(qmp, stream, "checkpoint")
+                uri = await migration.hand_fd(qmp, stream, "checkpoint")
             else:
                 uri = f"file:{request['path']}"
-            await self._save(qmp, uri, "checkpoint", MAPPED_RAM if mapped_ram else None)
+            await self._save(qmp, uri, "checkpoint", migration.MAPPED_RAM if mapped_ram else None)
             if stream:
                 await self._resumed_at_the_other_end(stream)
         except BaseException:
@@ -299,7 +255,7 @@ class Service:
     async def _resumed_at_the_other_end(stream: socket.socket) -> None:
         stream.setblocking(False)  # QEMU's channel shared the file's flags
         try:
-            answer = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(stream, 3), MIGRATION_TIMEOUT)
+            answer = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(stream, 3), migration.TIMEOUT)
         except (OSError, asyncio.TimeoutError):
             answer = b""
         if answer != b"ok\n":
@@ -326,13 +282,6 @@ class Service:
             await asyncio.wait_for(client.connect(self.monitor.qmp_socket), 10)
             self._qmp = client
         return self._qmp
-
-    @staticmethod
-    async def _hand_fd(qmp, sock: socket.socket, name: str) -> str:
-        """Gives QEMU a copy of sock under name; returns the migration URI that names it."""
-        qmp.send_fd_scm(sock.fileno())
-        await qmp.execute("getfd", {"fdname": name})
-        return f"fd:{name}"
 
     async def _disconnect_qmp(self) -> None:
         if self._qmp is not None:
@@ -415,7 +364,7 @@ class Service:
             with conn:
                 try:
                     qmp = await self._qmp_client()
-                    await self._hand_fd(qmp, conn, "vnc")
+                    await migration.hand_fd(qmp, conn, "vnc")
                     await qmp.execute("add_client", {"protocol": "vnc", "fdname": "vnc", "skipauth": True})
                 except Exception as e:  # one client's failure must not end the display for the next
                     log.warning("display client: %s", e)

@@ -19,6 +19,7 @@ import re
 
 from . import vm
 from .config import Config
+from .errors import PyrunvError
 from .logs import log
 from .plan import VmPlan
 
@@ -62,6 +63,41 @@ class Template:
 
     def discard(self) -> None:
         _remove(self.path)
+
+    def load(self, plan: VmPlan, qemu_pid: int, qmp_path: str, timeout: float) -> None:
+        """In the child that started QEMU with -incoming defer, before the monitor's interpreter: QEMU loads
+        this template, gets the share plugged in if the template has none, and runs. The guest's hot-plug
+        then goes on while the monitor starts. A template that cannot be loaded is removed."""
+        import asyncio
+        try:
+            asyncio.run(asyncio.wait_for(self._load(plan, qemu_pid, qmp_path), timeout))
+        except Exception as e:  # PyrunvError, OSError, QMP's, or the timeout
+            self.discard()
+            reason = str(e) or f"not loaded within {timeout:g}s"
+            raise PyrunvError(f"{reason} (loading the template {self.path}, now removed: the next VM of this shape "
+                              "boots)") from None
+        log.info("VM loaded from template %s", self.path)
+
+    async def _load(self, plan: VmPlan, qemu_pid: int, qmp_path: str) -> None:
+        from qemu.qmp import QMPClient
+        from . import migration
+        qmp = QMPClient("template")
+        await qmp.connect(qmp_path)
+        try:
+            if not self.plugged:
+                await migration.load(qmp, f"file:{self.path}", migration.MAPPED_RAM)
+                return
+            ram = vm.GuestRam(qemu_pid)
+            try:
+                with open(self.path, "rb") as saved:
+                    ram.load_from(saved.fileno())
+                    saved.seek(ram.size)  # QEMU's state follows the RAM
+                    uri = await migration.hand_fd(qmp, saved, "template")
+                    await migration.load(qmp, uri, migration.IGNORE_SHARED, plug=vm.share_device(plan, plugged=True))
+            finally:
+                ram.close()
+        finally:
+            await qmp.disconnect()
 
 
 def _remove(path: str) -> None:
