@@ -7,7 +7,7 @@ from .errors import PyrunvError
 DEFAULT_PATH = "/etc/pyrunv/config.toml"
 GUEST_DIR = os.environ.get("PYRUNV_GUEST_DIR", "/var/lib/pyrunv/guest")
 ANNOTATION_PREFIX = "io.pyrunv.vm."
-MACHINES = ("auto", "microvm", "q35")  # auto: q35 where a template needs it (vm.auto_machine), else microvm
+MACHINES = ("auto", "microvm", "q35")  # auto: q35 where a template needs it (template.machine), else microvm
 ACCELS = ("auto", "kvm", "tcg")
 SHARE_CACHES = ("auto", "always", "never")
 TEMPLATES = ("auto", "off")

@@ -150,6 +150,7 @@ class Monitor:
         hostmount.shared_directory(share)
         for shared in self.plan.shared:
             hostmount.bind(shared.source, os.path.join(share, shared.name), shared.readonly)
+        self.plan = dataclasses.replace(self.plan, machine=template_mod.machine(self.config, self.plan))
         accel = vm.choose_accel(self.config, self.plan)
 
         # Every socket is made here and handed over as an fd: no daemon races us for a path.

@@ -211,15 +211,12 @@ def make(spec: Spec, config: config_mod.Config) -> VmPlan:
     config_mod.check(sized, "annotations" if from_annotations else "the spec's resources")
     extra_params = _annotation(spec, config, "kernel_params", "", str)
     init = container(spec)
-    display = _display(spec, config)
-    from . import vm
-    machine = vm.machine_for(config, sized.machine, templated=not (init.disks or display or config.qemu_user))
     return VmPlan(
-        machine=machine, accel=sized.accel, vcpus=int(sized.vcpus), memory_mib=int(sized.memory_mib),
+        machine=sized.machine, accel=sized.accel, vcpus=int(sized.vcpus), memory_mib=int(sized.memory_mib),
         kernel=sized.kernel, initrd=config.initrd,
         kernel_params=" ".join(p for p in (config.kernel_params, extra_params) if p),
         shared=init.shared, init_records=init.records, network_namespace=spec.network_namespace, disks=init.disks,
-        display=display)
+        display=_display(spec, config))
 
 
 DISPLAYS = ("", "vnc")

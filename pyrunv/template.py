@@ -107,11 +107,22 @@ def _remove(path: str) -> None:
 
 def choose(config: Config, plan: VmPlan) -> Template | None:
     """This VM's kind of template, to be located once its command line is known; None if it must boot."""
-    # QEMU opens the template itself: one running as qemu_user could not read it.
-    if (config.template != "auto" or config.qemu_user or plan.disks or plan.display
-            or vm.template_refusal(config, plan.machine)):
+    if not _may_load(config, plan) or vm.template_refusal(config, plan.machine):
         return None
     return Template(vm.share_plugged_in(config))
+
+
+def machine(config: Config, plan: VmPlan) -> str:
+    """The machine of this VM, whose plan may ask for "auto": q35 where it may start from a template whose share
+    is plugged in (PCIe hot-plug), else microvm, which boots faster."""
+    if plan.machine != "auto":
+        return plan.machine
+    return "q35" if _may_load(config, plan) and vm.share_plugged_in(config) else "microvm"
+
+
+def _may_load(config: Config, plan: VmPlan) -> bool:
+    # QEMU opens a whole template itself: one running as qemu_user could not read it.
+    return config.template == "auto" and not (config.qemu_user or plan.disks or plan.display)
 
 
 def shape(config: Config, plan: VmPlan, qemu_argv: list, virtiofsd_argv: list) -> str:

@@ -432,12 +432,12 @@ def checkpoint_refusal(config: Config) -> str | None:
             f"(Debian 13's); this host has {found}")
 
 
-def template_refusal(config: Config, machine: str = "") -> str | None:
+def template_refusal(config: Config, machine: str | None = None) -> str | None:
     """Why this host cannot start VMs of this machine (by default the config's) from templates (template.py);
-    None if it can."""
-    machine = machine or machine_for(config, config.machine, templated=True)
+    None if it can. "auto" is q35 where that is what a template needs (template.machine)."""
+    machine = machine or config.machine
     if share_plugged_in(config):
-        return None if machine == "q35" else (
+        return None if machine in ("auto", "q35") else (
             f"a template on QEMU < {'.'.join(map(str, CHECKPOINT_QEMU))}, which cannot save a virtio-fs device, "
             "holds none: the share is plugged in after the load, which needs the q35 machine (PCIe hot-plug)")
     refusal = checkpoint_refusal(config)
@@ -450,14 +450,6 @@ def share_plugged_in(config: Config) -> bool:
     """Whether a template holds no share, which is plugged in after its load: QEMU cannot save a vhost-user-fs
     device. Such a template saves the guest's RAM itself, besides QEMU's state (x-ignore-shared)."""
     return (0, 0) < qemu_release(config.qemu) < CHECKPOINT_QEMU
-
-
-def machine_for(config: Config, machine: str, templated: bool = False) -> str:
-    """The machine asked for; for "auto", q35 where a VM that may start from a template needs it (its share is
-    plugged in), else microvm, which boots faster."""
-    if machine != "auto":
-        return machine
-    return "q35" if templated and config.template == "auto" and share_plugged_in(config) else "microvm"
 
 
 VERDICT_PATH = "/run/pyrunv-accel.json"  # tmpfs: a reboot or a new kvm module asks again

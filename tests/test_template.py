@@ -1,6 +1,6 @@
 """VM templates (pyrunv/template.py): the first VM of a shape is saved once booted, and the next ones of that
-shape load it instead of booting. Only where QEMU can (Debian 13: tools/debian13 runs these there); on
-Debian 12 every VM boots, which all the other VM tests show."""
+shape load it instead of booting. Both kinds: on Debian 12 (QEMU 7.2) the template holds no share, which is
+plugged in after the load, on q35; on Debian 13 (tools/debian13 runs these there) it is the whole VM."""
 import os
 import time
 

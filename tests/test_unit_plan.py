@@ -146,7 +146,7 @@ def test_the_kernel_annotation_is_ignored_unless_the_config_allows_it():
 def test_a_display_needs_the_config_to_allow_it_and_then_gets_a_gpu_and_vnc():
     with pytest.raises(PyrunvError, match=r"^annotation io.pyrunv.vm.display: not allowed by the config file"):
         plan.make(annotated(display="vnc"), Config())
-    allowed = Config(annotations_allowed=["display"])
+    allowed = Config(annotations_allowed=["display"], machine="microvm")
     with pytest.raises(PyrunvError, match=r"^annotation io.pyrunv.vm.display: invalid value 'sdl'"):
         plan.make(annotated(display="sdl"), allowed)
     shown = plan.make(annotated(display="vnc"), allowed)

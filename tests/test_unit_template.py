@@ -40,9 +40,11 @@ def old_qemu(tmp_path, monkeypatch):
 
 
 def a_plan(config, **annotations):
+    """A VM's plan with its machine as the monitor makes it (template.machine)."""
     spec = Spec(bundle="/b", rootfs="/b/rootfs", root_readonly=False, process=Process(args=("sh",)),
                 resources=Resources(), annotations={f"io.pyrunv.vm.{k}": v for k, v in annotations.items()})
-    return plan.make(spec, config)
+    vm_plan = plan.make(spec, config)
+    return dataclasses.replace(vm_plan, machine=template.machine(config, vm_plan))
 
 
 def argv_of(config, vm_plan, fd=3, plug_share=False):
@@ -100,8 +102,8 @@ def test_where_qemu_cannot_save_the_share_a_templated_vm_is_q35_and_gets_its_sha
 
 def test_where_qemu_cannot_save_the_share_other_vms_boot_on_microvm_or_the_machine_asked_for(old_qemu):
     assert chosen(old_qemu, a_plan(old_qemu, machine="microvm")) is None
-    disk = dataclasses.replace(a_plan(old_qemu), disks=(("/dev/loop0", "disk0"),))
-    assert chosen(old_qemu, disk) is None
+    disk = dataclasses.replace(a_plan(old_qemu), disks=(("/dev/loop0", "disk0"),), machine="auto")
+    assert template.machine(old_qemu, disk) == "microvm" and chosen(old_qemu, disk) is None
     old_qemu.template = "off"
     assert a_plan(old_qemu).machine == "microvm"
 
