@@ -43,6 +43,7 @@ def run() -> list:
         refusal = vm.checkpoint_refusal(config)
         lines.append(Line("warning", "checkpoint", f"not possible: {refusal}", "Debian 13's QEMU and virtiofsd")
                      if refusal else Line("ok", "checkpoint", "possible with this QEMU and virtiofsd"))
+        lines.append(_templates(config))
     lines += _guest(config)
     if not any(line.level == "fail" for line in lines):
         lines += _accelerators(config)
@@ -53,6 +54,19 @@ def run() -> list:
     lines.append(_cgroups())
     lines.append(_memfd())
     return lines
+
+
+def _templates(config) -> Line:
+    from . import vm
+    if config.template == "off":
+        return Line("ok", "templates", "off in the config: every VM boots")
+    refusal = vm.template_refusal(config)
+    if refusal:
+        return Line("warning", "templates", f"VMs boot: {refusal}", "machine = \"auto\" or \"q35\", or Debian 13")
+    kind = ("without the share, which is plugged in after the load (q35)" if vm.share_plugged_in(config)
+            else "the whole VM, share included")
+    return Line("ok", "templates", f"a VM of a shape seen before is loaded, not booted: {kind}; kept in "
+                f"{config.template_dir}")
 
 
 def _guest(config) -> list:
@@ -76,7 +90,8 @@ def _guest(config) -> list:
 
 def _accelerators(config) -> list:
     from . import plan as plan_mod, vm
-    plan = plan_mod.VmPlan(machine="microvm" if config.machine == "auto" else config.machine, accel="auto", vcpus=1, memory_mib=config.memory_mib,
+    machine = "microvm" if config.machine == "auto" else config.machine  # the probe boots: no template
+    plan = plan_mod.VmPlan(machine=machine, accel="auto", vcpus=1, memory_mib=config.memory_mib,
                            kernel=config.kernel, initrd=config.initrd, kernel_params=config.kernel_params,
                            shared=(), init_records=b"")
     kvm = os.path.exists("/dev/kvm") and vm.probe(config, plan, "kvm")

@@ -16,7 +16,8 @@ def test_check_names_kvm_and_the_accelerator_and_passes(runtime):
     assert result.returncode == 0, result.stdout
     assert not [line for line in lines.values() if line["level"] == "fail"]
     assert {"config", "qemu", "virtiofsd", "guest", "kvm", "tcg", "accelerator", "tun", "vhost-net", "vhost-vsock",
-            "cgroups", "memfd", "checkpoint"} <= set(lines)
+            "cgroups", "memfd", "checkpoint", "templates"} <= set(lines)
+    assert lines["templates"]["level"] == "ok"  # Debian 12 and 13 both start VMs from templates
     accelerator = lines["accelerator"]["detail"]
     assert accelerator in ("containers run under KVM", "containers run under TCG")
     if accelerator.endswith("TCG"):  # this kind of machine: a PVM KVM that boots no standard guest
