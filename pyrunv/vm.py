@@ -313,7 +313,7 @@ def qemu_argv(config: Config, plan: VmPlan, accel: str, *, agent_fd: int, qmp_fd
               disks=(), incoming: bool = False, plug_share: bool = False, extra_params: str = "") -> list:
     """Every file QEMU needs besides the kernel and initrd comes as an fd, so that it can run as an
     unprivileged user who cannot open the 0700 state directory. With plug_share, the share's device is
-    left out, for the service to plug into an empty PCIe port after the boot or load (template.py)."""
+    left out, to be plugged into an empty PCIe port after the boot or load (template.py)."""
     if plug_share:
         extra_params = " ".join(p for p in (extra_params, "pyrunv.share=plugged") if p)
     tcg = f"tcg,thread={'multi' if plan.vcpus > 1 else 'single'},tb-size={config.tcg_tb_size_mib}"
