@@ -21,9 +21,7 @@ from pyrunv.plan import VmPlan
 
 
 def plan_for(config, accel: str) -> VmPlan:
-    # A boot: "auto" boots microvm where no template is involved (template.machine).
-    machine = "microvm" if config.machine == "auto" else config.machine
-    return VmPlan(machine=machine, accel=accel, vcpus=1, memory_mib=config.memory_mib,
+    return VmPlan(machine=vm.booted_machine(config.machine), accel=accel, vcpus=1, memory_mib=config.memory_mib,
                   kernel=config.kernel, initrd=config.initrd, kernel_params=config.kernel_params,
                   shared=(), init_records=b"")
 

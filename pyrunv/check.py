@@ -90,8 +90,7 @@ def _guest(config) -> list:
 
 def _accelerators(config) -> list:
     from . import plan as plan_mod, vm
-    machine = "microvm" if config.machine == "auto" else config.machine  # the probe boots: no template
-    plan = plan_mod.VmPlan(machine=machine, accel="auto", vcpus=1, memory_mib=config.memory_mib,
+    plan = plan_mod.VmPlan(machine=vm.booted_machine(config.machine), accel="auto", vcpus=1, memory_mib=config.memory_mib,
                            kernel=config.kernel, initrd=config.initrd, kernel_params=config.kernel_params,
                            shared=(), init_records=b"")
     kvm = os.path.exists("/dev/kvm") and vm.probe(config, plan, "kvm")

@@ -71,15 +71,13 @@ class Service:
                 template.used()
                 self.channel.ready.set_result("template")
             except PyrunvError as e:
-                template.discard()
-                raise PyrunvError(f"{e} (loading the template {template.path}, now removed: the next VM of this "
-                                  "shape boots)") from None
+                raise template.failed(str(e)) from None
         else:
             log.debug("agent ready: %s", await self._booting(self.channel.ready))
             if template:
                 await self._save_template(template)
-            if template and template.plugged:
-                await self._booting(self._plug_share(await self._qmp_client()))
+                if template.plugged:
+                    await self._booting(self._plug_share(await self._qmp_client()))
         fds = (0, 1, 2)
         if self.monitor.terminal:
             console_socket = self.monitor.console_socket

@@ -64,6 +64,12 @@ class Template:
     def discard(self) -> None:
         _remove(self.path)
 
+    def failed(self, reason: str) -> PyrunvError:
+        """The user's error for a template that could not be loaded, which is removed."""
+        self.discard()
+        return PyrunvError(f"{reason} (loading the template {self.path}, now removed: the next VM of this shape "
+                           "boots)")
+
     def load(self, plan: VmPlan, qemu_pid: int, qmp_path: str, timeout: float) -> None:
         """In the child that started QEMU with -incoming defer, before the monitor's interpreter: QEMU loads
         this template, gets the share plugged in if the template has none, and runs. The guest's hot-plug
@@ -72,10 +78,7 @@ class Template:
         try:
             asyncio.run(asyncio.wait_for(self._load(plan, qemu_pid, qmp_path), timeout))
         except Exception as e:  # PyrunvError, OSError, QMP's, or the timeout
-            self.discard()
-            reason = str(e) or f"not loaded within {timeout:g}s"
-            raise PyrunvError(f"{reason} (loading the template {self.path}, now removed: the next VM of this shape "
-                              "boots)") from None
+            raise self.failed(str(e) or f"not loaded within {timeout:g}s") from None
         log.info("VM loaded from template %s", self.path)
 
     async def _load(self, plan: VmPlan, qemu_pid: int, qmp_path: str) -> None:
@@ -115,9 +118,9 @@ def choose(config: Config, plan: VmPlan) -> Template | None:
 def machine(config: Config, plan: VmPlan) -> str:
     """The machine of this VM, whose plan may ask for "auto": q35 where it may start from a template whose share
     is plugged in (PCIe hot-plug), else microvm, which boots faster."""
-    if plan.machine != "auto":
-        return plan.machine
-    return "q35" if _may_load(config, plan) and vm.share_plugged_in(config) else "microvm"
+    if plan.machine == "auto" and _may_load(config, plan) and vm.share_plugged_in(config):
+        return "q35"
+    return vm.booted_machine(plan.machine)
 
 
 def _may_load(config: Config, plan: VmPlan) -> bool:
