@@ -45,6 +45,12 @@ async def load(qmp, uri: str, capability: str | None = None, plug: dict | None =
         await _capability(qmp, capability, False)  # it stays set for this QEMU's own saves otherwise
 
 
+async def _loaded(qmp) -> bool:
+    """QEMU's destination side answers query-migrate with {} both once the load is done and before it has
+    begun (a file: or fd: channel starts it only when readable); the VM is still "inmigrate" in the latter."""
+    return (await qmp.execute("query-status"))["status"] != "inmigrate"
+
+
 async def _capability(qmp, name: str, on: bool) -> None:
     await qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": name, "state": on}]})
 
@@ -54,8 +60,8 @@ async def _done(qmp, what: str) -> None:
     deadline = time.monotonic() + TIMEOUT
     while True:
         info = await qmp.execute("query-migrate")
-        if info.get("status") == "completed" or (what == "restore" and not info):
-            return  # QEMU's destination side answers {} once the load is done
+        if info.get("status") == "completed" or (what == "restore" and not info and await _loaded(qmp)):
+            return
         if info.get("status") in ("failed", "cancelled"):
             raise PyrunvError(f"{what}: QEMU: {info.get('error-desc', info['status'])}")
         if time.monotonic() > deadline:
