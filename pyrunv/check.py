@@ -90,9 +90,9 @@ def _guest(config) -> list:
 
 def _accelerators(config) -> list:
     from . import plan as plan_mod, vm
-    plan = plan_mod.VmPlan(machine=vm.booted_machine(config.machine), accel="auto", vcpus=1, memory_mib=config.memory_mib,
-                           kernel=config.kernel, initrd=config.initrd, kernel_params=config.kernel_params,
-                           shared=(), init_records=b"")
+    plan = plan_mod.VmPlan(machine=vm.booted_machine(config.machine), accel="auto", vcpus=1,
+                           memory_mib=config.memory_mib, kernel=config.kernel, initrd=config.initrd,
+                           kernel_params=config.kernel_params, shared=(), init_records=b"")
     kvm = os.path.exists("/dev/kvm") and vm.probe(config, plan, "kvm")
     if not os.path.exists("/dev/kvm"):
         line = Line("warning", "kvm", "no /dev/kvm: the VMs run under TCG, much slower",

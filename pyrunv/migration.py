@@ -37,7 +37,7 @@ async def load(qmp, uri: str, capability: str | None = None, plug: dict | None =
     if capability:
         await _capability(qmp, capability, True)
     await qmp.execute("migrate-incoming", {"uri": uri})
-    await _done(qmp, "restore")
+    await _done(qmp, "restore", loading=True)
     if plug:
         await qmp.execute("device_add", plug)
     await qmp.execute("cont")
@@ -55,12 +55,12 @@ async def _capability(qmp, name: str, on: bool) -> None:
     await qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": name, "state": on}]})
 
 
-async def _done(qmp, what: str) -> None:
+async def _done(qmp, what: str, loading: bool = False) -> None:
     """Waits for QEMU's migration (a save or a load) to end; the user's error if it failed."""
     deadline = time.monotonic() + TIMEOUT
     while True:
         info = await qmp.execute("query-migrate")
-        if info.get("status") == "completed" or (what == "restore" and not info and await _loaded(qmp)):
+        if info.get("status") == "completed" or (loading and not info and await _loaded(qmp)):
             return
         if info.get("status") in ("failed", "cancelled"):
             raise PyrunvError(f"{what}: QEMU: {info.get('error-desc', info['status'])}")

@@ -159,7 +159,7 @@ class Service:
         try:
             saving = template.saving()
             if template.plugged:
-                await self._save_without_ram(qmp, saving)
+                await template.save_with_ram(qmp, self.qemu.pid, saving)
             else:
                 await self._save(qmp, f"file:{saving}", "template", migration.MAPPED_RAM)
             template.saved(saving)
@@ -189,18 +189,6 @@ class Service:
                 except OSError as e:
                     log.warning("%s: the guest RAM the save reads stays allocated: %s", what, e)
                 ram.close()
-
-    async def _save_without_ram(self, qmp, path: str) -> None:
-        """A template that holds no share (template.py): the guest's RAM, written here, then QEMU's state."""
-        ram = vm.GuestRam(self.qemu.pid)
-        try:
-            with open(path, "wb") as saving:
-                ram.save_to(saving.fileno())
-                saving.seek(ram.size)
-                uri = await migration.hand_fd(qmp, saving, "template")
-                await migration.save(qmp, uri, "template", migration.IGNORE_SHARED)
-        finally:
-            ram.close()
 
     async def _plug_share(self, qmp) -> None:
         """The share of a VM whose template holds none: plugged into its empty PCIe port, then mounted."""

@@ -81,6 +81,20 @@ class Template:
             raise self.failed(str(e) or f"not loaded within {timeout:g}s") from None
         log.info("VM loaded from template %s", self.path)
 
+    @staticmethod
+    async def save_with_ram(qmp, qemu_pid: int, path: str) -> None:
+        """A template that holds no share: the guest's RAM, written here, then QEMU's state after it."""
+        from . import migration
+        ram = vm.GuestRam(qemu_pid)
+        try:
+            with open(path, "wb") as saving:
+                ram.save_to(saving.fileno())
+                saving.seek(ram.size)
+                uri = await migration.hand_fd(qmp, saving, "template")
+                await migration.save(qmp, uri, "template", migration.IGNORE_SHARED)
+        finally:
+            ram.close()
+
     async def _load(self, plan: VmPlan, qemu_pid: int, qmp_path: str) -> None:
         from qemu.qmp import QMPClient
         from . import migration
@@ -94,7 +108,7 @@ class Template:
             try:
                 with open(self.path, "rb") as saved:
                     ram.load_from(saved.fileno())
-                    saved.seek(ram.size)  # QEMU's state follows the RAM
+                    saved.seek(ram.size)  # QEMU's state follows the RAM, as save_with_ram wrote it
                     uri = await migration.hand_fd(qmp, saved, "template")
                     await migration.load(qmp, uri, migration.IGNORE_SHARED, plug=vm.share_device(plan, plugged=True))
             finally:
