@@ -14,7 +14,8 @@ import sys
 import time
 import traceback
 
-from pyrunv import config as config_mod, vm
+from pyrunv import config as config_mod
+from pyrunv.vm import qemu as vm
 
 from . import boot, figures, pods, report, resize, templates
 from .harness import REPO, BenchError, Workspace, process_table

@@ -15,9 +15,10 @@ import sys
 import tempfile
 import time
 
-from pyrunv import config as config_mod, vm
-from pyrunv.channel import F, HEADER
-from pyrunv.plan import VmPlan
+from pyrunv import config as config_mod
+from pyrunv.vm import qemu as vm
+from pyrunv.monitor.channel import F, HEADER
+from pyrunv.vm.plan import VmPlan
 
 
 def plan_for(config, accel: str) -> VmPlan:

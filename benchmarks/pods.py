@@ -8,8 +8,8 @@ import os
 import sys
 import time
 
-from pyrunv import state
-from pyrunv.container import pod_members
+from pyrunv.state import store as state
+from pyrunv.runtime.container import pod_members
 
 from .figures import (ROLES, TIME_HEADERS, Figure, Settings, Table, measure_containers, mib, ms, ratio, rounds,
                       timed_row, x)

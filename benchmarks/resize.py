@@ -11,7 +11,10 @@ import shutil
 import subprocess
 import time
 
-from pyrunv import cgroups, config as config_mod, snapshot, vm
+from pyrunv.host import cgroups
+from pyrunv import config as config_mod
+from pyrunv.vm import snapshot
+from pyrunv.vm import qemu as vm
 
 from .figures import TIME_HEADERS, Figure, Settings, Table, mib, ms, ratio, rounds, timed_row, x
 from .harness import MIB, BenchError, Workspace, container_pss, containers_under, median, process_table

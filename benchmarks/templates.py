@@ -2,7 +2,9 @@
 import os
 import time
 
-from pyrunv import config as config_mod, template, vm
+from pyrunv import config as config_mod
+from pyrunv.vm import template
+from pyrunv.vm import qemu as vm
 
 from .figures import TIME_HEADERS, Figure, Settings, Table, measure_containers, mib, ms, ratio, rounds, timed_row, x
 from .harness import Workspace, median

@@ -20,7 +20,10 @@ import sys
 
 from hypothesis import strategies as st
 
-from pyrunv import config as config_mod, plan as plan_mod, spec as spec_mod, state
+from pyrunv import config as config_mod
+from pyrunv.vm import plan as plan_mod
+from pyrunv.spec import oci as spec_mod
+from pyrunv.state import store as state
 from pyrunv.errors import PyrunvError
 
 SCHEMA_PATH = os.path.join(os.path.dirname(spec_mod.__file__), "oci-schema.json")

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from pyrunv import config, vm
+from pyrunv import config
+from pyrunv.vm import qemu as vm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

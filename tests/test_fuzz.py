@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import fuzzgen
 from faultlib import one_line_error
-from pyrunv import cli, launch
+from pyrunv.cli import commands as cli
+from pyrunv.cli import launch
 
 CONFIG_CASES = 1500
 CLI_CASES = 1000

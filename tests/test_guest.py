@@ -206,8 +206,9 @@ def test_a_schema_check_that_fails_once_qemu_runs_leaves_nothing_behind(runtime,
     process of its own, single-threaded as the CLI is: a fork of this one would carry its threads (gRPC's)."""
     script = textwrap.dedent("""
         import os, sys, time
-        from pyrunv import spec, state
-        from pyrunv.container import Container
+        from pyrunv.spec import oci as spec
+        from pyrunv.state import store as state
+        from pyrunv.runtime.container import Container
         from pyrunv.errors import PyrunvError
         root, bundle = sys.argv[1:]
         check = spec.validate

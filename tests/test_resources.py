@@ -8,7 +8,7 @@ import psutil
 import pytest
 from faultlib import DEADLINE, describe_status, one_line_error, wait_pid, wait_until
 
-from pyrunv import cgroups
+from pyrunv.host import cgroups
 
 pytestmark = pytest.mark.vm
 MIB = 1 << 20

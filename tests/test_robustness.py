@@ -13,7 +13,7 @@ import pytest
 
 from faultlib import DEADLINE, describe_status, one_line_error, reap_zombie_children, wait_pid, \
     wait_until
-from pyrunv import state
+from pyrunv.state import store as state
 
 
 @pytest.fixture

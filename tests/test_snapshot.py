@@ -10,7 +10,8 @@ import time
 import pytest
 from faultlib import describe_status, one_line_error, wait_pid, wait_until
 
-from pyrunv import config, vm
+from pyrunv import config
+from pyrunv.vm import qemu as vm
 
 pytestmark = [pytest.mark.vm, pytest.mark.checkpoint, pytest.mark.skipif(
     vm.checkpoint_refusal(config.load()) is not None, reason="this host's QEMU and virtiofsd cannot save a VM")]

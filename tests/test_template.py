@@ -7,7 +7,8 @@ import time
 import pytest
 from faultlib import one_line_error
 
-from pyrunv import config, vm
+from pyrunv import config
+from pyrunv.vm import qemu as vm
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(
     vm.template_refusal(config.load()) is not None, reason="this host's QEMU cannot load a VM from a template")]

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from pyrunv.channel import EXIT, HEADER, PAIR, WINDOW, Channel, ChannelClosed, F, ProcessIO
+from pyrunv.monitor.channel import EXIT, HEADER, PAIR, WINDOW, Channel, ChannelClosed, F, ProcessIO
 from pyrunv.errors import PyrunvError
 
 PROC = 5  # the id of the guest process in these tests

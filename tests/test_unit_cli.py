@@ -8,7 +8,11 @@ import time
 
 import pytest
 
-from pyrunv import cli, defaults, sandbox, spec, state
+from pyrunv.cli import commands as cli
+from pyrunv.spec import defaults
+from pyrunv.spec import oci as spec
+from pyrunv.runtime import sandbox
+from pyrunv.state import store as state
 from pyrunv.errors import PyrunvError
 
 HEADER = "ID   PID   STATUS   BUNDLE   CREATED   OWNER\n"
@@ -57,7 +61,7 @@ def test_an_invalid_id_is_refused_before_touching_the_root(root):
 # Run in a fresh interpreter: which heavy modules did `list` and `state` import?
 LAZY_IMPORTS = """
 import sys
-from pyrunv import cli
+from pyrunv.cli import commands as cli
 root = sys.argv[1]
 for args in (["list"], ["state", "ghost"]):
     sys.argv = ["pyrunv", "--root", root, *args]
@@ -79,7 +83,7 @@ def test_list_and_state_import_no_heavy_modules(root):
 
 DELETE_IMPORTS = """
 import sys
-from pyrunv import cli
+from pyrunv.cli import commands as cli
 sys.argv = ["pyrunv", "--root", sys.argv[1], "delete", "c1"]
 cli.main()
 print(sorted(m for m in ("jsonschema", "qemu.qmp", "asyncio") if m in sys.modules))
@@ -203,7 +207,7 @@ def test_delete_frees_the_id_of_an_older_create_that_died_before_writing_state(r
 
 
 def _exec_process(tmp_path, config_process, **flags):
-    from pyrunv import execution
+    from pyrunv.runtime import execution
     bundle = tmp_path / "bundle"
     (bundle / "rootfs").mkdir(parents=True)
     (bundle / "config.json").write_text(json.dumps({"ociVersion": "1.0.2", "root": {"path": "rootfs"},

@@ -1,9 +1,9 @@
 """The lifecycle table: every verb against every state, as runc allows or refuses it."""
 import pytest
 
-from pyrunv import lifecycle
+from pyrunv.state import lifecycle
 from pyrunv.errors import PyrunvError
-from pyrunv.lifecycle import STATUSES, Status
+from pyrunv.state.lifecycle import STATUSES, Status
 
 S = Status
 # Written out independently of lifecycle.TRANSITIONS, from runc's behaviour: verb -> {allowed state: next state}

@@ -3,11 +3,12 @@ import resource
 
 import pytest
 
-from pyrunv import plan, vm
+from pyrunv.vm import plan
+from pyrunv.vm import qemu as vm
 from pyrunv.config import Config
 from pyrunv.errors import PyrunvError
-from pyrunv.resources import Resources
-from pyrunv.spec import CAPABILITIES, RLIMITS, Mount, Process, Spec
+from pyrunv.spec.resources import Resources
+from pyrunv.spec.oci import CAPABILITIES, RLIMITS, Mount, Process, Spec
 
 MIB = 1 << 20
 

@@ -1,7 +1,7 @@
 """The quick path's reading of a command line: what it takes itself, and what it leaves to click."""
 import pytest
 
-from pyrunv import quick
+from pyrunv.cli import quick
 
 
 @pytest.mark.parametrize("argv, expected", [

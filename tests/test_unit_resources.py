@@ -1,9 +1,10 @@
 """Limits and cgroup paths: the spec's and update's resources, the guest's and the host's cgroup files."""
 import pytest
 
-from pyrunv import cgroups, resources
+from pyrunv.host import cgroups
+from pyrunv.spec import resources
 from pyrunv.errors import PyrunvError
-from pyrunv.resources import MIB, UNLIMITED, Resources
+from pyrunv.spec.resources import MIB, UNLIMITED, Resources
 
 
 @pytest.mark.parametrize("path, systemd, expected", [

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from pyrunv import state
+from pyrunv.state import store as state
 from pyrunv.errors import PyrunvError
-from pyrunv.lifecycle import Status
+from pyrunv.state.lifecycle import Status
 
 
 @pytest.fixture

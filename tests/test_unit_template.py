@@ -6,10 +6,12 @@ import os
 
 import pytest
 
-from pyrunv import plan, template, vm
+from pyrunv.vm import plan
+from pyrunv.vm import template
+from pyrunv.vm import qemu as vm
 from pyrunv.config import Config
-from pyrunv.resources import Resources
-from pyrunv.spec import Process, Spec
+from pyrunv.spec.resources import Resources
+from pyrunv.spec.oci import Process, Spec
 
 PAGE = 4096
 

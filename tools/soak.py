@@ -35,7 +35,8 @@ import fuzzgen  # noqa: E402  (tests/fuzzgen.py)
 import psutil  # noqa: E402
 from faultlib import fd_targets  # noqa: E402  (tests/faultlib.py)
 from hypothesis import HealthCheck, given, seed as hypothesis_seed, settings, strategies as st  # noqa: E402
-from pyrunv import cli, launch  # noqa: E402
+from pyrunv.cli import commands as cli  # noqa: E402
+from pyrunv.cli import launch
 
 MAKE_BUNDLE = os.path.join(REPO, "tools", "make-busybox-bundle.sh")
 DEADLINE = 60.0

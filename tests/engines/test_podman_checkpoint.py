@@ -4,7 +4,8 @@ virtiofsd can save a VM (tools/debian13, in CI); skipped on Debian 12."""
 import pytest
 
 from conftest import IMAGE, inspect, wait_for
-from pyrunv import config, vm
+from pyrunv import config
+from pyrunv.vm import qemu as vm
 
 pytestmark = [pytest.mark.engine, pytest.mark.vm, pytest.mark.checkpoint, pytest.mark.skipif(
     vm.checkpoint_refusal(config.load()) is not None, reason="this host's QEMU and virtiofsd cannot save a VM")]

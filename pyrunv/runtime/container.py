@@ -1,0 +1,467 @@
+"""The host side of one container: what each verb does to it, whatever VM it runs in.
+
+A container either owns a VM (a single container, or a pod's sandbox: its pid-file process is the VM's
+monitor, see sandbox.py) or runs in its sandbox's VM (a member of a pod: its pid-file process is a waiter
+connected to that monitor, see execution.start_waiter). Either way the verbs reach the guest through
+the monitor's control socket, naming the container."""
+import os
+import time
+
+from ..monitor import control
+from ..state import lifecycle
+from ..state import store as state
+from .. import logs
+from ..spec import pod
+from ..errors import PyrunvError
+from ..state.lifecycle import Status
+
+log = logs.log
+
+
+class Container:
+    def __init__(self, store: state.Store, record: state.Record):
+        self.store, self.record = store, record
+
+    @classmethod
+    def load(cls, store: state.Store, container_id: str) -> "Container":
+        return cls(store, store.load(container_id))
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def status(self) -> Status:
+        return self.store.status(self.record)
+
+    @property
+    def vm_dir(self) -> str:
+        """The state directory of the monitor that runs this container's VM."""
+        return self.store.path(self.record.sandbox or self.record.id)
+
+    def _control(self, op: str, **args) -> dict:
+        return control.call(self.vm_dir, op, container=self.id, **args)
+
+    def _check(self, verb: str) -> Status | None:
+        return lifecycle.check(verb, self.id, self.status)
+
+    # create ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, store: state.Store, container_id: str, bundle: str, pid_file, console_socket,
+               systemd_cgroup: bool = False, restore_from=None) -> "Container":
+        """create, or with restore_from (a snapshot.Source) restore: the VM resumes where it was saved, and
+        the container is running.
+
+        The schema's check of config.json (jsonschema alone takes some 80 ms to load) runs while the VM boots:
+        the VM is planned from the document as parsed, and the container exists only once the check has
+        passed. Any error on the way yields to the schema's, so a document the schema refuses gets the same
+        one line as if it had been checked first."""
+        from ..spec import oci as spec_mod
+        state.validate_id(container_id)
+        document = spec_mod.read_document(bundle)
+        check_schema = _Once(lambda: cls._validate(store, container_id, document))
+        try:
+            return cls._create(store, container_id, bundle, document, check_schema, pid_file, console_socket,
+                               systemd_cgroup, restore_from)
+        except BaseException:
+            check_schema()
+            raise
+
+    @classmethod
+    def _create(cls, store: state.Store, container_id: str, bundle: str, document, check_schema, pid_file,
+                console_socket, systemd_cgroup: bool, restore_from) -> "Container":
+        import dataclasses
+        from ..host import cgroups
+        from .. import config as config_mod
+        from . import hooks
+        from ..spec import oci as spec_mod
+        spec = spec_mod.parse(bundle, document)
+        if spec.process.terminal and not console_socket and not os.isatty(0):
+            raise PyrunvError("cannot allocate tty if runc will detach without setting console socket")
+        sandbox_id = pod.sandbox_of(container_id, spec.annotations)
+        if sandbox_id and restore_from:
+            raise PyrunvError(f"cannot restore {container_id}: a container of a pod has no VM of its own")
+        if sandbox_id:
+            check_schema()  # it boots nothing to overlap with
+        sandbox = cls._running_sandbox(store, sandbox_id) if sandbox_id else None
+        spec_mod.check_namespace_paths(spec)
+        record = state.Record(id=container_id, bundle=spec.bundle, rootfs=spec.rootfs, status=Status.CREATING.value,
+                              created=time.strftime("%Y-%m-%dT%H:%M:%S.000000000Z", time.gmtime()),
+                              owner="root" if os.getuid() == 0 else str(os.getuid()), annotations=spec.annotations,
+                              hooks={kind: list(spec.hooks[kind]) for kind in hooks.AFTER_CREATE if spec.hooks[kind]},
+                              sandbox=sandbox_id or "", resources=dataclasses.asdict(spec.resources))
+        config = config_mod.load()
+        container = cls(store, record)
+        with store.create(record):
+            try:
+                cgroup = None
+                if spec.cgroups_path:
+                    cgroup = cgroups.HostCgroup.create(spec.cgroups_path, systemd_cgroup)
+                    record.cgroup = {"directories": cgroup.directories, "created": cgroup.created}
+                if sandbox:
+                    container._join(sandbox, spec, console_socket, cgroup, config)
+                else:
+                    container._boot(spec, console_socket, cgroup, config, restore_from, check_schema)
+                record.pid_start = state.process_start_time(record.pid)
+                record.status = (Status.RUNNING if restore_from else Status.CREATED).value
+                store.save(record)
+                for kind in ("prestart", "createRuntime", "createContainer"):
+                    hooks.run(kind, spec.hooks[kind], record.oci_state(Status.CREATED))
+                write_pid_file(pid_file, record.pid)
+            except BaseException:
+                container._tear_down()
+                store.remove(container_id)
+                raise
+        log.info("created %s (pid %d%s)", container_id, record.pid,
+                 f", in the VM of {sandbox_id}" if sandbox_id else f", accel {record.accel}")
+        return container
+
+    @classmethod
+    def run(cls, store: state.Store, container_id: str, bundle: str, pid_file, console_socket, systemd_cgroup: bool,
+            detach: bool, keep: bool) -> int:
+        """create, start and, unless detached, wait: the exit code `run` gives (128+N for a signal)."""
+        terminal_state = None
+        if not detach and not console_socket and os.isatty(0):
+            import termios
+            terminal_state = termios.tcgetattr(0)
+        container = cls.create(store, container_id, bundle, pid_file, console_socket, systemd_cgroup)
+        try:
+            container.start()
+        except BaseException:
+            cls.remove(store, container_id, force=True)
+            raise
+        if detach:
+            return 0
+        code = container.wait_in_foreground(keep)
+        if terminal_state is not None:  # the monitor sets it raw and may not have lived to restore it
+            import termios
+            termios.tcsetattr(0, termios.TCSADRAIN, terminal_state)
+        return code
+
+    def wait_in_foreground(self, keep: bool) -> int:
+        """Forwards our signals to the container's pid-file process, our child, until it exits; returns its code
+        (128+N for a signal), and deletes the container unless keep."""
+        import signal
+        pid = self.record.pid
+        for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, lambda number, frame: os.kill(pid, number))
+        _, status = os.waitpid(pid, 0)
+        log.debug("%s: the monitor exited", self.id)
+        if not keep:
+            self.remove(self.store, self.id, force=True)
+        return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+    @classmethod
+    def remove(cls, store: state.Store, container_id: str, force: bool) -> None:
+        """`delete`: also of what a create that died left before its first state.json."""
+        if force and not os.path.isdir(store.path(container_id)):
+            return  # runc: forcing the delete of a container that is not there is no error
+        if not store.exists(container_id):
+            with store.lock(container_id):
+                if not store.exists(container_id):
+                    store.remove(container_id)
+                    if force:
+                        return
+                    raise PyrunvError(f"container {container_id} does not exist")
+        cls.load(store, container_id).delete(force)
+
+    def _boot(self, spec, console_socket, cgroup, config, restore_from, while_booting) -> None:
+        """A VM of its own: the monitor boots it and prepares the container's init in it (or resumes a saved
+        one, whose init runs already). while_booting() runs meanwhile; its error ends the VM."""
+        from ..vm import plan as plan_mod
+        from . import sandbox
+        plan = plan_mod.make(spec, config)
+        incoming, stream = None, None
+        if restore_from:
+            plan, incoming, stream = restore_from.open(self.id, plan, config)
+        log.debug("create %s: VM planned", self.id)
+        self.record.ident, self.record.memory_mib = state.VM_INIT, plan.memory_mib
+        try:
+            if cgroup:
+                cgroup.set(self._host_limits(spec.resources, config, plan.memory_mib))
+            self.record.pid, self.record.accel = sandbox.launch(
+                self.store, self.record, plan, config, terminal=spec.process.terminal,
+                console_socket=console_socket, console_size=spec.process.console_size, cgroup=cgroup,
+                restore_from=incoming, while_booting=while_booting)
+        finally:
+            if stream:
+                stream.close()  # the monitor has it now
+        if restore_from:
+            self._count_cpu_time()  # a restored VM runs already
+
+    def _count_cpu_time(self) -> None:
+        """The VM joins the host cgroup's CPU hierarchies once it runs: the boot's CPU time is not the
+        container's, and engines divide the cgroup's CPU time by the time since start (podman saw 12 cores'
+        worth on 2)."""
+        if self.record.cgroup and not self.record.sandbox:
+            from ..host.cgroups import HostCgroup
+            HostCgroup(**self.record.cgroup).add_tree(self.record.pid, cpu_time=True)
+
+    @staticmethod
+    def _host_limits(limits, config, memory_mib: int) -> list:
+        """The host cgroup's values; memory_mib is the guest's RAM where the container owns its VM, else 0."""
+        from ..host import cgroups
+        from ..spec import resources
+        return resources.host_files(limits, cgroups.version(), memory_mib, config.host_overhead_mib,
+                                    config.host_pids_limit)
+
+    @staticmethod
+    def _validate(store: state.Store, container_id: str, document) -> None:
+        """The spec against the schema: by the pod's monitor for a container of a pod (jsonschema is loaded
+        there already, and takes ~50 ms to load here), else here. A pod whose monitor cannot be reached is
+        create's error to name once the spec is known valid."""
+        from ..spec import oci as spec_mod
+        annotations = document.get("annotations") if isinstance(document, dict) else None
+        try:
+            sandbox_id = pod.sandbox_of(container_id, annotations) if isinstance(annotations, dict) else None
+            conn = control.Connection(store.path(state.validate_id(sandbox_id)), timeout=60) if sandbox_id else None
+        except (PyrunvError, TypeError):  # TypeError: annotations the schema will refuse
+            conn = None
+        if conn is None:
+            spec_mod.validate(document)
+            return
+        with conn:
+            conn.send({"op": "validate", "document": document})
+            conn.receive()
+
+    @classmethod
+    def _running_sandbox(cls, store: state.Store, sandbox_id: str) -> "Container":
+        try:
+            sandbox = cls.load(store, state.validate_id(sandbox_id))
+        except PyrunvError as e:
+            raise PyrunvError(f"pod sandbox {sandbox_id!r}: {e}") from None
+        if sandbox.record.sandbox:
+            raise PyrunvError(f"pod sandbox {sandbox_id}: it is a container of pod {sandbox.record.sandbox}, not a sandbox")
+        status = sandbox.status
+        if status is Status.PAUSED:
+            raise PyrunvError(f"pod sandbox {sandbox_id} is paused: its VM cannot take a container")
+        if status not in (Status.CREATED, Status.RUNNING):
+            raise PyrunvError(f"pod sandbox {sandbox_id} is {status.value}: its VM is not running")
+        return sandbox
+
+    def _join(self, sandbox: "Container", spec, console_socket, cgroup, config) -> None:
+        """Into the sandbox's running VM: the monitor shares the container's files and prepares its init; a
+        waiter of our own stands for that init on the host."""
+        from . import execution
+        from ..host import mounts as hostmount
+        from ..vm import plan as plan_mod
+        idents = {sandbox.record.pid: sandbox.record.ident}
+        for other in pod_members(self.store, sandbox.id):
+            idents[other.record.pid] = other.record.ident
+        plan = plan_mod.container(spec, share_prefix=f"{self.id}/", joins=pod.joins(spec.namespaces, idents))
+        if plan.disks:
+            raise PyrunvError(f"container {self.id}: a block device of the host reaches a VM at its boot only; "
+                              f"the VM of pod {sandbox.id} runs already")
+        # The VM's monitor lives in a mount namespace copied before the engine mounted this container's rootfs:
+        # copies of the mount trees carry them there.
+        trees = []
+        try:
+            for entry in plan.shared:
+                trees.append(hostmount.detached_copy(entry.source, entry.readonly))
+            stdio = execution.stdio(spec.process.terminal, console_socket, spec.process.console_size, detach=True,
+                                    what="process.terminal")
+            try:
+                conn = control.Connection(sandbox.vm_dir, timeout=60)
+                conn.send({"op": "create", "container": self.id, "records": plan.records.hex(),
+                           "shared": [entry.name for entry in plan.shared], "terminal": spec.process.terminal},
+                          stdio + trees)
+            finally:
+                if spec.process.terminal:
+                    os.close(stdio[0])
+        finally:
+            for tree in trees:
+                os.close(tree)
+        try:
+            self.record.ident = conn.receive()["ident"]
+        except BaseException:
+            conn.close()
+            raise
+        self.record.pid = execution.start_waiter(conn, self.store.path(self.id, state.EXIT_FILE))
+        if cgroup:
+            cgroup.set(self._host_limits(spec.resources, config, 0))
+            cgroup.add(self.record.pid)
+
+    # the verbs ---------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        from . import hooks
+        with self.store.lock(self.id):
+            self.record = self.store.load(self.id)
+            after = self._check("start")
+            hooks.run("startContainer", self.record.hooks.get("startContainer", ()), self.record.oci_state(Status.CREATED))
+            self._control("start")
+            self._count_cpu_time()
+            self.record.status = after.value
+            self.store.save(self.record)
+        hooks.run("poststart", self.record.hooks.get("poststart", ()), self.record.oci_state(after))
+
+    def kill(self, signal: int, everyone: bool) -> None:
+        self._check("kill")
+        self._control("signal", signal=signal, all=everyone)
+
+    def set_paused(self, verb: str) -> None:
+        """pause or resume: a VM of its own freezes whole; a member of a pod, its cgroup in the guest."""
+        with self.store.lock(self.id):
+            self.record = self.store.load(self.id)
+            after = self._check(verb)
+            self._control(verb)
+            self.record.status = after.value
+            self.store.save(self.record)
+
+    def update(self, limits) -> None:
+        """New limits (a resources.Resources of what changes) for the guest's cgroup, the VM's memory where
+        the container owns its VM (the balloon: never beyond the size it booted with), and the host cgroup."""
+        import dataclasses
+        from ..host import cgroups
+        from .. import config as config_mod
+        from ..vm import plan as plan_mod
+        from ..spec import resources
+        with self.store.lock(self.id):
+            self.record = self.store.load(self.id)
+            self._check("update")
+            config = config_mod.load()
+            merged = resources.merge(resources.Resources(**self.record.resources), limits)
+            memory_mib = 0
+            if self.record.memory_mib and limits.memory_limit:  # without a limit, the VM's boot size again
+                memory_mib = (self.record.memory_mib if merged.memory_limit == resources.UNLIMITED
+                              else plan_mod.vm_memory_mib(merged.memory_limit, config))
+                if memory_mib > self.record.memory_mib:
+                    raise PyrunvError(
+                        f"cannot update {self.id}: a memory limit of {merged.memory_limit >> 20} MiB needs a VM of "
+                        f"{memory_mib} MiB, beyond the {self.record.memory_mib} MiB it booted with")
+            self._control("update", records=plan_mod.records(resources.guest_records(limits)).hex(),
+                          memory_mib=memory_mib)
+            if self.record.cgroup:  # after the guest: a smaller VM has given its memory back by now
+                cgroups.HostCgroup(**self.record.cgroup).set(self._host_limits(limits, config, memory_mib))
+            self.record.resources = dataclasses.asdict(merged)
+            self.store.save(self.record)
+
+    def exit_status(self) -> dict:
+        """How the container's init ended: {"exit", "signal", "oom_kills"}; empty if that is not known."""
+        import json
+        try:
+            with open(self.store.path(self.id, state.EXIT_FILE)) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def _vm_owner(self) -> "Container":
+        """The container whose VM this one runs in: itself, or its pod's sandbox."""
+        return Container.load(self.store, self.record.sandbox) if self.record.sandbox else self
+
+    def _vm_running(self) -> "Container":
+        """The container that owns this container's VM, if that VM runs (or is paused)."""
+        owner = self._vm_owner()
+        if owner.status not in (Status.CREATED, Status.RUNNING, Status.PAUSED):
+            raise PyrunvError(f"container {self.id} is stopped: its VM is gone")
+        return owner
+
+    def qmp(self, command: str | None, arguments: str | None) -> None:
+        from . import vm_access as vmaccess
+        vmaccess.qmp(self._vm_running().vm_dir, command, arguments)
+
+    def console(self, follow: bool) -> None:
+        """The VM's serial console from the VM's start, with the guest kernel's log in it."""
+        from . import vm_access as vmaccess
+        owner = self._vm_owner()
+        if owner.status is not Status.STOPPED:
+            try:
+                control.call(owner.vm_dir, "kmsg", timeout=15)
+            except PyrunvError as e:
+                log.debug("kmsg of %s: %s", owner.id, e)  # what the console has so far is still worth showing
+        vmaccess.console(owner.vm_dir, follow, lambda: owner.status is not Status.STOPPED)
+
+    def display(self, listen: str | None) -> None:
+        """The VM's display: its VNC socket's path, or with listen a TCP port relayed to it while the VM runs."""
+        from . import vm_access as vmaccess
+        owner = self._vm_running()
+        vmaccess.display(owner.vm_dir, listen, lambda: owner.status is not Status.STOPPED)
+
+    def checkpoint(self, image_path: str | None, leave_running: bool, page_server: str | None = None) -> None:
+        """The VM saved to image_path, or streamed to a `restore --listen` at page_server (snapshot.py);
+        without leave_running the container then ends as if SIGKILLed. Refused, the container untouched,
+        where QEMU and virtiofsd cannot save a VM."""
+        from .. import config as config_mod
+        from ..vm import snapshot
+        with self.store.lock(self.id):
+            self.record = self.store.load(self.id)
+            self._check("checkpoint")
+            if self.record.sandbox:
+                raise PyrunvError(f"cannot checkpoint {self.id}: it runs in the VM of pod {self.record.sandbox}")
+            if pod_members(self.store, self.id):  # restore would bring the VM back without their host side
+                raise PyrunvError(f"cannot checkpoint {self.id}: other containers of its pod run in its VM")
+            snapshot.save(self, image_path, leave_running, config_mod.load(), page_server)
+
+    def processes(self) -> list:
+        self._check("ps")
+        return self._control("ps")["processes"]
+
+    def stats(self) -> dict:
+        self._check("events")
+        return self._control("stats")["stats"]
+
+    def exec(self, process: dict, console_socket, detach: bool, pid_file) -> int:
+        from . import execution
+        self._check("exec")
+        return execution.run(self.vm_dir, self.id, process, console_socket, detach, pid_file)
+
+    def delete(self, force: bool) -> None:
+        from . import hooks
+        with self.store.lock(self.id):
+            self.record = self.store.load(self.id)
+            lifecycle.check("delete --force" if force else "delete", self.id, self.status)
+            self._tear_down()
+            hooks.run("poststop", self.record.hooks.get("poststop", ()), self.record.oci_state(Status.STOPPED))
+            self.store.remove(self.id)
+
+    def _tear_down(self) -> None:
+        """Nothing of the container is left running: its VM, or its part of the pod's VM and its waiter; then
+        the host cgroup directories it made go."""
+        from ..host import cgroups
+        from . import sandbox
+        if not self.record.sandbox:
+            sandbox.stop(self.store, self.record)
+        else:
+            if self.record.ident:  # the VM took it: it has a share and an init there
+                try:
+                    self._control("remove")
+                except PyrunvError as e:
+                    log.debug("remove %s from its pod's VM: %s", self.id, e)  # a VM that is gone took it along
+            sandbox.stop_process(self.record.pid, self.record.pid_start or state.process_start_time(self.record.pid))
+        if self.record.cgroup:
+            cgroups.HostCgroup(**self.record.cgroup).remove()
+
+
+class _Once:
+    """Runs check() on the first call; later calls repeat its outcome: nothing, or the same user's error."""
+
+    def __init__(self, check):
+        self.check, self.done, self.error = check, False, None
+
+    def __call__(self) -> None:
+        if not self.done:
+            self.done = True
+            try:
+                self.check()
+            except PyrunvError as e:
+                self.error = e
+        if self.error:
+            raise self.error
+
+
+def pod_members(store: state.Store, sandbox_id: str) -> list:
+    return [Container(store, record) for record in store.records() if record.sandbox == sandbox_id]
+
+
+def write_pid_file(path: str | None, pid: int) -> None:
+    if not path:
+        return
+    path = os.path.abspath(path)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(str(pid))
+        os.rename(tmp, path)
+    except OSError as e:
+        raise PyrunvError(f"cannot write pid file {path}: {e.strerror}") from None

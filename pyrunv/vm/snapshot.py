@@ -1,0 +1,168 @@
+"""Checkpoint and restore: a container's whole VM saved to a directory and resumed from it. QEMU saves
+the RAM and the devices (QMP `migrate` to a file), the Rust virtiofsd the open files of the share
+(`--migration-mode=find-paths`); no CRIU, and none of its limits. QEMU >= 8.2 and virtiofsd >= 1.11 can
+(vm.checkpoint_refusal); elsewhere both verbs refuse in one line and change nothing.
+
+The same state goes to another host over TCP (`checkpoint --page-server`, `restore --listen`): a header with
+the metadata, then QEMU's migration stream; the restoring side answers "ok" once its VM runs, and only then
+does the source end."""
+import dataclasses
+import json
+import os
+import socket
+import struct
+import sys
+import time
+
+from ..host import network
+from . import plan as plan_mod
+from ..errors import PyrunvError
+from .plan import VmPlan
+
+METADATA = "pyrunv-checkpoint.json"
+STATE = "vm.state"
+PODMAN_PROBE = "inventory.img"  # CRIU's file, whose presence podman checks before it calls restore
+FORMAT = "pyrunv-checkpoint/1"
+STREAM_MAGIC = b"PYRUNVCK"
+HEADER = struct.Struct("!8sI")  # the magic, then the length of the metadata's JSON
+CONNECT_TIMEOUT = 30.0  # the restoring side may be started a little after the checkpoint
+LISTEN_TIMEOUT = 300.0  # a restore waits this long for its checkpoint to arrive
+
+
+def _refuse_without_support(what: str, config) -> None:
+    from . import qemu as vm
+    refusal = vm.checkpoint_refusal(config)
+    if refusal:
+        raise PyrunvError(f"cannot {what}: {refusal}")
+
+
+def save(container, image_path: str | None, leave_running: bool, config, page_server: str | None = None) -> None:
+    """The VM of `container` (a control.Container that owns its VM) into image_path, or streamed to the
+    `restore --listen` at page_server (HOST:PORT)."""
+    from ..monitor import control
+    _refuse_without_support(f"checkpoint {container.id}", config)
+    if page_server:
+        with _connect(page_server, f"checkpoint {container.id}") as stream:
+            control.call(container.vm_dir, "checkpoint", timeout=2 * 120 + 30, fds=[stream.fileno()],
+                         leave_running=leave_running)
+        return
+    image_path = os.path.abspath(image_path)
+    try:
+        os.makedirs(image_path, exist_ok=True)
+    except OSError as e:
+        raise PyrunvError(f"cannot checkpoint {container.id}: {image_path}: {e.strerror}") from None
+    reply = control.call(container.vm_dir, "checkpoint", timeout=180, path=os.path.join(image_path, STATE),
+                         leave_running=leave_running)
+    with open(os.path.join(image_path, METADATA), "w") as f:
+        json.dump(metadata(container.id, reply["plan"], reply.get("mapped_ram", False)), f)
+    open(os.path.join(image_path, PODMAN_PROBE), "w").close()
+
+
+def metadata(container_id: str, plan_json: dict, mapped_ram: bool = False) -> dict:
+    """mapped_ram: QEMU's capability of that name was on for the save; the load needs it on as well."""
+    return {"format": FORMAT, "id": container_id, "plan": plan_json, "mapped_ram": mapped_ram}
+
+
+def stream_header(saved: dict) -> bytes:
+    """What the monitor sends before QEMU's stream: the metadata a file checkpoint keeps beside it."""
+    data = json.dumps(saved).encode()
+    return HEADER.pack(STREAM_MAGIC, len(data)) + data
+
+
+def _address(address: str, what: str) -> tuple:
+    try:
+        return network.host_port(address)
+    except ValueError:
+        raise PyrunvError(f"{what}: {address!r} is not HOST:PORT") from None
+
+
+def _connect(address: str, what: str) -> socket.socket:
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    while True:
+        try:
+            return socket.create_connection(_address(address, what), timeout=CONNECT_TIMEOUT)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise PyrunvError(f"{what}: nothing listens on {address} (pyrunv restore --listen)") from None
+            time.sleep(0.1)
+        except OSError as e:
+            raise PyrunvError(f"{what}: cannot connect to {address}: {e.strerror or e}") from None
+
+
+@dataclasses.dataclass
+class Source:
+    """Where a restore's VM comes from: a checkpoint's directory, or a stream that comes to `listen`."""
+    image_path: str | None = None
+    listen: str | None = None
+
+    def open(self, container_id: str, fresh: VmPlan, config) -> tuple:
+        """(the saved VM's plan, its incoming: QEMU's URI and whether the save used mapped-ram, the socket the
+        monitor must inherit for it, or None)"""
+        if self.listen:
+            plan, stream = receive(self.listen, container_id, fresh, config)
+            return plan, {"uri": f"fd:{stream.fileno()}", "mapped_ram": False}, stream
+        plan, state_file, mapped_ram = load(self.image_path, container_id, fresh, config)
+        return plan, {"uri": f"file:{state_file}", "mapped_ram": mapped_ram}, None
+
+
+def receive(address: str, container_id: str, fresh: VmPlan, config) -> tuple:
+    """(the plan, the connected socket whose rest is QEMU's stream) of a checkpoint that comes to address."""
+    what = f"restore {container_id}"
+    _refuse_without_support(what, config)
+    try:
+        server = socket.create_server(_address(address, what))
+    except OSError as e:
+        raise PyrunvError(f"{what}: cannot listen on {address!r}: {e.strerror or e}") from None
+    with server:
+        if address.endswith(":0"):  # the port chosen, for the checkpoint's --page-server
+            print("pyrunv: %s: listening on %s:%d" % ((what,) + server.getsockname()[:2]), file=sys.stderr,
+                  flush=True)
+        server.settimeout(LISTEN_TIMEOUT)
+        try:
+            stream, peer = server.accept()
+        except socket.timeout:
+            raise PyrunvError(f"{what}: no checkpoint came to {address} within {LISTEN_TIMEOUT:g}s") from None
+    try:
+        stream.settimeout(CONNECT_TIMEOUT)
+        head = stream.recv(HEADER.size, socket.MSG_WAITALL)
+        magic, length = HEADER.unpack(head) if len(head) == HEADER.size else (None, 0)
+        saved = json.loads(stream.recv(length, socket.MSG_WAITALL)) if magic == STREAM_MAGIC else None
+        stream.settimeout(None)
+        return _shaped_like(saved, f"what {peer[0]} sent", container_id, fresh), stream
+    except BaseException as e:
+        stream.close()
+        if isinstance(e, (OSError, ValueError)):
+            raise PyrunvError(f"what {peer[0]} sent is not a pyrunv checkpoint") from None
+        raise
+
+
+def load(image_path: str, container_id: str, fresh: VmPlan, config) -> tuple:
+    """(the saved VM's plan with this bundle's share and network, its state file, whether it was saved with
+    mapped-ram) of image_path."""
+    image_path = os.path.abspath(image_path)
+    try:
+        with open(os.path.join(image_path, METADATA)) as f:
+            saved = json.load(f)
+        if not os.path.isfile(os.path.join(image_path, STATE)):
+            raise ValueError
+    except (OSError, ValueError):
+        raise PyrunvError(f"{image_path} is not a pyrunv checkpoint") from None
+    _refuse_without_support(f"restore {container_id}", config)
+    return (_shaped_like(saved, image_path, container_id, fresh), os.path.join(image_path, STATE),
+            saved.get("mapped_ram") is True)
+
+
+def _shaped_like(saved, source: str, container_id: str, fresh: VmPlan) -> VmPlan:
+    """The saved plan with this bundle's share and network; refused unless the bundle has its shape."""
+    try:
+        if saved.get("format") != FORMAT:
+            raise ValueError
+        plan = plan_mod.from_json(saved["plan"])
+    except (AttributeError, ValueError, KeyError, TypeError):
+        raise PyrunvError(f"{source} is not a pyrunv checkpoint") from None
+    if ([s.name for s in plan.shared] != [s.name for s in fresh.shared] or len(plan.disks) != len(fresh.disks)
+            or (plan.network_namespace is None) != (fresh.network_namespace is None)):
+        raise PyrunvError(f"cannot restore {container_id}: the bundle's mounts, devices or network are not "
+                          "those of the checkpoint's container")
+    # The files and the network are this bundle's: the same paths, maybe in another place or on another host.
+    return dataclasses.replace(plan, shared=fresh.shared, disks=fresh.disks, network_namespace=fresh.network_namespace)
