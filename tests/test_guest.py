@@ -194,7 +194,7 @@ REFUSED_HOSTNAME = r"^invalid config.json: hostname: 'a/b' does not match '\^\[\
 
 def test_a_spec_only_the_schema_refuses_is_one_line_with_nothing_left(runtime, bundle):
     """A hostname the schema refuses parses well enough to plan the VM: create checks the schema while the VM
-    boots (Container.create), and ends it; the next test makes sure that QEMU runs by then."""
+    boots (create.create), and ends it; the next test makes sure that QEMU runs by then."""
     result = runtime("run", "--bundle", bundle("true", edit=lambda c: c.update(hostname="a/b")), "refused")
     assert result.returncode == 1
     assert re.match(REFUSED_HOSTNAME, result.stderr.decode().removeprefix("pyrunv: ").strip())
@@ -208,7 +208,7 @@ def test_a_schema_check_that_fails_once_qemu_runs_leaves_nothing_behind(runtime,
         import os, sys, time
         from pyrunv.spec import oci as spec
         from pyrunv.state import store as state
-        from pyrunv.runtime.container import Container
+        from pyrunv.runtime import create
         from pyrunv.errors import PyrunvError
         root, bundle = sys.argv[1:]
         check = spec.validate
@@ -222,7 +222,7 @@ def test_a_schema_check_that_fails_once_qemu_runs_leaves_nothing_behind(runtime,
             check(document, what)
         spec.validate = once_qemu_runs
         try:
-            Container.create(state.Store(root), "refused", bundle, None, None)
+            create.create(state.Store(root), "refused", bundle, None, None)
         except PyrunvError as e:
             print(e)
     """)

@@ -60,9 +60,9 @@ def parse_signal(text: str) -> int:
 
 
 def create_container(obj: Context, container_id: str, bundle: str, pid_file, console_socket, restore_from=None):
-    from ..runtime.container import Container
-    return Container.create(obj.store, container_id, bundle, pid_file, console_socket, obj.systemd_cgroup,
-                            restore_from)
+    from ..runtime import create
+    return create.create(obj.store, container_id, bundle, pid_file, console_socket, obj.systemd_cgroup,
+                         restore_from)
 
 
 @cli.command()
@@ -131,9 +131,9 @@ def delete(obj, force, container_id):
 def run(obj, bundle, console_socket, detach, keep, pid_file, no_subreaper, no_pivot, no_new_keyring,
         preserve_fds, container_id):
     """Create and start a container, and wait for it unless detached."""
-    from ..runtime.container import Container
-    sys.exit(Container.run(obj.store, container_id, bundle, pid_file, console_socket, obj.systemd_cgroup, detach,
-                           keep))
+    from ..runtime import create
+    sys.exit(create.run(obj.store, container_id, bundle, pid_file, console_socket, obj.systemd_cgroup, detach,
+                        keep))
 
 
 @cli.command()
@@ -413,8 +413,14 @@ def display(obj, listen, container_id):
 @cli.command()
 def features():
     """Print the runtime-spec features document, with pyrunv's annotations."""
+    from .. import config as config_mod
     from ..spec import defaults
-    click.echo(json.dumps(defaults.features(), indent=4))
+    from ..vm import qemu as vm
+    try:
+        refusal = vm.checkpoint_refusal(config_mod.load())
+    except PyrunvError as e:
+        refusal = e.message
+    click.echo(json.dumps(defaults.features(refusal), indent=4))
 
 
 def main() -> None:

@@ -116,16 +116,16 @@ def quick(argv: list) -> int | None:
         return _run(options, lambda: _container(store, rest[0]).start())
     systemd_cgroup = bool(options.get("--systemd-cgroup"))
     if verb == "create" and (flags := _verb_flags(rest, _CREATE_SWITCHES)) is not None:
-        from ..runtime.container import Container
+        from ..runtime import create
         found, container_id = flags
-        return _run(options, lambda: Container.create(store, container_id, found["bundle"], found["pid_file"],
-                                                      found["console_socket"], systemd_cgroup))
+        return _run(options, lambda: create.create(store, container_id, found["bundle"], found["pid_file"],
+                                                   found["console_socket"], systemd_cgroup))
     if verb == "run" and (flags := _verb_flags(rest, _RUN_SWITCHES)) is not None:
-        from ..runtime.container import Container
+        from ..runtime import create
         found, container_id = flags
-        return _run(options, lambda: Container.run(store, container_id, found["bundle"], found["pid_file"],
-                                                   found["console_socket"], systemd_cgroup, found["detach"],
-                                                   found["keep"]))
+        return _run(options, lambda: create.run(store, container_id, found["bundle"], found["pid_file"],
+                                                found["console_socket"], systemd_cgroup, found["detach"],
+                                                found["keep"]))
     try:
         if verb == "state" and plain_id:
             text = render_state(store, rest[0])

@@ -15,7 +15,7 @@ import os
 import socket
 import sys
 
-from . import control
+from ..host.sockets import socket_path
 from ..host import mounts as hostmount
 from ..host import network
 from .. import jsonlite, logs
@@ -25,7 +25,7 @@ from ..vm import qemu as vm
 from ..state import store as state
 from ..config import Config
 from ..errors import PyrunvError
-from ..runtime.waiter import exit_like
+from ..host.signals import exit_like
 
 log = logs.log
 PR_SET_NAME = 15
@@ -163,21 +163,21 @@ class Monitor:
         # Every socket is made here and handed over as an fd: no daemon races us for a path.
         listener = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
         fs_client = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-        with control.socket_path(self.state_dir, "fs.sock") as path:
+        with socket_path(self.state_dir, "fs.sock") as path:
             listener.bind(path)
             listener.listen(1)
             fs_client.connect(path)
             os.unlink(path)
         # QMP for people (`pyrunv qmp`), beside the monitor's own: QEMU listens on the socket we made.
         user_qmp = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-        with control.socket_path(self.state_dir, vm.QMP_SOCKET) as path:
+        with socket_path(self.state_dir, vm.QMP_SOCKET) as path:
             user_qmp.bind(path)
             os.chmod(path, 0o600)
         user_qmp.listen(1)
         self.display_listener = None  # the service hands each client that connects to QEMU's VNC server
         if self.plan.display:
             self.display_listener = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-            with control.socket_path(self.state_dir, vm.VNC_SOCKET) as path:
+            with socket_path(self.state_dir, vm.VNC_SOCKET) as path:
                 self.display_listener.bind(path)
                 os.chmod(path, 0o600)
             self.display_listener.listen(4)
@@ -226,6 +226,6 @@ class Monitor:
         with open(self.path("helpers.json"), "w") as f:
             f.write(jsonlite.dumps([(d.pid, state.process_start_time(d.pid)) for d in (self.qemu, self.virtiofsd)]))
         if self.template and self.template.exists:
-            with control.socket_path(self.state_dir, vm.QMP_SOCKET) as path:  # the people's QMP, free till create ends
+            with socket_path(self.state_dir, vm.QMP_SOCKET) as path:  # the people's QMP, free till create ends
                 self.template.load(self.plan, self.qemu.pid, path, self.config.boot_timeout)
         return accel

@@ -25,9 +25,8 @@ from ..state import store as state
 from .channel import FLAG, PAIR, STDERR, STDOUT, WINDOW, Channel, F, ProcessIO
 from ..errors import PyrunvError
 from ..logs import log
-from .main import Monitor
 from ..host.terminal import open_console, raw_terminal
-from ..runtime.waiter import FORWARDED
+from ..host.signals import FORWARDED
 
 INIT_ID = state.VM_INIT
 BALLOON_TIMEOUT = 10.0
@@ -36,7 +35,7 @@ SCM_MAX_FD = 253  # the kernel's limit of fds in one message: stdio and a contai
 
 
 class Service:
-    def __init__(self, monitor: Monitor, accel: str):
+    def __init__(self, monitor, accel: str):
         self.monitor, self.accel = monitor, accel
         self.config, self.plan = monitor.config, monitor.plan
         self.qemu, self.virtiofsd = monitor.qemu, monitor.virtiofsd
@@ -112,7 +111,7 @@ class Service:
             self.init.start_relay()
 
         control_sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-        with control.socket_path(self.monitor.state_dir, control.SOCKET_NAME) as path:
+        with socket_path(self.monitor.state_dir, control.SOCKET_NAME) as path:
             control_sock.bind(path)
         control_sock.listen(16)
         control_sock.setblocking(False)

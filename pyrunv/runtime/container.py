@@ -1,11 +1,10 @@
 """The host side of one container: what each verb does to it, whatever VM it runs in.
 
 A container either owns a VM (a single container, or a pod's sandbox: its pid-file process is the VM's
-monitor, see sandbox.py) or runs in its sandbox's VM (a member of a pod: its pid-file process is a waiter
+monitor, see sandbox.py; create.py brings it to exist) or runs in its sandbox's VM (a member of a pod: its pid-file process is a waiter
 connected to that monitor, see execution.start_waiter). Either way the verbs reach the guest through
 the monitor's control socket, naming the container."""
 import os
-import time
 
 from ..monitor import control
 from ..state import lifecycle
@@ -45,100 +44,6 @@ class Container:
     def _check(self, verb: str) -> Status | None:
         return lifecycle.check(verb, self.id, self.status)
 
-    # create ------------------------------------------------------------------------------------------
-
-    @classmethod
-    def create(cls, store: state.Store, container_id: str, bundle: str, pid_file, console_socket,
-               systemd_cgroup: bool = False, restore_from=None) -> "Container":
-        """create, or with restore_from (a snapshot.Source) restore: the VM resumes where it was saved, and
-        the container is running.
-
-        The schema's check of config.json (jsonschema alone takes some 80 ms to load) runs while the VM boots:
-        the VM is planned from the document as parsed, and the container exists only once the check has
-        passed. Any error on the way yields to the schema's, so a document the schema refuses gets the same
-        one line as if it had been checked first."""
-        from ..spec import oci as spec_mod
-        state.validate_id(container_id)
-        document = spec_mod.read_document(bundle)
-        check_schema = _Once(lambda: cls._validate(store, container_id, document))
-        try:
-            return cls._create(store, container_id, bundle, document, check_schema, pid_file, console_socket,
-                               systemd_cgroup, restore_from)
-        except BaseException:
-            check_schema()
-            raise
-
-    @classmethod
-    def _create(cls, store: state.Store, container_id: str, bundle: str, document, check_schema, pid_file,
-                console_socket, systemd_cgroup: bool, restore_from) -> "Container":
-        import dataclasses
-        from ..host import cgroups
-        from .. import config as config_mod
-        from . import hooks
-        from ..spec import oci as spec_mod
-        spec = spec_mod.parse(bundle, document)
-        if spec.process.terminal and not console_socket and not os.isatty(0):
-            raise PyrunvError("cannot allocate tty if runc will detach without setting console socket")
-        sandbox_id = pod.sandbox_of(container_id, spec.annotations)
-        if sandbox_id and restore_from:
-            raise PyrunvError(f"cannot restore {container_id}: a container of a pod has no VM of its own")
-        if sandbox_id:
-            check_schema()  # it boots nothing to overlap with
-        sandbox = cls._running_sandbox(store, sandbox_id) if sandbox_id else None
-        spec_mod.check_namespace_paths(spec)
-        record = state.Record(id=container_id, bundle=spec.bundle, rootfs=spec.rootfs, status=Status.CREATING.value,
-                              created=time.strftime("%Y-%m-%dT%H:%M:%S.000000000Z", time.gmtime()),
-                              owner="root" if os.getuid() == 0 else str(os.getuid()), annotations=spec.annotations,
-                              hooks={kind: list(spec.hooks[kind]) for kind in hooks.AFTER_CREATE if spec.hooks[kind]},
-                              sandbox=sandbox_id or "", resources=dataclasses.asdict(spec.resources))
-        config = config_mod.load()
-        container = cls(store, record)
-        with store.create(record):
-            try:
-                cgroup = None
-                if spec.cgroups_path:
-                    cgroup = cgroups.HostCgroup.create(spec.cgroups_path, systemd_cgroup)
-                    record.cgroup = {"directories": cgroup.directories, "created": cgroup.created}
-                if sandbox:
-                    container._join(sandbox, spec, console_socket, cgroup, config)
-                else:
-                    container._boot(spec, console_socket, cgroup, config, restore_from, check_schema)
-                record.pid_start = state.process_start_time(record.pid)
-                record.status = (Status.RUNNING if restore_from else Status.CREATED).value
-                store.save(record)
-                for kind in ("prestart", "createRuntime", "createContainer"):
-                    hooks.run(kind, spec.hooks[kind], record.oci_state(Status.CREATED))
-                write_pid_file(pid_file, record.pid)
-            except BaseException:
-                container._tear_down()
-                store.remove(container_id)
-                raise
-        log.info("created %s (pid %d%s)", container_id, record.pid,
-                 f", in the VM of {sandbox_id}" if sandbox_id else f", accel {record.accel}")
-        return container
-
-    @classmethod
-    def run(cls, store: state.Store, container_id: str, bundle: str, pid_file, console_socket, systemd_cgroup: bool,
-            detach: bool, keep: bool) -> int:
-        """create, start and, unless detached, wait: the exit code `run` gives (128+N for a signal)."""
-        terminal_state = None
-        if not detach and not console_socket and os.isatty(0):
-            import termios
-            terminal_state = termios.tcgetattr(0)
-        container = cls.create(store, container_id, bundle, pid_file, console_socket, systemd_cgroup)
-        try:
-            container.start()
-        except BaseException:
-            cls.remove(store, container_id, force=True)
-            raise
-        if detach:
-            return 0
-        code = container.wait_in_foreground(keep)
-        if terminal_state is not None:  # the monitor sets it raw and may not have lived to restore it
-            import termios
-            termios.tcsetattr(0, termios.TCSADRAIN, terminal_state)
-        return code
-
     def wait_in_foreground(self, keep: bool) -> int:
         """Forwards our signals to the container's pid-file process, our child, until it exits; returns its code
         (128+N for a signal), and deletes the container unless keep."""
@@ -166,7 +71,7 @@ class Container:
                     raise PyrunvError(f"container {container_id} does not exist")
         cls.load(store, container_id).delete(force)
 
-    def _boot(self, spec, console_socket, cgroup, config, restore_from, while_booting) -> None:
+    def boot_vm(self, spec, console_socket, cgroup, config, restore_from, while_booting) -> None:
         """A VM of its own: the monitor boots it and prepares the container's init in it (or resumes a saved
         one, whose init runs already). while_booting() runs meanwhile; its error ends the VM."""
         from ..vm import plan as plan_mod
@@ -206,41 +111,7 @@ class Container:
         return resources.host_files(limits, cgroups.version(), memory_mib, config.host_overhead_mib,
                                     config.host_pids_limit)
 
-    @staticmethod
-    def _validate(store: state.Store, container_id: str, document) -> None:
-        """The spec against the schema: by the pod's monitor for a container of a pod (jsonschema is loaded
-        there already, and takes ~50 ms to load here), else here. A pod whose monitor cannot be reached is
-        create's error to name once the spec is known valid."""
-        from ..spec import oci as spec_mod
-        annotations = document.get("annotations") if isinstance(document, dict) else None
-        try:
-            sandbox_id = pod.sandbox_of(container_id, annotations) if isinstance(annotations, dict) else None
-            conn = control.Connection(store.path(state.validate_id(sandbox_id)), timeout=60) if sandbox_id else None
-        except (PyrunvError, TypeError):  # TypeError: annotations the schema will refuse
-            conn = None
-        if conn is None:
-            spec_mod.validate(document)
-            return
-        with conn:
-            conn.send({"op": "validate", "document": document})
-            conn.receive()
-
-    @classmethod
-    def _running_sandbox(cls, store: state.Store, sandbox_id: str) -> "Container":
-        try:
-            sandbox = cls.load(store, state.validate_id(sandbox_id))
-        except PyrunvError as e:
-            raise PyrunvError(f"pod sandbox {sandbox_id!r}: {e}") from None
-        if sandbox.record.sandbox:
-            raise PyrunvError(f"pod sandbox {sandbox_id}: it is a container of pod {sandbox.record.sandbox}, not a sandbox")
-        status = sandbox.status
-        if status is Status.PAUSED:
-            raise PyrunvError(f"pod sandbox {sandbox_id} is paused: its VM cannot take a container")
-        if status not in (Status.CREATED, Status.RUNNING):
-            raise PyrunvError(f"pod sandbox {sandbox_id} is {status.value}: its VM is not running")
-        return sandbox
-
-    def _join(self, sandbox: "Container", spec, console_socket, cgroup, config) -> None:
+    def join_vm(self, sandbox: "Container", spec, console_socket, cgroup, config) -> None:
         """Into the sandbox's running VM: the monitor shares the container's files and prepares its init; a
         waiter of our own stands for that init on the host."""
         from . import execution
@@ -379,11 +250,11 @@ class Container:
         vmaccess.display(owner.vm_dir, listen, lambda: owner.status is not Status.STOPPED)
 
     def checkpoint(self, image_path: str | None, leave_running: bool, page_server: str | None = None) -> None:
-        """The VM saved to image_path, or streamed to a `restore --listen` at page_server (snapshot.py);
+        """The VM saved to image_path, or streamed to a `restore --listen` at page_server (checkpoint.py);
         without leave_running the container then ends as if SIGKILLed. Refused, the container untouched,
         where QEMU and virtiofsd cannot save a VM."""
         from .. import config as config_mod
-        from ..vm import snapshot
+        from . import checkpoint
         with self.store.lock(self.id):
             self.record = self.store.load(self.id)
             self._check("checkpoint")
@@ -391,7 +262,7 @@ class Container:
                 raise PyrunvError(f"cannot checkpoint {self.id}: it runs in the VM of pod {self.record.sandbox}")
             if pod_members(self.store, self.id):  # restore would bring the VM back without their host side
                 raise PyrunvError(f"cannot checkpoint {self.id}: other containers of its pod run in its VM")
-            snapshot.save(self, image_path, leave_running, config_mod.load(), page_server)
+            checkpoint.save(self, image_path, leave_running, config_mod.load(), page_server)
 
     def processes(self) -> list:
         self._check("ps")
@@ -411,11 +282,11 @@ class Container:
         with self.store.lock(self.id):
             self.record = self.store.load(self.id)
             lifecycle.check("delete --force" if force else "delete", self.id, self.status)
-            self._tear_down()
+            self.tear_down()
             hooks.run("poststop", self.record.hooks.get("poststop", ()), self.record.oci_state(Status.STOPPED))
             self.store.remove(self.id)
 
-    def _tear_down(self) -> None:
+    def tear_down(self) -> None:
         """Nothing of the container is left running: its VM, or its part of the pod's VM and its waiter; then
         the host cgroup directories it made go."""
         from ..host import cgroups
@@ -433,35 +304,5 @@ class Container:
             cgroups.HostCgroup(**self.record.cgroup).remove()
 
 
-class _Once:
-    """Runs check() on the first call; later calls repeat its outcome: nothing, or the same user's error."""
-
-    def __init__(self, check):
-        self.check, self.done, self.error = check, False, None
-
-    def __call__(self) -> None:
-        if not self.done:
-            self.done = True
-            try:
-                self.check()
-            except PyrunvError as e:
-                self.error = e
-        if self.error:
-            raise self.error
-
-
 def pod_members(store: state.Store, sandbox_id: str) -> list:
     return [Container(store, record) for record in store.records() if record.sandbox == sandbox_id]
-
-
-def write_pid_file(path: str | None, pid: int) -> None:
-    if not path:
-        return
-    path = os.path.abspath(path)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(str(pid))
-        os.rename(tmp, path)
-    except OSError as e:
-        raise PyrunvError(f"cannot write pid file {path}: {e.strerror}") from None

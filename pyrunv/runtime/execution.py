@@ -72,7 +72,6 @@ def run(state_dir: str, container: str, process: dict, console_socket, detach: b
     conn.receive()  # raises the agent's error, e.g. an executable that is not there
     if process.get("terminal"):
         os.close(fds[0])
-    from .container import write_pid_file
     if detach:
         write_pid_file(pid_file, start_waiter(conn))
         return 0
@@ -104,3 +103,16 @@ def start_waiter(conn: control.Connection, exit_file: str | None = None) -> int:
         os.execv(argv[0], argv)
     finally:
         os._exit(127)
+
+
+def write_pid_file(path: str | None, pid: int) -> None:
+    if not path:
+        return
+    path = os.path.abspath(path)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(str(pid))
+        os.rename(tmp, path)
+    except OSError as e:
+        raise PyrunvError(f"cannot write pid file {path}: {e.strerror}") from None

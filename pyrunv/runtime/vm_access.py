@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 
-from ..monitor import control
+from ..host.sockets import socket_path
 from ..host import network
 from ..vm import qemu as vm
 from ..errors import PyrunvError
@@ -35,7 +35,7 @@ def qmp(vm_dir: str, command: str | None, arguments: str | None) -> None:
             raise PyrunvError("qmp: arguments must be a JSON object")
     from qemu.qmp.legacy import QEMUMonitorProtocol
     from qemu.qmp.qmp_shell import QMPShell
-    with control.socket_path(vm_dir, vm.QMP_SOCKET) as path:
+    with socket_path(vm_dir, vm.QMP_SOCKET) as path:
         if command is None:
             with QMPShell(path, pretty=True) as shell:
                 _connect(shell)
@@ -96,7 +96,7 @@ def display(vm_dir: str, listen: str | None, alive) -> None:
             client, _ = server.accept()
             vnc = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                with control.socket_path(vm_dir, vm.VNC_SOCKET) as path:
+                with socket_path(vm_dir, vm.VNC_SOCKET) as path:
                     vnc.connect(path)
             except OSError:
                 client.close()

@@ -4,33 +4,17 @@ gets to the monitor, and exits as the guest process did.
 
 It is a fresh `python -S` that imports this module alone: a fork of the CLI would keep the memory of
 click and jsonschema, 15 MiB for every container of a pod. So it speaks the control socket's JSON lines
-by itself (docs/architecture.md), and pyrunv's other modules take the signal lists from here. It imports
-the C modules behind signal, socket and json: their Python layers (enum, selectors, re) would make each
-waiter some 2 MiB bigger."""
+by itself (docs/architecture.md). It imports the C modules behind signal, socket and json: their Python
+layers (enum, selectors, re) would make each waiter some 2 MiB bigger."""
 import _signal as signal
 import _socket
 import os
-import resource
 import sys
 
 from .. import jsonlite
+from ..host.signals import FORWARDED, exit_like
 
-FORWARDED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
-             signal.SIGTERM, signal.SIGALRM, signal.SIGPWR, signal.SIGTSTP, signal.SIGCONT)
-UNKILLABLE = (signal.SIGCHLD, signal.SIGWINCH, signal.SIGURG, signal.SIGCONT, signal.SIGSTOP, signal.SIGTSTP,
-              signal.SIGTTIN, signal.SIGTTOU)
 VM_GONE = {"exit": 128 + signal.SIGKILL, "signal": signal.SIGKILL}  # as if SIGKILLed, as the VM was
-
-
-def exit_like(code: int, sig: int) -> None:
-    """Exit as the guest process did: its code, or death by the very signal that killed it."""
-    if sig and sig not in UNKILLABLE:
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if sig != signal.SIGKILL:
-            signal.signal(sig, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
-        os.kill(os.getpid(), sig)
-    os._exit(code & 0xFF)
 
 
 def wait(sock, received: bytes = b"") -> dict:

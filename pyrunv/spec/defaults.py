@@ -56,14 +56,8 @@ ANNOTATIONS = {
 }
 
 
-def features() -> dict:
-    from .. import config as config_mod
-    from ..vm import qemu as vm
-    from ..errors import PyrunvError
-    try:
-        refusal = vm.checkpoint_refusal(config_mod.load())
-    except PyrunvError as e:
-        refusal = e.message
+def features(checkpoint_refusal: str | None) -> dict:
+    """The features document; checkpoint_refusal says why this host cannot save a VM (None if it can)."""
     return {
         "ociVersionMin": "1.0.0",
         "ociVersionMax": "1.0.2",
@@ -86,6 +80,6 @@ def features() -> dict:
             "io.github.pyrunv.vm": "each container runs in a QEMU virtual machine: its own, or its pod's sandbox's",
             **{config.ANNOTATION_PREFIX + k: v for k, v in ANNOTATIONS.items()},
             # checkpoint and restore save and resume the whole VM, where this host's QEMU and virtiofsd can
-            "io.pyrunv.checkpoint": f"not available: {refusal}" if refusal else "available",
+            "io.pyrunv.checkpoint": f"not available: {checkpoint_refusal}" if checkpoint_refusal else "available",
         },
     }

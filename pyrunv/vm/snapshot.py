@@ -5,14 +5,16 @@ the RAM and the devices (QMP `migrate` to a file), the Rust virtiofsd the open f
 
 The same state goes to another host over TCP (`checkpoint --page-server`, `restore --listen`): a header with
 the metadata, then QEMU's migration stream; the restoring side answers "ok" once its VM runs, and only then
-does the source end."""
+does the source end.
+
+Here: the format, and where a restore's VM comes from. The saving side is the monitor's (monitor/saving.py),
+asked by `checkpoint` (runtime/checkpoint.py)."""
 import dataclasses
 import json
 import os
 import socket
 import struct
 import sys
-import time
 
 from ..host import network
 from . import plan as plan_mod
@@ -29,33 +31,11 @@ CONNECT_TIMEOUT = 30.0  # the restoring side may be started a little after the c
 LISTEN_TIMEOUT = 300.0  # a restore waits this long for its checkpoint to arrive
 
 
-def _refuse_without_support(what: str, config) -> None:
+def refuse_without_support(what: str, config) -> None:
     from . import qemu as vm
     refusal = vm.checkpoint_refusal(config)
     if refusal:
         raise PyrunvError(f"cannot {what}: {refusal}")
-
-
-def save(container, image_path: str | None, leave_running: bool, config, page_server: str | None = None) -> None:
-    """The VM of `container` (a control.Container that owns its VM) into image_path, or streamed to the
-    `restore --listen` at page_server (HOST:PORT)."""
-    from ..monitor import control
-    _refuse_without_support(f"checkpoint {container.id}", config)
-    if page_server:
-        with _connect(page_server, f"checkpoint {container.id}") as stream:
-            control.call(container.vm_dir, "checkpoint", timeout=2 * 120 + 30, fds=[stream.fileno()],
-                         leave_running=leave_running)
-        return
-    image_path = os.path.abspath(image_path)
-    try:
-        os.makedirs(image_path, exist_ok=True)
-    except OSError as e:
-        raise PyrunvError(f"cannot checkpoint {container.id}: {image_path}: {e.strerror}") from None
-    reply = control.call(container.vm_dir, "checkpoint", timeout=180, path=os.path.join(image_path, STATE),
-                         leave_running=leave_running)
-    with open(os.path.join(image_path, METADATA), "w") as f:
-        json.dump(metadata(container.id, reply["plan"], reply.get("mapped_ram", False)), f)
-    open(os.path.join(image_path, PODMAN_PROBE), "w").close()
 
 
 def metadata(container_id: str, plan_json: dict, mapped_ram: bool = False) -> dict:
@@ -69,24 +49,11 @@ def stream_header(saved: dict) -> bytes:
     return HEADER.pack(STREAM_MAGIC, len(data)) + data
 
 
-def _address(address: str, what: str) -> tuple:
+def host_port(address: str, what: str) -> tuple:
     try:
         return network.host_port(address)
     except ValueError:
         raise PyrunvError(f"{what}: {address!r} is not HOST:PORT") from None
-
-
-def _connect(address: str, what: str) -> socket.socket:
-    deadline = time.monotonic() + CONNECT_TIMEOUT
-    while True:
-        try:
-            return socket.create_connection(_address(address, what), timeout=CONNECT_TIMEOUT)
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                raise PyrunvError(f"{what}: nothing listens on {address} (pyrunv restore --listen)") from None
-            time.sleep(0.1)
-        except OSError as e:
-            raise PyrunvError(f"{what}: cannot connect to {address}: {e.strerror or e}") from None
 
 
 @dataclasses.dataclass
@@ -108,9 +75,9 @@ class Source:
 def receive(address: str, container_id: str, fresh: VmPlan, config) -> tuple:
     """(the plan, the connected socket whose rest is QEMU's stream) of a checkpoint that comes to address."""
     what = f"restore {container_id}"
-    _refuse_without_support(what, config)
+    refuse_without_support(what, config)
     try:
-        server = socket.create_server(_address(address, what))
+        server = socket.create_server(host_port(address, what))
     except OSError as e:
         raise PyrunvError(f"{what}: cannot listen on {address!r}: {e.strerror or e}") from None
     with server:
@@ -147,7 +114,7 @@ def load(image_path: str, container_id: str, fresh: VmPlan, config) -> tuple:
             raise ValueError
     except (OSError, ValueError):
         raise PyrunvError(f"{image_path} is not a pyrunv checkpoint") from None
-    _refuse_without_support(f"restore {container_id}", config)
+    refuse_without_support(f"restore {container_id}", config)
     return (_shaped_like(saved, image_path, container_id, fresh), os.path.join(image_path, STATE),
             saved.get("mapped_ram") is True)
 
