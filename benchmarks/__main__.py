@@ -15,7 +15,7 @@ import time
 import traceback
 
 from pyrunv import config as config_mod
-from pyrunv.vm import qemu as vm
+from pyrunv.vm import accelerator
 
 from . import boot, figures, pods, report, resize, templates
 from .harness import REPO, BenchError, Workspace, process_table
@@ -138,7 +138,7 @@ def probe_kvm() -> dict:
     if not os.path.exists("/dev/kvm"):
         return {"usable": False, "reason": "no /dev/kvm"}
     started = time.monotonic()
-    usable = vm.probe(config, boot.plan_for(config, "kvm"), "kvm")
+    usable = accelerator.probe(config, boot.plan_for(config, "kvm"), "kvm")
     return {"usable": usable,
             "reason": "" if usable else f"pyrunv.vm.probe did not boot the guest with KVM "
                                         f"({time.monotonic() - started:.1f} s probe)"}

@@ -16,19 +16,19 @@ import tempfile
 import time
 
 from pyrunv import config as config_mod
-from pyrunv.vm import qemu as vm
+from pyrunv.vm import daemon, qemu, virtiofsd
 from pyrunv.monitor.channel import F, HEADER
 from pyrunv.vm.plan import VmPlan
 
 
 def plan_for(config, accel: str) -> VmPlan:
-    return VmPlan(machine=vm.booted_machine(config.machine), accel=accel, vcpus=1, memory_mib=config.memory_mib,
+    return VmPlan(machine=qemu.booted_machine(config.machine), accel=accel, vcpus=1, memory_mib=config.memory_mib,
                   kernel=config.kernel, initrd=config.initrd, kernel_params=config.kernel_params,
                   shared=(), init_records=b"")
 
 
 def console_fd(stack: contextlib.ExitStack, path: str) -> int:
-    """QEMU takes its console as an fd (vm.qemu_argv); this one is closed with `stack`."""
+    """QEMU takes its console as an fd (qemu.qemu_argv); this one is closed with `stack`."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     stack.callback(os.close, fd)
     return fd
@@ -49,14 +49,14 @@ def boot_phases(config, accel: str, extra_params: str = "", deadline: float = 60
         agent_host, agent_guest = (sockets.enter_context(s) for s in socket.socketpair())
         qmp_host, qmp_guest = (sockets.enter_context(s) for s in socket.socketpair())
         console = console_fd(sockets, os.path.join(tmp, "console.log"))
-        argv = vm.qemu_argv(config, plan_for(config, accel), accel, agent_fd=agent_guest.fileno(),
+        argv = qemu.qemu_argv(config, plan_for(config, accel), accel, agent_fd=agent_guest.fileno(),
                             qmp_fd=qmp_guest.fileno(), fs_fd=fs_client.fileno(),
                             console_fd=console, extra_params=extra_params)
         fds = (agent_guest.fileno(), qmp_guest.fileno(), fs_client.fileno(), console)
         started = time.monotonic()
-        with vm.virtiofsd(config, share, listener.fileno(), os.path.join(tmp, "virtiofsd.log")):
+        with virtiofsd.daemon(config, share, listener.fileno(), os.path.join(tmp, "virtiofsd.log")):
             qemu_started = time.monotonic()
-            with vm.Daemon("qemu", argv, fds, os.path.join(tmp, "qemu.log")):
+            with daemon.Daemon("qemu", argv, fds, os.path.join(tmp, "qemu.log")):
                 agent_host.settimeout(deadline)
                 try:
                     header = agent_host.recv(HEADER.size, socket.MSG_WAITALL)
@@ -81,14 +81,14 @@ def probe_once(config, accel: str, deadline: float = 60.0, tmp_dir: str | None =
         agent_host, agent_guest = (sockets.enter_context(s) for s in socket.socketpair())
         qmp_host, qmp_guest = (sockets.enter_context(s) for s in socket.socketpair())
         console_out = console_fd(sockets, console)
-        argv = vm.qemu_argv(config, plan_for(config, accel), accel, agent_fd=agent_guest.fileno(),
+        argv = qemu.qemu_argv(config, plan_for(config, accel), accel, agent_fd=agent_guest.fileno(),
                             qmp_fd=qmp_guest.fileno(), fs_fd=None, console_fd=console_out,
                             extra_params="pyrunv.probe")
         started = time.monotonic()
-        with vm.Daemon("qemu (probe)", argv, (agent_guest.fileno(), qmp_guest.fileno(), console_out),
-                       os.path.join(tmp, "qemu.log")) as qemu:
+        with daemon.Daemon("qemu (probe)", argv, (agent_guest.fileno(), qmp_guest.fileno(), console_out),
+                       os.path.join(tmp, "qemu.log")) as probed:
             try:
-                qemu.proc.wait(deadline)
+                probed.proc.wait(deadline)
             except subprocess.TimeoutExpired:
                 raise RuntimeError(f"probe boot did not end within {deadline:g}s") from None
             elapsed = time.monotonic() - started

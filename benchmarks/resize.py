@@ -14,7 +14,7 @@ import time
 from pyrunv.host import cgroups
 from pyrunv import config as config_mod
 from pyrunv.vm import snapshot
-from pyrunv.vm import qemu as vm
+from pyrunv.vm import versions
 
 from .figures import TIME_HEADERS, Figure, Settings, Table, mib, ms, ratio, rounds, timed_row, x
 from .harness import MIB, BenchError, Workspace, container_pss, containers_under, median, process_table
@@ -187,7 +187,7 @@ def save_once(ws: Workspace, kind: str, root: str, bundle: str, load: str) -> tu
 def save_rounds(ws: Workspace, s: Settings, roots: dict, cgroup_paths: list) -> tuple:
     """Checkpoint and restore where each runtime can: ({"<kind> <load>": {"checkpoint", "restore", "size"}: lists},
     [(what, why not) for what is not measured], the cgroups clear had to remove)."""
-    refusal = vm.checkpoint_refusal(config_mod.load())
+    refusal = versions.checkpoint_refusal(config_mod.load())
     criu = shutil.which("criu")
     skipped = ([("pyrunv checkpoint and restore", refusal)] if refusal else []) + \
         ([] if criu else [("runc checkpoint and restore (CRIU)", "criu is not installed: `runc checkpoint` needs it")])

@@ -4,7 +4,7 @@ import time
 
 from pyrunv import config as config_mod
 from pyrunv.vm import template
-from pyrunv.vm import qemu as vm
+from pyrunv.vm import versions
 
 from .figures import TIME_HEADERS, Figure, Settings, Table, measure_containers, mib, ms, ratio, rounds, timed_row, x
 from .harness import Workspace, median
@@ -24,7 +24,7 @@ def templates(ws: Workspace, s: Settings, kvm: dict) -> Figure:
         "Only where QEMU can load a template: QEMU >= 9.0 with the Rust virtiofsd (Debian 13), the whole VM on "
         "microvm; QEMU < 8.2 (Debian 12), on q35 with the share plugged in after the load, while the booted VMs "
         "are microvm (`machine = \"auto\"`). The other settings are the defaults.")
-    refusal = vm.template_refusal(config_mod.load())
+    refusal = versions.template_refusal(config_mod.load())
     if refusal:
         fig.tables.append(Table(["", "not measured"], [["a VM loaded from its template", refusal]]))
         fig.summary = f"templates: not measured here: {refusal}"

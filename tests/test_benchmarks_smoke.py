@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from pyrunv import config
-from pyrunv.vm import qemu as vm
+from pyrunv.vm import versions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +28,7 @@ def test_quick_run_prints_ten_figures_and_writes_the_page(tmp_path):
         lines = [line for line in summary if line.startswith(f"figure {number} ")]
         assert lines, f"figure {number} missing from the summary:\n{result.stdout[-3000:]}"
         assert "FAILED" not in lines[0], lines[0]
-        if number == 10 and vm.template_refusal(config.load()):
+        if number == 10 and versions.template_refusal(config.load()):
             assert "not measured here: " in lines[0], lines[0]
             continue
         assert re.search(r"\| ratio [^|]+ [0-9.]+x", lines[0]), f"figure {number} has no ratio: {lines[0]}"

@@ -11,10 +11,10 @@ import pytest
 from faultlib import describe_status, one_line_error, wait_pid, wait_until
 
 from pyrunv import config
-from pyrunv.vm import qemu as vm
+from pyrunv.vm import versions
 
 pytestmark = [pytest.mark.vm, pytest.mark.checkpoint, pytest.mark.skipif(
-    vm.checkpoint_refusal(config.load()) is not None, reason="this host's QEMU and virtiofsd cannot save a VM")]
+    versions.checkpoint_refusal(config.load()) is not None, reason="this host's QEMU and virtiofsd cannot save a VM")]
 
 # Counts into a file it keeps open on the share (its fd survives with virtiofsd's state), and exits 7 when
 # told to. Shell builtins only: under Debian 13's QEMU 10 (TCG) forked processes of the guest segfault now

@@ -8,10 +8,10 @@ import pytest
 from faultlib import one_line_error
 
 from pyrunv import config
-from pyrunv.vm import qemu as vm
+from pyrunv.vm import versions
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(
-    vm.template_refusal(config.load()) is not None, reason="this host's QEMU cannot load a VM from a template")]
+    versions.template_refusal(config.load()) is not None, reason="this host's QEMU cannot load a VM from a template")]
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import resource
 import pytest
 
 from pyrunv.vm import plan
-from pyrunv.vm import qemu as vm
+from pyrunv.vm import qemu, versions, virtiofsd
 from pyrunv.config import Config
 from pyrunv.errors import PyrunvError
 from pyrunv.spec.resources import Resources
@@ -151,10 +151,10 @@ def test_a_display_needs_the_config_to_allow_it_and_then_gets_a_gpu_and_vnc():
     with pytest.raises(PyrunvError, match=r"^annotation io.pyrunv.vm.display: invalid value 'sdl'"):
         plan.make(annotated(display="sdl"), allowed)
     shown = plan.make(annotated(display="vnc"), allowed)
-    argv = vm.qemu_argv(allowed, shown, "tcg", agent_fd=3, qmp_fd=4, fs_fd=5, console_fd=6)
+    argv = qemu.qemu_argv(allowed, shown, "tcg", agent_fd=3, qmp_fd=4, fs_fd=5, console_fd=6)
     assert argv[argv.index("-vnc") + 1] == "none" and "virtio-gpu-device" in argv
     assert argv[argv.index("-append") + 1].startswith("console=tty0 vt.global_cursor_default=0 console=ttyS0 ")
-    plain = vm.qemu_argv(allowed, plan.make(annotated(), allowed), "tcg", agent_fd=3, qmp_fd=4, fs_fd=5, console_fd=6)
+    plain = qemu.qemu_argv(allowed, plan.make(annotated(), allowed), "tcg", agent_fd=3, qmp_fd=4, fs_fd=5, console_fd=6)
     assert "-vnc" not in plain and not any("virtio-gpu" in arg or "tty0" in arg for arg in plain)
 
 
@@ -209,9 +209,9 @@ def test_the_plan_carries_the_config_paths():
 def test_a_qemu_that_translates_by_physical_address_gets_a_guest_that_zeroes_the_pages_it_allocates(
         monkeypatch, release, accel, zeroing):
     """QEMU >= 8.1's TCG keeps translations of a page that virtiofsd refills behind its back (Debian 13)."""
-    monkeypatch.setattr(vm, "qemu_release", lambda qemu: release)
+    monkeypatch.setattr(versions, "qemu_release", lambda qemu: release)
     plan_ = plan.make(annotated(), Config())
-    assert ("init_on_alloc=1" in vm.kernel_cmdline(Config(), plan_, accel).split()) == zeroing
+    assert ("init_on_alloc=1" in qemu.kernel_cmdline(Config(), plan_, accel).split()) == zeroing
 
 
 @pytest.mark.parametrize("version, flags", [
@@ -219,8 +219,8 @@ def test_a_qemu_that_translates_by_physical_address_gets_a_guest_that_zeroes_the
     ("virtiofsd 1.13.2", ["--cache=never", "--thread-pool-size=0", "--migration-on-error=guest-error"]),
 ])
 def test_the_shares_cache_and_threads_reach_either_virtiofsd(monkeypatch, version, flags):
-    monkeypatch.setattr(vm, "cached_version", lambda binary: version)
-    argv = vm.virtiofsd(Config(share_cache="never", share_threads=0), "/share", 3, None).argv
+    monkeypatch.setattr(versions, "cached_version", lambda binary: version)
+    argv = virtiofsd.daemon(Config(share_cache="never", share_threads=0), "/share", 3, None).argv
     assert set(flags) <= set(argv), argv
 
 
@@ -238,6 +238,6 @@ def test_the_config_file_refuses_a_share_setting_out_of_range(tmp_path, setting,
 
 
 def test_the_c_virtiofsd_gets_no_thread_pool_it_would_kill(monkeypatch):
-    monkeypatch.setattr(vm, "cached_version", lambda binary: "virtiofsd version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u18)")
+    monkeypatch.setattr(versions, "cached_version", lambda binary: "virtiofsd version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u18)")
     with pytest.raises(PyrunvError, match=r"^share_threads = 4 needs the Rust virtiofsd: QEMU's C virtiofsd kills"):
-        vm.virtiofsd(Config(share_threads=4), "/share", 3, None)
+        virtiofsd.daemon(Config(share_threads=4), "/share", 3, None)

@@ -8,7 +8,7 @@ import pytest
 
 from pyrunv.vm import plan
 from pyrunv.vm import template
-from pyrunv.vm import qemu as vm
+from pyrunv.vm import guest_ram, qemu, versions
 from pyrunv.config import Config
 from pyrunv.spec.resources import Resources
 from pyrunv.spec.oci import Process, Spec
@@ -21,9 +21,9 @@ def a_config(tmp_path, monkeypatch, qemu_release: tuple) -> Config:
     initrd."""
     for name in ("qemu", "virtiofsd", "vmlinux", "initrd.img"):
         (tmp_path / name).write_text(name)
-    monkeypatch.setattr(vm, "qemu_release", lambda qemu: qemu_release)
-    monkeypatch.setattr(vm, "checkpoint_refusal", lambda config: None if qemu_release >= vm.CHECKPOINT_QEMU else "old")
-    monkeypatch.setattr(vm, "host_tsc_khz", lambda: 2100000)
+    monkeypatch.setattr(versions, "qemu_release", lambda qemu: qemu_release)
+    monkeypatch.setattr(versions, "checkpoint_refusal", lambda config: None if qemu_release >= versions.CHECKPOINT_QEMU else "old")
+    monkeypatch.setattr(qemu, "host_tsc_khz", lambda: 2100000)
     return Config(qemu=str(tmp_path / "qemu"), virtiofsd=str(tmp_path / "virtiofsd"),
                   kernel=str(tmp_path / "vmlinux"), initrd=str(tmp_path / "initrd.img"),
                   template_dir=str(tmp_path / "templates"), annotations_allowed=["memory_mib", "machine"])
@@ -50,7 +50,7 @@ def a_plan(config, **annotations):
 
 
 def argv_of(config, vm_plan, fd=3, plug_share=False):
-    return vm.qemu_argv(config, vm_plan, "tcg", agent_fd=fd, qmp_fd=fd + 1, fs_fd=fd + 2, console_fd=fd + 3,
+    return qemu.qemu_argv(config, vm_plan, "tcg", agent_fd=fd, qmp_fd=fd + 1, fs_fd=fd + 2, console_fd=fd + 3,
                         plug_share=plug_share)
 
 
@@ -97,7 +97,7 @@ def test_where_qemu_cannot_save_the_share_a_templated_vm_is_q35_and_gets_its_sha
     argv = argv_of(old_qemu, vm_plan, plug_share=True)
     assert "pcie-root-port,id=share-port,chassis=1" in argv and not any("vhost-user-fs" in arg for arg in argv)
     assert "pyrunv.share=plugged" in argv[argv.index("-append") + 1]
-    assert vm.share_device(vm_plan, plugged=True) == {
+    assert qemu.share_device(vm_plan, plugged=True) == {
         "driver": "vhost-user-fs-pci", "chardev": "fs", "tag": "pyrunv", "bus": "share-port", "id": "share"}
     assert "pyrunv.share=plugged" not in " ".join(argv_of(old_qemu, vm_plan))
 
@@ -117,7 +117,7 @@ def test_a_templates_ram_is_the_guests_without_its_zero_pages_and_loads_into_hol
     os.pwrite(fd, b"kernel", 0)
     os.pwrite(fd, bytes(PAGE), PAGE)  # written, but only zeros: as a page the guest freed and cleared
     os.pwrite(fd, b"slab", 40 * PAGE)
-    ram = vm.GuestRam(os.getpid())
+    ram = guest_ram.GuestRam(os.getpid())
     ram.save_to(saved)
     ram.close()
     os.close(fd)
@@ -125,7 +125,7 @@ def test_a_templates_ram_is_the_guests_without_its_zero_pages_and_loads_into_hol
     fd = os.memfd_create("memory-backend-memfd")
     try:
         os.ftruncate(fd, 64 * PAGE)
-        ram = vm.GuestRam(os.getpid())
+        ram = guest_ram.GuestRam(os.getpid())
         ram.load_from(saved)
         assert ram.holes() == [(PAGE, 39 * PAGE), (41 * PAGE, 23 * PAGE)]
         assert os.pread(fd, 6, 0) == b"kernel" and os.pread(fd, 4, 40 * PAGE) == b"slab"
@@ -141,7 +141,7 @@ def test_what_a_save_read_of_the_guest_ram_is_given_back_and_its_data_kept():
         os.ftruncate(fd, 64 * PAGE)
         os.pwrite(fd, b"kernel", 0)
         os.pwrite(fd, b"slab", 40 * PAGE)
-        ram = vm.GuestRam(os.getpid())
+        ram = guest_ram.GuestRam(os.getpid())
         holes = ram.holes()
         assert holes == [(PAGE, 39 * PAGE), (41 * PAGE, 23 * PAGE)]
         with mmap.mmap(fd, 64 * PAGE, mmap.MAP_SHARED, mmap.PROT_READ) as m:

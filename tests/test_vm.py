@@ -202,8 +202,8 @@ def test_checkpoint_refuses_in_one_line_without_the_qemu_it_needs_and_leaves_the
                                                                                            tmp_path):
     """Debian 12's QEMU 7.2 cannot save a VM with a vhost-user-fs device; the container goes on untouched."""
     from pyrunv import config
-    from pyrunv.vm import qemu as vm
-    refusal = vm.checkpoint_refusal(config.load())
+    from pyrunv.vm import versions
+    refusal = versions.checkpoint_refusal(config.load())
     if refusal is None:
         pytest.skip("this host's QEMU and virtiofsd could save a VM")
     runtime.detached("run", "--detach", "--bundle", bundle("sleep", "600"), "cp")

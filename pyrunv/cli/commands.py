@@ -415,9 +415,9 @@ def features():
     """Print the runtime-spec features document, with pyrunv's annotations."""
     from .. import config as config_mod
     from ..spec import defaults
-    from ..vm import qemu as vm
+    from ..vm import versions
     try:
-        refusal = vm.checkpoint_refusal(config_mod.load())
+        refusal = versions.checkpoint_refusal(config_mod.load())
     except PyrunvError as e:
         refusal = e.message
     click.echo(json.dumps(defaults.features(refusal), indent=4))

@@ -21,7 +21,7 @@ from ..host import network
 from .. import jsonlite, logs
 from ..vm import plan as plan_mod
 from ..vm import template as template_mod
-from ..vm import qemu as vm
+from ..vm import accelerator, daemon, qemu, virtiofsd
 from ..state import store as state
 from ..config import Config
 from ..errors import PyrunvError
@@ -124,8 +124,7 @@ class Monitor:
 
     def adopt(self, handover: dict, stack: contextlib.ExitStack) -> None:
         """The VM that start_vm started, with the same teardown: QEMU stopped first, then virtiofsd."""
-        virtiofsd, qemu = (vm.Daemon.adopt(**helper) for helper in handover["helpers"])
-        self.virtiofsd, self.qemu = stack.enter_context(virtiofsd), stack.enter_context(qemu)
+        self.virtiofsd, self.qemu = (stack.enter_context(daemon.Daemon.adopt(**helper)) for helper in handover["helpers"])
         fds = handover["fds"]
         self.agent_socket = stack.enter_context(socket.socket(fileno=fds["agent"]))
         self.qmp_socket = stack.enter_context(socket.socket(fileno=fds["qmp"]))
@@ -158,7 +157,7 @@ class Monitor:
         for shared in self.plan.shared:
             hostmount.bind(shared.source, os.path.join(share, shared.name), shared.readonly)
         self.plan = dataclasses.replace(self.plan, machine=template_mod.machine(self.config, self.plan))
-        accel = vm.choose_accel(self.config, self.plan)
+        accel = accelerator.choose(self.config, self.plan)
 
         # Every socket is made here and handed over as an fd: no daemon races us for a path.
         listener = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
@@ -170,14 +169,14 @@ class Monitor:
             os.unlink(path)
         # QMP for people (`pyrunv qmp`), beside the monitor's own: QEMU listens on the socket we made.
         user_qmp = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-        with socket_path(self.state_dir, vm.QMP_SOCKET) as path:
+        with socket_path(self.state_dir, qemu.QMP_SOCKET) as path:
             user_qmp.bind(path)
             os.chmod(path, 0o600)
         user_qmp.listen(1)
         self.display_listener = None  # the service hands each client that connects to QEMU's VNC server
         if self.plan.display:
             self.display_listener = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-            with socket_path(self.state_dir, vm.VNC_SOCKET) as path:
+            with socket_path(self.state_dir, qemu.VNC_SOCKET) as path:
                 self.display_listener.bind(path)
                 os.chmod(path, 0o600)
             self.display_listener.listen(4)
@@ -187,7 +186,7 @@ class Monitor:
             stack.enter_context(s)
 
         self.virtiofsd = stack.enter_context(
-            vm.virtiofsd(self.config, share, listener.fileno(), self.path("virtiofsd.log")))
+            virtiofsd.daemon(self.config, share, listener.fileno(), self.path("virtiofsd.log")))
         console = os.open(self.path("console.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         stack.callback(os.close, console)
         # A container with a network namespace gets a NIC; at start it takes the engine's veth's place.
@@ -207,7 +206,7 @@ class Monitor:
             except OSError as e:
                 raise PyrunvError(f"cannot open block device {path}: {e.strerror}") from None
         self.template = template_mod.choose(self.config, self.plan) if self.restore_from is None else None
-        argv = vm.qemu_argv(self.config, self.plan, accel, agent_fd=agent_guest.fileno(),
+        argv = qemu.qemu_argv(self.config, self.plan, accel, agent_fd=agent_guest.fileno(),
                             qmp_fd=qmp_guest.fileno(), fs_fd=fs_client.fileno(), console_fd=console,
                             tap_fd=tap.fileno() if tap else None, user_qmp_fd=user_qmp.fileno(), disks=disks,
                             incoming=self.restore_from is not None,
@@ -217,7 +216,7 @@ class Monitor:
             if self.template.exists:
                 argv += ["-incoming", "defer"]  # loaded below, once QEMU runs
         log.debug("starting %s", " ".join(argv))
-        self.qemu = stack.enter_context(vm.Daemon(
+        self.qemu = stack.enter_context(daemon.Daemon(
             "qemu", argv, [f.fileno() for f in handed] + [console] + [fd for fds, _ in disks for fd in fds],
             self.path("qemu.log"),
             user=self.config.qemu_user))
@@ -226,6 +225,6 @@ class Monitor:
         with open(self.path("helpers.json"), "w") as f:
             f.write(jsonlite.dumps([(d.pid, state.process_start_time(d.pid)) for d in (self.qemu, self.virtiofsd)]))
         if self.template and self.template.exists:
-            with socket_path(self.state_dir, vm.QMP_SOCKET) as path:  # the people's QMP, free till create ends
+            with socket_path(self.state_dir, qemu.QMP_SOCKET) as path:  # the people's QMP, free till create ends
                 self.template.load(self.plan, self.qemu.pid, path, self.config.boot_timeout)
         return accel

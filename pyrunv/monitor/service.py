@@ -18,7 +18,7 @@ from ..host import mounts as hostmount
 from ..host import network
 from ..vm import migration
 from ..vm import plan as plan_mod
-from ..vm import qemu as vm
+from ..vm import guest_ram, qemu, versions
 from ..spec import pod
 from ..spec import oci as spec_mod
 from ..state import store as state
@@ -27,6 +27,7 @@ from ..errors import PyrunvError
 from ..logs import log
 from ..host.terminal import open_console, raw_terminal
 from ..host.signals import FORWARDED
+from ..host.sockets import socket_path
 
 INIT_ID = state.VM_INIT
 BALLOON_TIMEOUT = 10.0
@@ -182,7 +183,7 @@ class Service:
     async def _save(self, qmp, uri: str, what: str, capability: str | None) -> None:
         """QEMU saves the stopped VM to uri. The guest RAM its save allocated by reading it is given back."""
         try:
-            ram = vm.GuestRam(self.qemu.pid)
+            ram = guest_ram.GuestRam(self.qemu.pid)
             holes = ram.holes()
         except OSError as e:
             log.warning("%s: the guest RAM the save reads stays allocated: %s", what, e)
@@ -199,7 +200,7 @@ class Service:
 
     async def _plug_share(self, qmp) -> None:
         """The share of a VM whose template holds none: plugged into its empty PCIe port, then mounted."""
-        await qmp.execute("device_add", vm.share_device(self.plan, plugged=True))
+        await qmp.execute("device_add", qemu.share_device(self.plan, plugged=True))
         await self._mount_share()
 
     async def _mount_share(self) -> None:
@@ -213,7 +214,7 @@ class Service:
         qmp = await self._qmp_client()
         stream = socket.socket(fileno=fds.pop()) if fds else None
         # In a file, the RAM at fixed offsets: a restore then writes only the pages that are not zero.
-        mapped_ram = not stream and vm.qemu_release(self.config.qemu) >= vm.MAPPED_RAM_QEMU
+        mapped_ram = not stream and versions.qemu_release(self.config.qemu) >= versions.MAPPED_RAM_QEMU
         was_running = not self.paused
         if was_running:
             await qmp.execute("stop")

@@ -31,16 +31,16 @@ def run() -> list:
     except PyrunvError as e:
         return [Line("fail", "config", e.message, "correct the file (docs/configuration.md)")]
 
-    from ..vm import qemu as vm
+    from ..vm import versions
     for name, binary, fix in (("qemu", config.qemu, "apt-get install qemu-system-x86, or set qemu"),
                               ("virtiofsd", config.virtiofsd, "apt-get install qemu-system-common (Debian 12) "
                                "or virtiofsd (Debian 13), or set virtiofsd")):
         try:
-            lines.append(Line("ok", name, f"{binary}: {vm.version(binary)}"))
+            lines.append(Line("ok", name, f"{binary}: {versions.version(binary)}"))
         except PyrunvError as e:
             lines.append(Line("fail", name, e.message, fix))
     if not any(line.level == "fail" for line in lines):
-        refusal = vm.checkpoint_refusal(config)
+        refusal = versions.checkpoint_refusal(config)
         lines.append(Line("warning", "checkpoint", f"not possible: {refusal}", "Debian 13's QEMU and virtiofsd")
                      if refusal else Line("ok", "checkpoint", "possible with this QEMU and virtiofsd"))
         lines.append(_templates(config))
@@ -57,13 +57,13 @@ def run() -> list:
 
 
 def _templates(config) -> Line:
-    from ..vm import qemu as vm
+    from ..vm import versions
     if config.template == "off":
         return Line("ok", "templates", "off in the config: every VM boots")
-    refusal = vm.template_refusal(config)
+    refusal = versions.template_refusal(config)
     if refusal:
         return Line("warning", "templates", f"VMs boot: {refusal}", "machine = \"auto\" or \"q35\", or Debian 13")
-    kind = ("without the share, which is plugged in after the load (q35)" if vm.share_plugged_in(config)
+    kind = ("without the share, which is plugged in after the load (q35)" if versions.share_plugged_in(config)
             else "the whole VM, share included")
     return Line("ok", "templates", f"a VM of a shape seen before is loaded, not booted: {kind}; kept in "
                 f"{config.template_dir}")
@@ -89,12 +89,11 @@ def _guest(config) -> list:
 
 
 def _accelerators(config) -> list:
-    from ..vm import plan as plan_mod
-    from ..vm import qemu as vm
-    plan = plan_mod.VmPlan(machine=vm.booted_machine(config.machine), accel="auto", vcpus=1,
+    from ..vm import accelerator, plan as plan_mod, qemu
+    plan = plan_mod.VmPlan(machine=qemu.booted_machine(config.machine), accel="auto", vcpus=1,
                            memory_mib=config.memory_mib, kernel=config.kernel, initrd=config.initrd,
                            kernel_params=config.kernel_params, shared=(), init_records=b"")
-    kvm = os.path.exists("/dev/kvm") and vm.probe(config, plan, "kvm")
+    kvm = os.path.exists("/dev/kvm") and accelerator.probe(config, plan, "kvm")
     if not os.path.exists("/dev/kvm"):
         line = Line("warning", "kvm", "no /dev/kvm: the VMs run under TCG, much slower",
                     "load kvm_intel or kvm_amd; enable nested virtualisation in a VM")
@@ -103,7 +102,7 @@ def _accelerators(config) -> list:
     else:
         line = Line("warning", "kvm", "/dev/kvm opens but the probe guest does not boot under it (a PVM or broken "
                     "nested KVM): the VMs run under TCG", "a host whose KVM runs standard guests")
-    tcg = vm.probe(config, plan, "tcg", deadline=30)
+    tcg = accelerator.probe(config, plan, "tcg", deadline=30)
     return [line, Line("ok", "tcg", "the probe guest boots under TCG") if tcg else
             Line("warning" if kvm else "fail", "tcg", "the probe guest does not boot under TCG"),
             Line("ok" if kvm or tcg else "fail", "accelerator",

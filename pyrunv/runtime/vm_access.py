@@ -13,7 +13,7 @@ import time
 
 from ..host.sockets import socket_path
 from ..host import network
-from ..vm import qemu as vm
+from ..vm import qemu
 from ..errors import PyrunvError
 
 
@@ -35,7 +35,7 @@ def qmp(vm_dir: str, command: str | None, arguments: str | None) -> None:
             raise PyrunvError("qmp: arguments must be a JSON object")
     from qemu.qmp.legacy import QEMUMonitorProtocol
     from qemu.qmp.qmp_shell import QMPShell
-    with socket_path(vm_dir, vm.QMP_SOCKET) as path:
+    with socket_path(vm_dir, qemu.QMP_SOCKET) as path:
         if command is None:
             with QMPShell(path, pretty=True) as shell:
                 _connect(shell)
@@ -79,10 +79,10 @@ def console(vm_dir: str, follow: bool, alive) -> None:
 def display(vm_dir: str, listen: str | None, alive) -> None:
     """Prints the VNC socket's path; with listen (HOST:PORT), relays that TCP port to it while alive()."""
     _require_root()
-    if not os.path.exists(os.path.join(vm_dir, vm.VNC_SOCKET)):
+    if not os.path.exists(os.path.join(vm_dir, qemu.VNC_SOCKET)):
         raise PyrunvError("the VM has no display (annotation io.pyrunv.vm.display=vnc)")
     if listen is None:
-        print(os.path.join(vm_dir, vm.VNC_SOCKET))
+        print(os.path.join(vm_dir, qemu.VNC_SOCKET))
         return
     try:
         server = socket.create_server(network.host_port(listen))
@@ -96,7 +96,7 @@ def display(vm_dir: str, listen: str | None, alive) -> None:
             client, _ = server.accept()
             vnc = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                with socket_path(vm_dir, vm.VNC_SOCKET) as path:
+                with socket_path(vm_dir, qemu.VNC_SOCKET) as path:
                     vnc.connect(path)
             except OSError:
                 client.close()

@@ -1,7 +1,7 @@
 """Checkpoint and restore: a container's whole VM saved to a directory and resumed from it. QEMU saves
 the RAM and the devices (QMP `migrate` to a file), the Rust virtiofsd the open files of the share
 (`--migration-mode=find-paths`); no CRIU, and none of its limits. QEMU >= 8.2 and virtiofsd >= 1.11 can
-(vm.checkpoint_refusal); elsewhere both verbs refuse in one line and change nothing.
+(versions.checkpoint_refusal); elsewhere both verbs refuse in one line and change nothing.
 
 The same state goes to another host over TCP (`checkpoint --page-server`, `restore --listen`): a header with
 the metadata, then QEMU's migration stream; the restoring side answers "ok" once its VM runs, and only then
@@ -32,8 +32,8 @@ LISTEN_TIMEOUT = 300.0  # a restore waits this long for its checkpoint to arrive
 
 
 def refuse_without_support(what: str, config) -> None:
-    from . import qemu as vm
-    refusal = vm.checkpoint_refusal(config)
+    from . import versions
+    refusal = versions.checkpoint_refusal(config)
     if refusal:
         raise PyrunvError(f"cannot {what}: {refusal}")
 

@@ -3,7 +3,7 @@ VM templating start theirs. The first VM of a shape is saved just after its agen
 container exists in it; the next VMs of that shape load it, and each gets its own share, NIC, clock and
 randomness (the agent's RESTORED). A shape is QEMU's and virtiofsd's command lines less their file
 descriptors and paths, and the identity of QEMU, virtiofsd, the kernel and the initrd: any change makes
-another template. Where QEMU cannot (vm.template_refusal), VMs boot; so do VMs with block devices or a
+another template. Where QEMU cannot (versions.template_refusal), VMs boot; so do VMs with block devices or a
 display, and those whose QEMU runs as another user (qemu_user).
 
 Two kinds, by what QEMU can save. Where it can save the virtio-fs device (QEMU >= 9.0, the Rust virtiofsd),
@@ -17,7 +17,7 @@ import contextlib
 import os
 import re
 
-from . import qemu as vm
+from . import guest_ram, qemu, versions
 from ..config import Config
 from ..errors import PyrunvError
 from ..logs import log
@@ -85,7 +85,7 @@ class Template:
     async def save_with_ram(qmp, qemu_pid: int, path: str) -> None:
         """A template that holds no share: the guest's RAM, written here, then QEMU's state after it."""
         from . import migration
-        ram = vm.GuestRam(qemu_pid)
+        ram = guest_ram.GuestRam(qemu_pid)
         try:
             with open(path, "wb") as saving:
                 ram.save_to(saving.fileno())
@@ -104,13 +104,13 @@ class Template:
             if not self.plugged:
                 await migration.load(qmp, f"file:{self.path}", migration.MAPPED_RAM)
                 return
-            ram = vm.GuestRam(qemu_pid)
+            ram = guest_ram.GuestRam(qemu_pid)
             try:
                 with open(self.path, "rb") as saved:
                     ram.load_from(saved.fileno())
                     saved.seek(ram.size)  # QEMU's state follows the RAM, as save_with_ram wrote it
                     uri = await migration.hand_fd(qmp, saved, "template")
-                    await migration.load(qmp, uri, migration.IGNORE_SHARED, plug=vm.share_device(plan, plugged=True))
+                    await migration.load(qmp, uri, migration.IGNORE_SHARED, plug=qemu.share_device(plan, plugged=True))
             finally:
                 ram.close()
         finally:
@@ -124,17 +124,17 @@ def _remove(path: str) -> None:
 
 def choose(config: Config, plan: VmPlan) -> Template | None:
     """This VM's kind of template, to be located once its command line is known; None if it must boot."""
-    if not _may_load(config, plan) or vm.template_refusal(config, plan.machine):
+    if not _may_load(config, plan) or versions.template_refusal(config, plan.machine):
         return None
-    return Template(vm.share_plugged_in(config))
+    return Template(versions.share_plugged_in(config))
 
 
 def machine(config: Config, plan: VmPlan) -> str:
     """The machine of this VM, whose plan may ask for "auto": q35 where it may start from a template whose share
     is plugged in (PCIe hot-plug), else microvm, which boots faster."""
-    if plan.machine == "auto" and _may_load(config, plan) and vm.share_plugged_in(config):
+    if plan.machine == "auto" and _may_load(config, plan) and versions.share_plugged_in(config):
         return "q35"
-    return vm.booted_machine(plan.machine)
+    return qemu.booted_machine(plan.machine)
 
 
 def _may_load(config: Config, plan: VmPlan) -> bool:

@@ -5,10 +5,10 @@ import pytest
 
 from conftest import IMAGE, inspect, wait_for
 from pyrunv import config
-from pyrunv.vm import qemu as vm
+from pyrunv.vm import versions
 
 pytestmark = [pytest.mark.engine, pytest.mark.vm, pytest.mark.checkpoint, pytest.mark.skipif(
-    vm.checkpoint_refusal(config.load()) is not None, reason="this host's QEMU and virtiofsd cannot save a VM")]
+    versions.checkpoint_refusal(config.load()) is not None, reason="this host's QEMU and virtiofsd cannot save a VM")]
 
 # Appends rather than rewrites, so that the file shows any count lost or repeated. No network: Debian 13's
 # podman needs nftables for its default one.
