@@ -1,0 +1,21 @@
+"""The VM's display: each VNC client that connects to vnc.sock is handed to QEMU's VNC server."""
+import asyncio
+import socket
+
+from ..logs import log
+from ..vm import migration
+
+
+async def serve(service, listener: socket.socket) -> None:
+    """Each VNC client that connects to vnc.sock goes to QEMU's VNC server over QMP (getfd, add_client)."""
+    loop = asyncio.get_running_loop()
+    listener.setblocking(False)
+    while True:
+        conn, _ = await loop.sock_accept(listener)
+        with conn:
+            try:
+                qmp = await service.qmp_client()
+                await migration.hand_fd(qmp, conn, "vnc")
+                await qmp.execute("add_client", {"protocol": "vnc", "fdname": "vnc", "skipauth": True})
+            except Exception as e:  # one client's failure must not end the display for the next
+                log.warning("display client: %s", e)
