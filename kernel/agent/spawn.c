@@ -501,32 +501,6 @@ static void common_setup(const struct spec *s, int sync_fd)
     else if (send_fd(sync_fd, -1) < 0) _exit(127);
 }
 
-void cgroup_path(char *out, size_t len, uint32_t container, const char *file)
-{
-    snprintf(out, len, CGROUP_DIR "/c%u%s%s", container, *file ? "/" : "", file);
-}
-
-int cgroup_limits(uint32_t container, const char *const *records, int n, char *err, size_t errlen)
-{
-    for (int i = 0; i < n; i++) {
-        char file[64], path[160];
-        const char *value = strchr(records[i], ' ');
-        size_t len = value ? (size_t)(value - records[i]) : 0;
-        if (!len || len >= sizeof file || memchr(records[i], '/', len)) {
-            snprintf(err, errlen, "bad cgroup record %s", records[i]);
-            return -1;
-        }
-        memcpy(file, records[i], len);
-        file[len] = 0;
-        cgroup_path(path, sizeof path, container, file);
-        if (write_text(path, value + 1) < 0) {
-            snprintf(err, errlen, "cgroup %s %s: %s", file, value + 1, strerror(errno));
-            return -1;
-        }
-    }
-    return 0;
-}
-
 /* The namespaces of another container's init (a pod's shared IPC and UTS), joined before anything else. */
 static void join_namespaces(const pid_t join_pids[3], int sync_fd)
 {

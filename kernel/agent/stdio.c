@@ -1,0 +1,152 @@
+/* The processes' stdio: output framed as the host's credit allows, input written as it comes. */
+#define _GNU_SOURCE
+#include "agent.h"
+#include "protocol.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <time.h>
+#include <unistd.h>
+
+/* Output that is less than a frame's worth waits this long for more, so that a process that writes a little at
+ * a time still fills frames: each frame is a trip through the emulated device (a kick, an interrupt), which
+ * under TCG costs far more than its bytes. */
+#define COALESCE_MS 5
+long long coalesce_until; /* CLOCK_MONOTONIC ms; 0 while no output waits */
+
+void set_nonblock(int fd)
+{
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+}
+
+void watch_output(struct proc *p, int s)
+{
+    if (p->out_fd[s] < 0) return;
+    epoll_set(p->out_fd[s], TAG(slot_of(p), s == S_STDOUT ? R_OUT : R_ERR),
+              p->credit[s] ? EPOLLIN : 0, &p->watching[s]);
+}
+
+static void close_output(struct proc *p, int s)
+{
+    epoll_set(p->out_fd[s], 0, 0, &p->watching[s]);
+    close(p->out_fd[s]);
+    p->out_fd[s] = -1;
+    send_frame(s == S_STDOUT ? FR_STDOUT : FR_STDERR, p->id, NULL, 0);
+}
+
+void close_input(struct proc *p)
+{
+    if (p->in_fd < 0) return;
+    epoll_set(p->in_fd, 0, 0, &p->watching[S_STDIN]);
+    close(p->in_fd);
+    p->in_fd = -1;
+}
+
+/* The exit status goes out only after the last byte of output: nothing written before exit is lost. A
+ * container's init also says how many of the container's processes the OOM killer took, so that the host
+ * needs no STATS round trip while the VM ends. */
+static void maybe_finish(struct proc *p)
+{
+    if (!p->exited || p->out_fd[S_STDOUT] >= 0 || p->out_fd[S_STDERR] >= 0) return;
+    uint32_t oom_kills = p->is_init ? (uint32_t)cgroup_number(p->container, "memory.events", "oom_kill") : 0;
+    int32_t payload[3] = { p->code, p->sig, (int32_t)oom_kills };
+    send_frame(FR_EXIT, p->id, payload, sizeof payload);
+    release(p);
+}
+
+static uint32_t frame_limit(const struct proc *p, int s)
+{
+    return p->credit[s] < DATA_CHUNK ? p->credit[s] : DATA_CHUNK;
+}
+
+long long now_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000LL + t.tv_nsec / 1000000;
+}
+
+/* Whether readable output waits for more: less than a frame's worth is there, and more may come. */
+int defer_output(struct proc *p, int s, uint32_t events)
+{
+    int avail = 0;
+    if (p->terminal || p->exited || (events & (EPOLLHUP | EPOLLERR)) || ioctl(p->out_fd[s], FIONREAD, &avail) < 0
+        || avail <= 0 || (uint32_t)avail >= frame_limit(p, s))
+        return 0;
+    p->deferred[s] = 1;
+    epoll_set(p->out_fd[s], 0, 0, &p->watching[s]);
+    if (!coalesce_until) coalesce_until = now_ms() + COALESCE_MS;
+    return 1;
+}
+
+void pump_output(struct proc *p, int s)
+{
+    static char chunk[DATA_CHUNK];
+    p->deferred[s] = 0;
+    while (p->out_fd[s] >= 0 && p->credit[s]) {
+        size_t want = frame_limit(p, s);
+        ssize_t n = read(p->out_fd[s], chunk, want);
+        if (n > 0) {
+            send_frame(s == S_STDOUT ? FR_STDOUT : FR_STDERR, p->id, chunk, (uint32_t)n);
+            p->credit[s] -= (uint32_t)n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR) continue;
+        /* EAGAIN after exit: drained; the pipe may live on in an orphan, which is not ours to wait for. */
+        if (n < 0 && errno == EAGAIN && !p->exited) break;
+        close_output(p, s);
+    }
+    if (p->out_fd[s] >= 0) watch_output(p, s);
+    maybe_finish(p);
+}
+
+/* Once coalesce_until has passed: the output that waited goes out, whatever its size. */
+void pump_deferred(void)
+{
+    coalesce_until = 0;
+    for (int i = 0; i < MAX_PROCS; i++)
+        for (int s = S_STDOUT; s <= S_STDERR; s++)
+            if (procs[i].used && procs[i].deferred[s]) pump_output(&procs[i], s);
+}
+
+void pump_input(struct proc *p)
+{
+    size_t done = 0;
+    while (p->in_fd >= 0 && done < p->in_pending.len) {
+        ssize_t n = write(p->in_fd, p->in_pending.data + done, p->in_pending.len - done);
+        if (n > 0) { done += (size_t)n; continue; }
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && errno == EAGAIN) break;
+        close_input(p); /* reader gone: the rest is dropped, as a pipe would */
+        done = p->in_pending.len;
+    }
+    if (done) {
+        uint32_t credit[2] = { S_STDIN, (uint32_t)done };
+        buf_consume(&p->in_pending, done);
+        send_frame(FR_CREDIT, p->id, credit, sizeof credit);
+    }
+    if (p->in_fd < 0) return;
+    if (!p->in_pending.len && p->in_eof) {
+        close_input(p); /* for a tty only our dup of the master closes */
+        return;
+    }
+    epoll_set(p->in_fd, TAG(slot_of(p), R_IN), p->in_pending.len ? EPOLLOUT : 0, &p->watching[S_STDIN]);
+}
+
+int make_stdio(struct stdio_pipes *sp, int terminal)
+{
+    for (int i = 0; i < 3; i++) sp->child[i] = sp->parent[i] = -1;
+    if (terminal) return 0;
+    for (int i = 0; i < 3; i++) {
+        int fds[2];
+        if (pipe2(fds, O_CLOEXEC) < 0) return -1;
+        sp->child[i] = i == 0 ? fds[0] : fds[1];
+        sp->parent[i] = i == 0 ? fds[1] : fds[0];
+        set_nonblock(sp->parent[i]);
+        if (i) fcntl(fds[0], F_SETPIPE_SZ, WINDOW); /* room to write on while its output waits to be framed */
+    }
+    return 0;
+}
