@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pyrunv.cli import commands as cli
+from pyrunv.cli import commands as cli, verbs
 from pyrunv.spec import defaults
 from pyrunv.spec import oci as spec
 from pyrunv.runtime import sandbox
@@ -151,12 +151,12 @@ def test_kill_with_an_invalid_signal_is_refused(root, name):
 @pytest.mark.parametrize("name,number", [("TERM", 15), ("SIGKILL", 9), ("kill", 9), ("sigusr1", 10), ("9", 9),
                                          ("64", 64)])
 def test_signals_are_taken_by_name_or_number(name, number):
-    assert cli.parse_signal(name) == number
+    assert verbs.parse_signal(name) == number
 
 
 def test_parse_signal_refuses_a_name_that_is_no_signal():
     with pytest.raises(PyrunvError, match="^invalid signal: SIG_DFL$"):
-        cli.parse_signal("SIG_DFL")
+        verbs.parse_signal("SIG_DFL")
 
 
 def test_stopping_a_monitor_that_was_already_gone_when_recorded_returns_at_once(tmp_path):
@@ -182,13 +182,13 @@ def test_the_version_names_the_spec(root):
 
 @pytest.mark.parametrize("text,seconds", [("500ms", 0.5), ("5s", 5), ("1m", 60), ("2h", 7200)])
 def test_durations_as_runc_takes_them(text, seconds):
-    assert cli.parse_duration(text) == seconds
+    assert verbs.parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["", "5", "-1s", "0s", "fast", "1d"])
 def test_bad_durations_are_one_line_errors(text):
     with pytest.raises(PyrunvError, match="invalid duration"):
-        cli.parse_duration(text)
+        verbs.parse_duration(text)
 
 
 def test_delete_force_of_a_missing_container_succeeds_as_in_runc(root):
