@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from faultlib import holders
+from faultlib import fault_matrix_lines, holders
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAKE_BUNDLE = os.path.join(REPO, "tools", "make-busybox-bundle.sh")
@@ -98,3 +98,12 @@ def subreaper():
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     yield
     libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fault matrix that test_faults.py filled, if it ran: a report belongs with the session's summary."""
+    lines = fault_matrix_lines()
+    if lines:
+        terminalreporter.write_sep("-", "fault matrix (SIGKILL of one piece): waiter status, state after")
+        for line in lines:
+            terminalreporter.write_line(line)

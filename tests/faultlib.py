@@ -10,6 +10,23 @@ import psutil
 
 DEADLINE = 30.0  # generous: TCG on 2 cores, with other VM tests running beside us
 
+# What test_faults.py's SIGKILL of one piece found: (component, state) -> (waiter status, state after).
+# A report, not a test: conftest.py prints it with the session's summary.
+COMPONENTS = ("qemu", "virtiofsd", "monitor")
+STATES = ("created", "running", "paused")
+FAULT_MATRIX = {}
+
+
+def fault_matrix_lines() -> list:
+    """The fault matrix as a table, component by state; empty if no SIGKILL test ran."""
+    if not FAULT_MATRIX:
+        return []
+    lines = [f"{'':<10}" + "".join(f"{s:<20}" for s in STATES)]
+    for component in COMPONENTS:
+        cells = [" / ".join(FAULT_MATRIX[(component, s)]) if (component, s) in FAULT_MATRIX else "-" for s in STATES]
+        lines.append(f"{component:<10}" + "".join(f"{c:<20}" for c in cells))
+    return lines
+
 
 def wait_until(predicate, timeout=DEADLINE, interval=0.05):
     """Polls predicate() until it is true or the deadline passes; returns its last value."""

@@ -13,15 +13,10 @@ import time
 
 import pytest
 
-from faultlib import DEADLINE, describe_status, one_line_error, process_alive, reap_zombie_children, \
-    wait_pid, wait_until
+from faultlib import COMPONENTS, DEADLINE, FAULT_MATRIX, STATES, describe_status, one_line_error, process_alive, \
+    reap_zombie_children, wait_pid, wait_until
 
 pytestmark = pytest.mark.vm
-
-COMPONENTS = ("qemu", "virtiofsd", "monitor")
-STATES = ("created", "running", "paused")
-MATRIX = {}  # (component, state) -> (waiter status, state after): printed by test_fault_matrix_table
-
 
 @pytest.fixture
 def adopted(subreaper):
@@ -93,26 +88,13 @@ def test_sigkill(runtime, bundle, tmp_path, adopted, component, state):
     status = wait_pid(monitor_pid)
     waiter = describe_status(status)
     after = wait_until(lambda: status_of(runtime, container_id) == "stopped") and "stopped"
-    MATRIX[(component, state)] = (waiter, after or status_of(runtime, container_id))
+    FAULT_MATRIX[(component, state)] = (waiter, after or status_of(runtime, container_id))
     # Every piece's death reads, to the engine, as the container being SIGKILLed (137).
     assert os.waitstatus_to_exitcode(status) != 0
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, waiter
     for name, (pid, start) in found.items():
         assert wait_until(lambda: not process_alive(pid, start)), f"{name} outlived the {component}'s death"
     assert_stopped_then_deleted(runtime, container_id)
-
-
-def test_fault_matrix_table(capsys):
-    """Prints what test_sigkill found (when it ran in this session): component x state -> outcome."""
-    if not MATRIX:
-        pytest.skip("test_sigkill did not run in this session")
-    lines = ["", "fault matrix (SIGKILL of one piece): waiter status, state after",
-             f"{'':<10}" + "".join(f"{s:<20}" for s in STATES)]
-    for component in COMPONENTS:
-        cells = [" / ".join(MATRIX[(component, s)]) if (component, s) in MATRIX else "-" for s in STATES]
-        lines.append(f"{component:<10}" + "".join(f"{c:<20}" for c in cells))
-    with capsys.disabled():
-        print("\n".join(lines))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGABRT, signal.SIGSEGV], ids=["SIGABRT", "SIGSEGV"])
