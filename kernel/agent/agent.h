@@ -77,9 +77,9 @@ int cgroup_limits(uint32_t container, const char *const *records, int n, char *e
 void fail(int sync_fd, const char *fmt, ...) __attribute__((noreturn, format(printf, 2, 3)));
 int send_fd(int sock, int fd);
 
-/* The agent's own parts, one file each: main.c (boot and the event loop), channel.c (frames to and from the host),
- * frames.c (each frame to its handler), process.c (the process table), stdio.c (the processes' stdio and
- * credit), cgroup.c (a cgroup per container). */
+/* The agent's own parts, one file each, each calling only those after it: main.c (boot and the event loop),
+ * frames.c (each frame to its handler), launch.c (CREATE, EXEC, START), process.c (the process table and the
+ * processes' stdio), cgroup.c (a cgroup per container), channel.c (frames to and from the host, the console). */
 #define MAX_PROCS 64
 
 struct buf { char *data; size_t len, cap; };
@@ -107,45 +107,33 @@ struct stdio_pipes { int child[3]; int parent[3]; };
 enum role { R_CHAN = 0, R_SIGNAL = 1, R_OUT = 2, R_ERR = 3, R_IN = 4, R_KMSG = 5 };
 #define TAG(slot, role) (((uint64_t)(slot) << 8) | (role))
 
-/* channel.c */
-extern int chan, epfd;
-void die(const char *what) __attribute__((noreturn));
-void buf_append(struct buf *b, const void *data, size_t len);
-void buf_consume(struct buf *b, size_t n);
-void epoll_set(int fd, uint64_t tag, uint32_t events, int *watching);
-void flush_channel(void);
-void send_frame(uint32_t type, uint32_t id, const void *payload, uint32_t len);
-void send_text(uint32_t type, uint32_t id, const char *text);
-void read_channel(void);
-int open_agent_port(void);
-
 /* frames.c */
 void handle_frame(const struct frame_header *h, char *payload);
 void forward_kmsg(void);
 
-/* process.c */
-extern struct proc procs[MAX_PROCS];
+/* launch.c */
 extern int root_pidns;
-struct proc *find_proc(uint32_t id);
-struct proc *running_init(uint32_t container);
-int slot_of(struct proc *p);
-void release(struct proc *p);
-void reap(void);
 void spawn(uint32_t type, uint32_t id, char *payload, uint32_t len);
 void start(uint32_t id);
-void signal_proc(uint32_t id, const uint32_t *payload, uint32_t len);
 
-/* stdio.c */
+/* process.c */
+extern struct proc procs[MAX_PROCS];
 extern long long coalesce_until; /* CLOCK_MONOTONIC ms; 0 while no output waits */
+struct proc *find_proc(uint32_t id);
+struct proc *running_init(uint32_t container);
+struct proc *new_proc(uint32_t id);
+int slot_of(struct proc *p);
+void release(struct proc *p);
 long long now_ms(void);
 void set_nonblock(int fd);
 int make_stdio(struct stdio_pipes *sp, int terminal);
 void watch_output(struct proc *p, int s);
-void close_input(struct proc *p);
 int defer_output(struct proc *p, int s, uint32_t events);
 void pump_output(struct proc *p, int s);
 void pump_deferred(void);
 void pump_input(struct proc *p);
+void reap(void);
+void signal_proc(uint32_t id, const uint32_t *payload, uint32_t len);
 
 /* cgroup.c */
 void remove_cgroups(void);
@@ -156,6 +144,17 @@ void remove_container(uint32_t container);
 void update_container(uint32_t container, char *payload, uint32_t len);
 void freeze_container(uint32_t container, const char *payload, uint32_t len);
 
-/* main.c */
+/* channel.c */
+extern int chan, epfd, tracing;
+void die(const char *what) __attribute__((noreturn));
 void trace(const char *what);
+void buf_append(struct buf *b, const void *data, size_t len);
+void buf_consume(struct buf *b, size_t n);
+void epoll_set(int fd, uint64_t tag, uint32_t events, int *watching);
+void flush_channel(void);
+void send_frame(uint32_t type, uint32_t id, const void *payload, uint32_t len);
+void send_text(uint32_t type, uint32_t id, const char *text);
+void read_channel(void (*handle)(const struct frame_header *h, char *payload));
+int open_agent_port(void);
+
 #endif

@@ -90,7 +90,7 @@ void remove_container(uint32_t container)
     send_frame(FR_OK, container, NULL, 0);
 }
 
-/* UPDATE: new limits for a running container's cgroup, as "cgroup=file value" records. */
+/* UPDATE: new limits for a container's cgroup, as "cgroup=file value" records. */
 void update_container(uint32_t container, char *payload, uint32_t len)
 {
     char err[256];
@@ -98,8 +98,7 @@ void update_container(uint32_t container, char *payload, uint32_t len)
     int n = 0;
     for (char *p = payload; p < payload + len && n < MAX_LIST; p += strlen(p) + 1)
         if (!strncmp(p, "cgroup=", 7)) records[n++] = p + 7;
-    if (!running_init(container)) send_text(FR_ERROR, container, "container is not running");
-    else if (cgroup_limits(container, records, n, err, sizeof err) < 0) send_text(FR_ERROR, container, err);
+    if (cgroup_limits(container, records, n, err, sizeof err) < 0) send_text(FR_ERROR, container, err);
     else send_frame(FR_OK, container, NULL, 0);
 }
 

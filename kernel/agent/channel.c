@@ -1,4 +1,5 @@
-/* The channel to the host: one virtio-serial port, frames in and out (docs/protocol.md). */
+/* The channel to the host: one virtio-serial port, frames in and out (docs/protocol.md); and the console,
+ * where the agent's own words go (stderr). */
 #define _GNU_SOURCE
 #include "agent.h"
 #include "protocol.h"
@@ -11,8 +12,9 @@
 #include <sys/reboot.h>
 #include <unistd.h>
 #include <fcntl.h>
+#include <time.h>
 
-int chan = -1, epfd = -1;
+int chan = -1, epfd = -1, tracing;
 static struct buf chan_out, chan_in;
 static int chan_watching_out;
 
@@ -79,7 +81,7 @@ void send_text(uint32_t type, uint32_t id, const char *text)
     send_frame(type, id, text, (uint32_t)strlen(text));
 }
 
-void read_channel(void)
+void read_channel(void (*handle)(const struct frame_header *h, char *payload))
 {
     char tmp[65536];
     for (;;) {
@@ -98,7 +100,7 @@ void read_channel(void)
         memcpy(payload, chan_in.data + sizeof h, h.len);
         payload[h.len] = 0;
         buf_consume(&chan_in, sizeof h + h.len);
-        handle_frame(&h, payload);
+        handle(&h, payload);
         free(payload);
     }
 }
@@ -119,4 +121,13 @@ int open_agent_port(void)
     errno = ENODEV;
     die("no " AGENT_PORT_NAME " port");
     return -1;
+}
+
+/* With pyrunv.trace on the kernel command line: boot milestones, timed since the kernel started. */
+void trace(const char *what)
+{
+    struct timespec ts;
+    if (!tracing) return;
+    clock_gettime(CLOCK_BOOTTIME, &ts);
+    fprintf(stderr, "pyrunv-agent: [%ld.%06ld] %s\n", (long)ts.tv_sec, ts.tv_nsec / 1000, what);
 }

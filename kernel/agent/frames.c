@@ -181,7 +181,10 @@ void handle_frame(const struct frame_header *h, char *payload)
         break;
     }
     case FR_REMOVE: remove_container(h->id); break;
-    case FR_UPDATE: update_container(h->id, payload, h->len); break;
+    case FR_UPDATE:
+        if (running_init(h->id)) update_container(h->id, payload, h->len);
+        else send_text(FR_ERROR, h->id, "container is not running");
+        break;
     case FR_KMSG: start_kmsg(h->id); break;
     case FR_FREEZE: freeze_container(h->id, payload, h->len); break;
     case FR_RESTORED: restored(h->id, payload, h->len); break;

@@ -27,16 +27,7 @@ static void mount_or_die(const char *src, const char *dst, const char *type, uns
     if (mount(src, dst, type, flags, data) < 0) die(dst);
 }
 
-static int tracing, sigfd = -1;
-
-/* With pyrunv.trace on the kernel command line: boot milestones, timed since the kernel started. */
-void trace(const char *what)
-{
-    struct timespec ts;
-    if (!tracing) return;
-    clock_gettime(CLOCK_BOOTTIME, &ts);
-    fprintf(stderr, "pyrunv-agent: [%ld.%06ld] %s\n", (long)ts.tv_sec, ts.tv_nsec / 1000, what);
-}
+static int sigfd = -1;
 
 static void loopback_up(void)
 {
@@ -148,7 +139,7 @@ int main(int argc, char **argv)
             switch (events[i].data.u64 & 0xff) {
             case R_CHAN:
                 if (events[i].events & EPOLLOUT) flush_channel();
-                if (events[i].events & (EPOLLIN | EPOLLHUP)) read_channel();
+                if (events[i].events & (EPOLLIN | EPOLLHUP)) read_channel(handle_frame);
                 break;
             case R_SIGNAL: {
                 struct signalfd_siginfo si;
