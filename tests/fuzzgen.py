@@ -1,6 +1,6 @@
 """Generators and checks for the fuzz tests (tests/test_fuzz.py) and the soak (tools/soak.py).
 
-- config.json documents: from pyrunv/oci-schema.json (hypothesis-jsonschema where it works with the
+- config.json documents: from pyrunv/oci/schema.json (hypothesis-jsonschema where it works with the
   installed hypothesis, and always a small schema walker of our own), then mutated: wrong types,
   missing and extra fields, huge numbers, odd paths and strings (newlines, NULs, surrogates, unicode),
   and raw text that is not quite JSON.
@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 
 from pyrunv import config as config_mod
 from pyrunv.vm import plan as plan_mod
-from pyrunv.spec import oci as spec_mod
+from pyrunv.oci import spec as spec_mod
 from pyrunv.state import store as state
 from pyrunv.errors import PyrunvError
 
-SCHEMA_PATH = os.path.join(os.path.dirname(spec_mod.__file__), "oci-schema.json")
+SCHEMA_PATH = os.path.join(os.path.dirname(spec_mod.__file__), "schema.json")
 with open(SCHEMA_PATH) as _f:
     SCHEMA = json.load(_f)
 
@@ -89,7 +89,7 @@ def _resolve(schema: dict) -> dict:
 
 
 def from_schema(schema: dict = SCHEMA):
-    """Documents that satisfy `schema` (the subset of JSON Schema that oci-schema.json uses)."""
+    """Documents that satisfy `schema` (the subset of JSON Schema that oci/schema.json uses)."""
     schema = _resolve(schema)
     kind = schema.get("type")
     if kind == "object":

@@ -206,7 +206,7 @@ def test_a_schema_check_that_fails_once_qemu_runs_leaves_nothing_behind(runtime,
     process of its own, single-threaded as the CLI is: a fork of this one would carry its threads (gRPC's)."""
     script = textwrap.dedent("""
         import os, sys, time
-        from pyrunv.spec import oci as spec
+        from pyrunv.oci import spec
         from pyrunv.state import store as state
         from pyrunv.runtime import create
         from pyrunv.errors import PyrunvError

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from pyrunv.cli import commands as cli, verbs
-from pyrunv.spec import defaults
-from pyrunv.spec import oci as spec
+from pyrunv.cli import verbs
+from pyrunv.oci import defaults
+from pyrunv.oci import spec
 from pyrunv.runtime import sandbox
 from pyrunv.state import store as state
 from pyrunv.errors import PyrunvError

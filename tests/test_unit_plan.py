@@ -7,8 +7,8 @@ from pyrunv.vm import plan
 from pyrunv.vm import qemu, versions, virtiofsd
 from pyrunv.config import Config
 from pyrunv.errors import PyrunvError
-from pyrunv.spec.resources import Resources
-from pyrunv.spec.oci import CAPABILITIES, RLIMITS, Mount, Process, Spec
+from pyrunv.oci.resources import Resources
+from pyrunv.oci.spec import CAPABILITIES, RLIMITS, Mount, Process, Spec
 
 MIB = 1 << 20
 

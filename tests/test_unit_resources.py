@@ -2,9 +2,9 @@
 import pytest
 
 from pyrunv.host import cgroups
-from pyrunv.spec import resources
+from pyrunv.oci import resources
 from pyrunv.errors import PyrunvError
-from pyrunv.spec.resources import MIB, UNLIMITED, Resources
+from pyrunv.oci.resources import MIB, UNLIMITED, Resources
 
 
 @pytest.mark.parametrize("path, systemd, expected", [

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from pyrunv.spec import oci as spec
+from pyrunv.oci import spec
 from pyrunv.errors import PyrunvError
 
 MINIMAL = {"ociVersion": "1.0.2", "root": {"path": "rootfs"}, "process": {"args": ["sh"], "cwd": "/"}}

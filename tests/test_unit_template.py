@@ -10,8 +10,8 @@ from pyrunv.vm import plan
 from pyrunv.vm import template
 from pyrunv.vm import guest_ram, qemu, versions
 from pyrunv.config import Config
-from pyrunv.spec.resources import Resources
-from pyrunv.spec.oci import Process, Spec
+from pyrunv.oci.resources import Resources
+from pyrunv.oci.spec import Process, Spec
 
 PAGE = 4096
 

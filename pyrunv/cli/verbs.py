@@ -119,8 +119,8 @@ def run(obj, bundle, console_socket, detach, keep, pid_file, no_subreaper, no_pi
 def update(obj, resources_file, memory, memory_reservation, memory_swap, cpu_period, cpu_quota, cpu_share,
            cpuset_cpus, cpuset_mems, pids_limit, container_id):
     """Update a container's resource limits: in the guest, the VM's memory and the host cgroup."""
-    from ..spec import resources
-    from ..spec import oci as spec_mod
+    from ..oci import resources
+    from ..oci import spec as spec_mod
     document = None
     if resources_file == "-":
         try:
@@ -269,7 +269,7 @@ def exec_(obj, console_socket, cwd, env, tty, user, additional_gids, process_fil
 @click.option("--rootless", is_flag=True, help="a configuration for a rootless container")
 def spec(bundle, rootless):
     """Write a default config.json into the bundle."""
-    from ..spec import defaults
+    from ..oci import defaults
     path = os.path.join(bundle, "config.json")
     if os.path.exists(path):
         raise PyrunvError("File config.json exists. Remove it first")
@@ -284,7 +284,7 @@ def spec(bundle, rootless):
 def features():
     """Print the runtime-spec features document, with pyrunv's annotations."""
     from .. import config as config_mod
-    from ..spec import defaults
+    from ..oci import defaults
     from ..vm import versions
     try:
         refusal = versions.checkpoint_refusal(config_mod.load())

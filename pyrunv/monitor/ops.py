@@ -14,8 +14,8 @@ import time
 from ..errors import PyrunvError
 from ..host import mounts as hostmount
 from ..host import network
-from ..spec import oci as spec_mod
-from ..spec import pod
+from ..oci import spec as spec_mod
+from ..oci import pod
 from ..state.store import VM_INIT as INIT_ID
 from ..vm import plan as plan_mod
 from . import saving

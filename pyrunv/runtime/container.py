@@ -10,7 +10,7 @@ from ..monitor import control
 from ..state import lifecycle
 from ..state import store as state
 from .. import logs
-from ..spec import pod
+from ..oci import pod
 from ..errors import PyrunvError
 from ..state.lifecycle import Status
 
@@ -107,7 +107,7 @@ class Container:
     def _host_limits(limits, config, memory_mib: int) -> list:
         """The host cgroup's values; memory_mib is the guest's RAM where the container owns its VM, else 0."""
         from ..host import cgroups
-        from ..spec import resources
+        from ..oci import resources
         return resources.host_files(limits, cgroups.version(), memory_mib, config.host_overhead_mib,
                                     config.host_pids_limit)
 
@@ -187,7 +187,7 @@ class Container:
         from ..host import cgroups
         from .. import config as config_mod
         from ..vm import plan as plan_mod
-        from ..spec import resources
+        from ..oci import resources
         with self.store.lock(self.id):
             self.record = self.store.load(self.id)
             self._check("update")

@@ -10,7 +10,7 @@ from .. import config as config_mod, logs
 from ..errors import PyrunvError
 from ..host import cgroups
 from ..monitor import control
-from ..spec import oci as spec_mod, pod
+from ..oci import spec as spec_mod, pod
 from ..state import store as state
 from ..state.lifecycle import Status
 from . import hooks

@@ -6,7 +6,7 @@ import contextlib
 import os
 
 from ..monitor import control
-from ..spec import oci as spec_mod
+from ..oci import spec as spec_mod
 from ..state import store as state
 from . import waiter
 from ..errors import PyrunvError

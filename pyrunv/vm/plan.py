@@ -11,7 +11,7 @@ from ..errors import PyrunvError
 
 TYPE_CHECKING = False  # typing's own flag, without importing typing
 if TYPE_CHECKING:
-    from ..spec.oci import Mount, Process, Spec
+    from ..oci.spec import Mount, Process, Spec
 
 ROOTFS_NAME = "rootfs"  # the rootfs's name inside the share
 MIB = 1 << 20
@@ -74,7 +74,7 @@ def records(pairs) -> bytes:
 
 
 def process_pairs(p: Process) -> list:
-    from ..spec.oci import CAP_SETS, CAPABILITIES, RLIMITS
+    from ..oci.spec import CAP_SETS, CAPABILITIES, RLIMITS
     pairs = [("arg", a) for a in p.args] + [("env", e) for e in p.env]
     pairs += [("cwd", p.cwd), ("uid", p.uid), ("gid", p.gid)] + [("group", g) for g in p.additional_gids]
     if p.umask is not None:
@@ -132,7 +132,7 @@ class ContainerPlan:
 def container(spec: Spec, share_prefix: str = "", joins=()) -> ContainerPlan:
     """The container's share entries (named under share_prefix) and its CREATE records; `joins` are
     (namespace kind, container ident) pairs of a pod's namespaces it shares."""
-    from ..spec import resources as resources_mod
+    from ..oci import resources as resources_mod
     shared = [SharedPath(spec.rootfs, share_prefix + ROOTFS_NAME, False)]
     pairs = [("root", share_prefix + ROOTFS_NAME)] + process_pairs(spec.process)
     pairs += [("join", f"{kind} {ident}") for kind, ident in joins]

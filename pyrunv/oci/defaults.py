@@ -1,6 +1,6 @@
 """Documents pyrunv prints: the default config.json of `spec` and the `features` document."""
 from .. import config
-from .oci import CAPABILITIES, HOOK_KINDS
+from .spec import CAPABILITIES, HOOK_KINDS
 
 DEFAULT_CAPS = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
 

@@ -121,7 +121,7 @@ def schema_validator():
     global _validator
     if _validator is None:
         import jsonschema
-        with open(os.path.join(os.path.dirname(__file__), "oci-schema.json")) as f:
+        with open(os.path.join(os.path.dirname(__file__), "schema.json")) as f:
             _validator = jsonschema.Draft202012Validator(json.load(f))
     return _validator
 
