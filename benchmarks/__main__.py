@@ -122,7 +122,7 @@ def metadata(ws: Workspace, settings, args, kvm: dict) -> dict:
         "accel": (f"figure 1: TCG{' and KVM' if kvm['usable'] else ''}; figures 2-9: the runtime's own choice "
                   f"(accel = {config.accel}): {runtime_accel(config, kvm).upper()}"),
         "runtime_accel": runtime_accel(config, kvm),
-        "kvm": ("usable (pyrunv.vm.probe booted the guest)" if kvm["usable"]
+        "kvm": ("usable (pyrunv.vm.accelerator.probe booted the guest)" if kvm["usable"]
                 else f"not usable: {kvm['reason']}"),
         "qemu": first_line([config.qemu, "--version"]), "host_kernel": os.uname().release,
         "guest_kernel": guest_kernel(config.kernel), "runc": first_line([ws.runc, "--version"]),
@@ -140,7 +140,7 @@ def probe_kvm() -> dict:
     started = time.monotonic()
     usable = accelerator.probe(config, boot.plan_for(config, "kvm"), "kvm")
     return {"usable": usable,
-            "reason": "" if usable else f"pyrunv.vm.probe did not boot the guest with KVM "
+            "reason": "" if usable else f"pyrunv.vm.accelerator.probe did not boot the guest with KVM "
                                         f"({time.monotonic() - started:.1f} s probe)"}
 
 
