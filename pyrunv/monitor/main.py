@@ -21,7 +21,7 @@ from ..host import network
 from .. import jsonlite, logs
 from ..vm import plan as plan_mod
 from ..vm import template as template_mod
-from ..vm import accelerator, daemon, qemu, virtiofsd
+from ..vm import daemon, qemu
 from ..state import store as state
 from ..config import Config
 from ..errors import PyrunvError
@@ -92,7 +92,7 @@ class Monitor:
             handover = {"accel": accel, "tap_name": self.tap_name,
                         "template": self.template and self.template.to_json(),
                         "fds": {name: s.fileno() for name, s in sockets.items() if s is not None},
-                        "helpers": [daemon.handover() for daemon in (self.virtiofsd, self.qemu)]}
+                        "helpers": [helper.handover() for helper in (self.virtiofsd, self.qemu)]}
             for fd in list(handover["fds"].values()) + inherited:
                 os.set_inheritable(fd, True)
             stack.pop_all()  # the VM runs on: the fresh interpreter owns it now
@@ -151,6 +151,7 @@ class Monitor:
 
     def _start_vm(self, stack: contextlib.ExitStack) -> str:
         """Share, sockets, virtiofsd and QEMU; returns the accelerator. `stack` tears it all down."""
+        from ..vm import accelerator, virtiofsd  # the forked child's alone: the fresh interpreter starts no VM
         share = self.path("share")
         os.mkdir(share, 0o711)  # a user namespace's root passes through it in the guest; the state dir keeps it private
         hostmount.shared_directory(share)

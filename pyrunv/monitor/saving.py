@@ -10,7 +10,7 @@ import time
 from ..errors import PyrunvError
 from ..host import network
 from ..logs import log
-from ..vm import guest_ram, migration, qemu, versions
+from ..vm import migration, qemu, versions
 from ..vm import plan as plan_mod
 from .channel import F
 
@@ -79,6 +79,7 @@ async def save_template(service, template) -> None:
 
 async def save(service, qmp, uri: str, what: str, capability: str | None) -> None:
     """QEMU saves the stopped VM to uri. The guest RAM its save allocated by reading it is given back."""
+    from ..vm import guest_ram  # saves alone need it
     try:
         ram = guest_ram.GuestRam(service.qemu.pid)
         holes = ram.holes()

@@ -20,7 +20,7 @@ from ..host.terminal import open_console, raw_terminal
 from ..logs import log
 from ..state import store as state
 from ..vm import plan as plan_mod
-from . import control, display, ops, saving
+from . import control, ops, saving
 from .channel import PAIR, STDERR, STDOUT, WINDOW, Channel, F, ProcessIO
 
 INIT_ID = state.VM_INIT
@@ -112,6 +112,7 @@ class Service:
         control_sock.setblocking(False)
         self.server = loop.create_task(self._accept(control_sock))
         if self.monitor.display_listener is not None:
+            from . import display
             self.display_server = loop.create_task(display.serve(self, self.monitor.display_listener))
         for sig in FORWARDED:
             loop.add_signal_handler(sig, self._forward, sig)

@@ -17,7 +17,7 @@ import contextlib
 import os
 import re
 
-from . import guest_ram, qemu, versions
+from . import qemu, versions
 from ..config import Config
 from ..errors import PyrunvError
 from ..logs import log
@@ -84,7 +84,7 @@ class Template:
     @staticmethod
     async def save_with_ram(qmp, qemu_pid: int, path: str) -> None:
         """A template that holds no share: the guest's RAM, written here, then QEMU's state after it."""
-        from . import migration
+        from . import guest_ram, migration
         ram = guest_ram.GuestRam(qemu_pid)
         try:
             with open(path, "wb") as saving:
@@ -97,7 +97,7 @@ class Template:
 
     async def _load(self, plan: VmPlan, qemu_pid: int, qmp_path: str) -> None:
         from qemu.qmp import QMPClient
-        from . import migration
+        from . import guest_ram, migration
         qmp = QMPClient("template")
         await qmp.connect(qmp_path)
         try:
