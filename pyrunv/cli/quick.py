@@ -7,8 +7,8 @@ through the same `report`."""
 import sys
 
 from .. import jsonlite
-from ..state import store as state
 from ..errors import PyrunvError, one_line
+from ..state import store as state
 
 _GLOBAL_VALUES = {"--root", "--log", "--log-format", "--criu", "--rootless"}
 _GLOBAL_FLAGS = {"--debug", "--systemd-cgroup"}

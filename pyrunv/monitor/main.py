@@ -15,17 +15,17 @@ import os
 import socket
 import sys
 
-from ..host.sockets import socket_path
-from ..host import mounts as hostmount
-from ..host import network
 from .. import jsonlite, logs
-from ..vm import plan as plan_mod
-from ..vm import template as template_mod
-from ..vm import daemon, qemu
-from ..state import store as state
 from ..config import Config
 from ..errors import PyrunvError
+from ..host import mounts
+from ..host import network
 from ..host.signals import exit_like
+from ..host.sockets import socket_path
+from ..state import store as state
+from ..vm import daemon, qemu
+from ..vm import plan as plan_mod
+from ..vm import template as template_mod
 
 log = logs.log
 PR_SET_NAME = 15
@@ -83,9 +83,9 @@ class Monitor:
         _close_fds_except([report_fd] + inherited)
         logs.set_fallback(self.path("monitor.log"))  # our stderr is the container's
         # Namespaces while the process has a single thread: unshare needs one.
-        hostmount.private_namespace()
+        mounts.private_namespace()
         if self.plan.network_namespace is not None:
-            hostmount.network_namespace(self.plan.network_namespace)
+            mounts.network_namespace(self.plan.network_namespace)
         with contextlib.ExitStack() as stack:
             accel = self._start_vm(stack)
             sockets = {"agent": self.agent_socket, "qmp": self.qmp_socket, "display": self.display_listener}
@@ -154,9 +154,9 @@ class Monitor:
         from ..vm import accelerator, virtiofsd  # the forked child's alone: the fresh interpreter starts no VM
         share = self.path("share")
         os.mkdir(share, 0o711)  # a user namespace's root passes through it in the guest; the state dir keeps it private
-        hostmount.shared_directory(share)
+        mounts.shared_directory(share)
         for shared in self.plan.shared:
-            hostmount.bind(shared.source, os.path.join(share, shared.name), shared.readonly)
+            mounts.bind(shared.source, os.path.join(share, shared.name), shared.readonly)
         self.plan = dataclasses.replace(self.plan, machine=template_mod.machine(self.config, self.plan))
         accel = accelerator.choose(self.config, self.plan)
 

@@ -12,10 +12,10 @@ import socket
 import time
 
 from ..errors import PyrunvError
-from ..host import mounts as hostmount
+from ..host import mounts
 from ..host import network
-from ..oci import spec as spec_mod
 from ..oci import pod
+from ..oci import spec as spec_mod
 from ..state.store import VM_INIT as INIT_ID
 from ..vm import plan as plan_mod
 from . import saving
@@ -133,14 +133,14 @@ async def op_create(service, request, fds, conn):
     ident = service.new_ident()
     terminal = bool(request.get("terminal"))
     stdio = (fds[0],) * 3 if terminal else tuple(fds[:3])
-    trees = fds[1 if terminal else 3:]  # the CLI's copies of the rootfs and binds (hostmount.detached_copy)
+    trees = fds[1 if terminal else 3:]  # the CLI's copies of the rootfs and binds (mounts.detached_copy)
     names = request["shared"]
     if len(trees) != len(names):
         raise PyrunvError(f"create {name}: {len(trees)} mount trees for {len(names)} share entries")
     service.members[name] = (ident, tuple(names))
     try:
         for tree, entry in zip(trees, names):
-            hostmount.attach(tree, service.path("share", entry))
+            mounts.attach(tree, service.path("share", entry))
         io = ProcessIO(service.channel, ident, stdio, service.executor, tty=terminal)
         try:
             await service.channel.request(F.CREATE, ident, bytes.fromhex(request["records"]))
@@ -167,7 +167,7 @@ async def op_remove(service, request, fds, conn):
 def _unshare(service, name: str) -> None:
     _, names = service.members.pop(name)
     for entry in reversed(names):
-        hostmount.unbind(service.path("share", entry))
+        mounts.unbind(service.path("share", entry))
     with contextlib.suppress(OSError):
         os.rmdir(service.path("share", name))
 

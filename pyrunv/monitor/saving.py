@@ -19,7 +19,7 @@ RESTORED = struct.Struct("<qI")  # the host's clock for the agent's RESTORED: se
 
 async def restore(service, incoming: dict) -> None:
     """A saved VM instead of a boot: QEMU loads the state and the VM runs on from where it was saved.
-    A streamed one (fd:) hears "ok" back once it runs here: its source ends only then (snapshot.py)."""
+    A streamed one (fd:) hears "ok" back once it runs here: its source ends only then (vm/snapshot.py)."""
     qmp = await service.qmp_client()
     stream = socket.socket(fileno=service.monitor.incoming_fd) if service.monitor.incoming_fd is not None else None
     try:

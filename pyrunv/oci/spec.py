@@ -3,8 +3,8 @@ import dataclasses
 import json
 import os
 
-from . import resources as resources_mod
 from ..errors import PyrunvError
+from . import resources as resources_mod
 from .resources import Resources
 
 CAPABILITIES = {name: number for number, name in enumerate((

@@ -6,12 +6,12 @@ connected to that monitor, see execution.start_waiter). Either way the verbs rea
 the monitor's control socket, naming the container."""
 import os
 
+from .. import logs
+from ..errors import PyrunvError
 from ..monitor import control
+from ..oci import pod
 from ..state import lifecycle
 from ..state import store as state
-from .. import logs
-from ..oci import pod
-from ..errors import PyrunvError
 from ..state.lifecycle import Status
 
 log = logs.log
@@ -115,7 +115,7 @@ class Container:
         """Into the sandbox's running VM: the monitor shares the container's files and prepares its init; a
         waiter of our own stands for that init on the host."""
         from . import execution
-        from ..host import mounts as hostmount
+        from ..host import mounts
         from ..vm import plan as plan_mod
         idents = {sandbox.record.pid: sandbox.record.ident}
         for other in pod_members(self.store, sandbox.id):
@@ -129,7 +129,7 @@ class Container:
         trees = []
         try:
             for entry in plan.shared:
-                trees.append(hostmount.detached_copy(entry.source, entry.readonly))
+                trees.append(mounts.detached_copy(entry.source, entry.readonly))
             stdio = execution.stdio(spec.process.terminal, console_socket, spec.process.console_size, detach=True,
                                     what="process.terminal")
             try:
@@ -229,25 +229,25 @@ class Container:
         return owner
 
     def qmp(self, command: str | None, arguments: str | None) -> None:
-        from . import vm_access as vmaccess
-        vmaccess.qmp(self._vm_running().vm_dir, command, arguments)
+        from . import vm_access
+        vm_access.qmp(self._vm_running().vm_dir, command, arguments)
 
     def console(self, follow: bool) -> None:
         """The VM's serial console from the VM's start, with the guest kernel's log in it."""
-        from . import vm_access as vmaccess
+        from . import vm_access
         owner = self._vm_owner()
         if owner.status is not Status.STOPPED:
             try:
                 control.call(owner.vm_dir, "kmsg", timeout=15)
             except PyrunvError as e:
                 log.debug("kmsg of %s: %s", owner.id, e)  # what the console has so far is still worth showing
-        vmaccess.console(owner.vm_dir, follow, lambda: owner.status is not Status.STOPPED)
+        vm_access.console(owner.vm_dir, follow, lambda: owner.status is not Status.STOPPED)
 
     def display(self, listen: str | None) -> None:
         """The VM's display: its VNC socket's path, or with listen a TCP port relayed to it while the VM runs."""
-        from . import vm_access as vmaccess
+        from . import vm_access
         owner = self._vm_running()
-        vmaccess.display(owner.vm_dir, listen, lambda: owner.status is not Status.STOPPED)
+        vm_access.display(owner.vm_dir, listen, lambda: owner.status is not Status.STOPPED)
 
     def checkpoint(self, image_path: str | None, leave_running: bool, page_server: str | None = None) -> None:
         """The VM saved to image_path, or streamed to a `restore --listen` at page_server (checkpoint.py);

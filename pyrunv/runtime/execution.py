@@ -5,12 +5,12 @@ signals it receives, and exits with the process's status."""
 import contextlib
 import os
 
+from ..errors import PyrunvError
+from ..host.terminal import open_console, raw_terminal
 from ..monitor import control
 from ..oci import spec as spec_mod
 from ..state import store as state
 from . import waiter
-from ..errors import PyrunvError
-from ..host.terminal import open_console, raw_terminal
 
 
 def build_process(record: state.Record, process_file, command, *, cwd, env, tty, user, additional_gids,

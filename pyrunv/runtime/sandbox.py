@@ -1,6 +1,6 @@
 """The owner of a VM's lifetime, on the CLI's side: it starts the VM's monitor and ends it.
 
-The monitor (monitor.py, service.py) runs the VM; it lives as long as the VM's own container, the
+The monitor (monitor/main.py, monitor/service.py) runs the VM; it lives as long as the VM's own container, the
 sandbox of a pod. The pod's other containers come and go inside it (container.py)."""
 import contextlib
 import json
@@ -10,12 +10,12 @@ import signal
 import sys
 import time
 
-from ..monitor import control
 from .. import logs
-from ..state import store as state
-from ..logs import log
 from ..config import Config
 from ..errors import PyrunvError
+from ..logs import log
+from ..monitor import control
+from ..state import store as state
 from ..vm.plan import VmPlan
 
 

@@ -11,10 +11,10 @@ import sys
 import threading
 import time
 
-from ..host.sockets import socket_path
-from ..host import network
-from ..vm import qemu
 from ..errors import PyrunvError
+from ..host import network
+from ..host.sockets import socket_path
+from ..vm import qemu
 
 
 def _require_root() -> None:

@@ -32,7 +32,7 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
 
     def handover(self) -> dict:
-        """What Daemon.adopt needs in the monitor's fresh interpreter (see monitor.py)."""
+        """What Daemon.adopt needs in the monitor's fresh interpreter (see monitor/main.py)."""
         return {"name": self.name, "argv": self.argv, "pid": self.proc.pid, "log_path": self.log_path}
 
     @classmethod

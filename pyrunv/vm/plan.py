@@ -43,9 +43,9 @@ class VmPlan:
     kernel_params: str
     shared: tuple           # SharedPath, the rootfs first
     init_records: bytes     # the agent's CREATE payload
-    network_namespace: str | None = None  # where the monitor and QEMU live (see hostmount)
+    network_namespace: str | None = None  # where the monitor and QEMU live (see host/mounts.py)
     disks: tuple = ()       # (host block device, serial): virtio-blk disks for the spec's block devices
-    display: str = ""       # "vnc": a virtio-gpu display, served by QEMU's VNC server (vmaccess.display)
+    display: str = ""       # "vnc": a virtio-gpu display, served by QEMU's VNC server (runtime/vm_access.py)
 
 
 def to_json(plan: VmPlan) -> dict:

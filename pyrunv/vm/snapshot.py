@@ -16,9 +16,9 @@ import socket
 import struct
 import sys
 
+from ..errors import PyrunvError
 from ..host import network
 from . import plan as plan_mod
-from ..errors import PyrunvError
 from .plan import VmPlan
 
 METADATA = "pyrunv-checkpoint.json"

@@ -17,10 +17,10 @@ import contextlib
 import os
 import re
 
-from . import qemu, versions
 from ..config import Config
 from ..errors import PyrunvError
 from ..logs import log
+from . import qemu, versions
 from .plan import VmPlan
 
 FORMAT = 1   # of the key: a change of what a template holds makes every old one unused
