@@ -56,26 +56,21 @@ async def op_signal(service, request, fds, conn):
 
 async def op_pause(service, request, fds, conn):
     """The VM's own container freezes the whole VM; a member of the pod, its cgroup in the guest."""
-    ident = service.ident(request)
-    if ident != INIT_ID:
-        await _freeze(service, ident, True)
-    else:
-        await (await service.qmp_client()).execute("stop")
-        service.paused = True
-    return {"ok": True}
+    return await _set_frozen(service, service.ident(request), True)
 
 
 async def op_resume(service, request, fds, conn):
-    ident = service.ident(request)
+    return await _set_frozen(service, service.ident(request), False)
+
+
+async def _set_frozen(service, ident: int, frozen: bool) -> dict:
     if ident != INIT_ID:
-        await _freeze(service, ident, False)
+        await service.to_agent(F.FREEZE, ident, FLAG.pack(int(frozen)))
+    elif frozen:
+        await service.pause_vm()
     else:
         await service.resume_vm()
     return {"ok": True}
-
-
-async def _freeze(service, ident: int, frozen: bool) -> None:
-    await service.to_agent(F.FREEZE, ident, FLAG.pack(int(frozen)))
 
 
 async def op_ps(service, request, fds, conn):

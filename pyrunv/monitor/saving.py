@@ -118,8 +118,7 @@ async def op_checkpoint(service, request, fds, conn):
     mapped_ram = not stream and versions.qemu_release(service.config.qemu) >= versions.MAPPED_RAM_QEMU
     was_running = not service.paused
     if was_running:
-        await qmp.execute("stop")
-        service.paused = True
+        await service.pause_vm()
     try:
         if stream:
             from ..vm import snapshot

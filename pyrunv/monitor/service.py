@@ -281,6 +281,10 @@ class Service:
         else:
             await self.channel.request(kind, ident, payload)
 
+    async def pause_vm(self) -> None:
+        await (await self.qmp_client()).execute("stop")
+        self.paused = True
+
     async def resume_vm(self) -> None:
         await (await self.qmp_client()).execute("cont")
         self.paused = False
