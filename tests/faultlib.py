@@ -131,6 +131,15 @@ class ConsoleSocket:
         return fds[0]
 
 
+def reaches_eof(fd, timeout=DEADLINE) -> bool:
+    """Whether every writer of the pipe fd closes it within timeout (what is read before that is dropped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.2)[0] and not os.read(fd, 65536):
+            return True
+    return False
+
+
 def read_until(fd, marker, timeout=30):
     out = b""
     deadline = time.monotonic() + timeout

@@ -10,7 +10,8 @@ import threading
 
 import psutil
 import pytest
-from faultlib import DEADLINE, ConsoleSocket, describe_status, one_line_error, read_until, wait_pid, wait_until
+from faultlib import DEADLINE, ConsoleSocket, describe_status, one_line_error, reaches_eof, read_until, wait_pid, \
+    wait_until
 
 pytestmark = pytest.mark.vm
 
@@ -163,6 +164,22 @@ def test_a_sigkill_of_qemu_ends_every_container_with_a_correct_state(runtime, po
     assert wait_until(lambda: runtime.state("sb")["status"] == "stopped")
     assert runtime.state("app")["status"] == "stopped"
     delete_leaving_nothing(runtime, "app", "sb")
+
+
+def test_a_member_whose_waiter_is_killed_ends_with_everything_in_it(runtime, pod):
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, "wb") as out:
+        app = pod("app", "sh", "-c", "echo started; sleep 600 & sleep 600 & wait", share=("pid", "ipc", "uts"),
+                  stdout=out)
+    runtime("start", "app", check=True)
+    assert read_until(read_end, b"started\n") == b"started\n"
+    os.kill(app, signal.SIGKILL)
+    wait_pid(app)
+    assert reaches_eof(read_end), "the member's output stayed open"
+    os.close(read_end)
+    assert wait_until(lambda: b"sleep 600" not in runtime("exec", "sb", "ps", check=True).stdout), \
+        "the member's processes outlived its waiter"
+    assert runtime.state("sb")["status"] == "running"
 
 
 def test_deleting_a_member_removes_only_it(runtime, pod):

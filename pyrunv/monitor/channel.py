@@ -162,6 +162,16 @@ class ProcessIO:
         if not self.exit.done():
             self.exit.set_result((code, sig))
 
+    def let_go(self) -> None:
+        """Lets go of the host's ends of the stdio now (the engine waits for them to close), without closing
+        their fd numbers under a relay thread that may still use them: they become /dev/null."""
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for fd in {self.stdin_fd, self.stdout_fd, self.stderr_fd} - {None}:
+                os.dup2(null, fd, inheritable=False)
+        finally:
+            os.close(null)
+
     def vm_died(self) -> None:
         for queue in self._queues.values():
             queue.put_nowait(b"")

@@ -14,6 +14,7 @@ import time
 from ..errors import PyrunvError
 from ..host import mounts
 from ..host import network
+from ..logs import log
 from ..oci import pod
 from ..oci import spec as spec_mod
 from ..state.store import VM_INIT as INIT_ID
@@ -192,23 +193,40 @@ async def op_exec(service, request, fds, conn):
 async def _serve_process(service, conn: socket.socket, ident: int, io: ProcessIO, fds, first_reply: dict,
                          container: bool = False) -> dict:
     """Tells the waiter the process is there, relays its signals, and answers with the exit status (and for
-    a container's init, how many of its processes the OOM killer took)."""
+    a container's init, how many of its processes the OOM killer took).
+
+    A waiter that goes before its process takes the process with it: nobody on the host stands for it any
+    more. containerd kills an exec's waiter when the exec's timeout runs out (a Kubernetes exec probe), and
+    then waits for the exec's stdio to close: the process is killed (a container's init with everything in
+    its cgroup), and its stdio is let go at once."""
     loop = asyncio.get_running_loop()
-    await loop.sock_sendall(conn, json.dumps(first_reply).encode() + b"\n")
-    relay = loop.create_task(_waiter_signals(service, conn, ident))
-    code, sig = await io.wait()
-    relay.cancel()
+    ended = asyncio.ensure_future(io.wait())
+    relay = None
+    with contextlib.suppress(OSError):
+        await loop.sock_sendall(conn, json.dumps(first_reply).encode() + b"\n")
+        relay = loop.create_task(_waiter_signals(service, conn, ident))
+    if relay:
+        await asyncio.wait([ended, relay], return_when=asyncio.FIRST_COMPLETED)
+        relay.cancel()
+    if not ended.done():
+        log.info("process %d: its waiter is gone; killing it", ident)
+        io.let_go()
+        loop.create_task(service.signal(ident, signal.SIGKILL, container))  # in a frozen VM, once it thaws
+    code, sig = await ended
     for fd in set(fds):
         os.close(fd)
     return {"exit": code, "signal": sig, **({"oom_kills": io.oom_kills} if container else {})}
 
 
 async def _waiter_signals(service, conn: socket.socket, ident: int) -> None:
-    """The waiter forwards the signals it gets as JSON lines."""
+    """The waiter forwards the signals it gets as JSON lines; returns when it is gone."""
     loop = asyncio.get_running_loop()
     buffer = b""
     while True:
-        chunk = await loop.sock_recv(conn, 4096)
+        try:
+            chunk = await loop.sock_recv(conn, 4096)
+        except OSError:
+            return
         if not chunk:
             return
         buffer += chunk

@@ -7,6 +7,7 @@ import ipaddress
 import os
 import re
 
+import grpc
 import pytest
 
 from conftest import CRI_SUBNET, vm_processes, wait_for
@@ -108,6 +109,17 @@ def test_two_containers_and_exec_sync(cri, pod):
         assert cri.container_status(cid)[0] == "running"
         assert cri.exec_sync(cid, ["sh", "-c", "echo out; echo err >&2; exit 3"]) == ("out\n", "err\n", 3)
         assert cri.exec_sync(cid, ["true"]) == ("", "", 0)
+
+
+def test_an_exec_sync_whose_timeout_runs_out_is_stopped_with_its_process(cri, pod):
+    """containerd kills a timed-out exec's pid-file process, then waits for the exec's output to close; a
+    Kubernetes exec probe relies on both. Had the output stayed open, the call would end at its own deadline
+    (121 s) with gRPC's DEADLINE_EXCEEDED instead of containerd's timeout."""
+    cid = pod.run("probed", SLEEP)
+    with pytest.raises(grpc.RpcError) as timed_out:
+        cri.exec_sync(cid, ["sleep", "600"], timeout=1)
+    assert "timeout 1s exceeded" in timed_out.value.details(), timed_out.value
+    assert wait_for(lambda: cri.exec_sync(cid, ["sh", "-c", "ps | grep -c '[s]leep 600'"])[0] == "0\n", timeout=30)
 
 
 def test_exit_code_and_log(cri, pod):
