@@ -241,3 +241,16 @@ def test_exec_cap_adds_to_every_set_and_keeps_all_caps_when_the_config_has_none(
 def test_checkpoint_and_restore_need_one_place_for_the_vm(root, args, line):
     result = pyrunv(root, *args)
     assert (result.returncode, result.stderr) == (1, f"pyrunv: {line}\n")
+
+
+@pytest.mark.parametrize("kind, field", [("network", "hostNetwork"), ("ipc", "hostIPC")])
+def test_a_pod_that_shares_the_hosts_network_or_ipc_is_refused_in_one_line(root, bundle, kind, field):
+    """A pod sandbox leaves the namespace out of its spec to share the host's; a VM cannot, and says so."""
+    def host(config):
+        config["annotations"] = {"io.kubernetes.cri.container-type": "sandbox"}
+        config["linux"]["namespaces"] = [ns for ns in config["linux"]["namespaces"] if ns["type"] != kind]
+    result = pyrunv(root, "create", "--bundle", bundle("sleep", "60", edit=host), "pod")
+    assert (result.returncode, result.stderr) == (1, f"pyrunv: pod sandbox pod: {field} cannot be honoured: a VM "
+                                                     f"cannot share the host's {kind} namespace (linux.namespaces "
+                                                     f"has no {kind} entry)\n")
+    assert not os.path.exists(root / "pod")

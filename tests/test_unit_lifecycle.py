@@ -12,6 +12,7 @@ EXPECTED = {
     "pause": {S.RUNNING: S.PAUSED},
     "resume": {S.PAUSED: S.RUNNING},
     "kill": {S.CREATED: None, S.RUNNING: None, S.PAUSED: None},
+    "kill --all": {S.CREATED: None, S.RUNNING: None, S.PAUSED: None, S.STOPPED: None},  # runc 1.1: a stopped one too
     "exec": {S.CREATED: None, S.RUNNING: None},
     "update": {S.CREATED: None, S.RUNNING: None, S.PAUSED: None},
     "checkpoint": {S.RUNNING: None, S.PAUSED: None},  # runc: "container not running" when stopped

@@ -3,13 +3,14 @@ import fcntl
 import json
 import os
 import shlex
+import signal
 import struct
 import subprocess
 import termios
 import time
 
 import pytest
-from faultlib import ConsoleSocket, read_until, wait_until
+from faultlib import ConsoleSocket, reaches_eof, read_until, wait_pid, wait_until
 
 pytestmark = pytest.mark.vm
 
@@ -43,6 +44,24 @@ def test_exec_pid_file_process_exits_with_the_code(runtime, running, tmp_path, s
     runtime.detached("exec", "--detach", "--pid-file", pid_file, running, "sh", "-c", "sleep 1; exit 9")
     _, status = os.waitpid(int(pid_file.read_text()), 0)
     assert os.waitstatus_to_exitcode(status) == 9
+
+
+def test_an_exec_whose_waiter_is_killed_is_killed_and_lets_go_of_its_stdio(runtime, running, tmp_path, subreaper):
+    """containerd stops an ExecSync whose timeout ran out by SIGKILL to the exec's pid-file process, then waits
+    for the exec's output to close."""
+    pid_file, (read_end, write_end) = tmp_path / "exec.pid", os.pipe()
+    subprocess.run(runtime.argv("exec", "--detach", "--pid-file", pid_file, running, "sh", "-c",
+                                "echo started; exec sleep 1000"),
+                   stdin=subprocess.DEVNULL, stdout=write_end, stderr=write_end, timeout=120, check=True)
+    os.close(write_end)
+    assert read_until(read_end, b"started\n") == b"started\n"
+    waiter = int(pid_file.read_text())
+    os.kill(waiter, signal.SIGKILL)
+    wait_pid(waiter)
+    assert reaches_eof(read_end), "the exec's output stayed open"
+    os.close(read_end)
+    assert wait_until(lambda: json.loads(runtime("ps", "--format", "json", running, check=True).stdout) == [1]), \
+        "the exec's process outlived its waiter"
 
 
 def test_exec_of_a_missing_program_fails_clearly(runtime, running):
@@ -122,6 +141,14 @@ def test_kill_all_reaches_every_process(runtime, bundle):
     while runtime.state("many")["status"] != "stopped" and time.monotonic() < deadline:
         time.sleep(0.1)
     assert runtime.state("many")["status"] == "stopped"
+
+
+def test_kill_all_of_a_stopped_container_succeeds_as_with_runc(runtime, bundle):
+    """containerd's shim sends kill --all after the init has exited, and logs an error if it fails."""
+    runtime.detached("run", "--detach", "--bundle", bundle("true"), "done")
+    assert wait_until(lambda: runtime.state("done")["status"] == "stopped")
+    assert runtime("kill", "--all", "done", "KILL").returncode == 0
+    assert runtime("kill", "done", "KILL").stderr == b"pyrunv: container not running\n"
 
 
 def test_kill_of_a_paused_container_with_sigkill(runtime, running):

@@ -9,6 +9,9 @@ MARKS = (
     ("io.kubernetes.cri-o.ContainerType", "io.kubernetes.cri-o.SandboxID"),  # CRI-O, and podman's pods
 )
 JOINABLE = ("pid", "ipc", "uts")  # the namespaces one container of a pod can share with another in the VM
+# A pod asks for the host's namespace of a kind by leaving it out of its sandbox's spec. A VM cannot share these
+# with the host: the pod's field that asks, by namespace kind.
+HOST_ONLY = {"network": "hostNetwork", "ipc": "hostIPC"}
 
 
 def sandbox_of(container_id: str, annotations: dict) -> str | None:
@@ -26,6 +29,18 @@ def sandbox_of(container_id: str, annotations: dict) -> str | None:
 def is_sandbox(annotations: dict) -> bool:
     """Whether the engine marks the spec as a pod's sandbox, whose VM other containers will join."""
     return any(annotations.get(type_key) == "sandbox" for type_key, _ in MARKS)
+
+
+def refuse_host_namespaces(container_id: str, annotations: dict, namespaces) -> None:
+    """A pod that would share the host's network or IPC is refused at its sandbox's create, in one line naming
+    the pod's field, rather than run half-working in a VM of its own."""
+    if not is_sandbox(annotations):
+        return
+    listed = {kind for kind, _ in namespaces}
+    for kind, field in HOST_ONLY.items():
+        if kind not in listed:
+            raise PyrunvError(f"pod sandbox {container_id}: {field} cannot be honoured: a VM cannot share the host's "
+                              f"{kind} namespace (linux.namespaces has no {kind} entry)")
 
 
 def joins(namespaces, idents_by_pid: dict) -> list:

@@ -168,8 +168,10 @@ class Container:
         hooks.run("poststart", self.record.hooks.get("poststart", ()), self.record.oci_state(after))
 
     def kill(self, signal: int, everyone: bool) -> None:
-        self._check("kill")
-        self._control("signal", signal=signal, all=everyone)
+        status = self.status
+        lifecycle.check("kill --all" if everyone else "kill", self.id, status)
+        if status is not Status.STOPPED:  # kill --all of a stopped container: nothing is left to signal
+            self._control("signal", signal=signal, all=everyone)
 
     def set_paused(self, verb: str) -> None:
         """pause or resume: a VM of its own freezes whole; a member of a pod, its cgroup in the guest."""

@@ -42,6 +42,7 @@ def _create(store: state.Store, container_id: str, bundle: str, document, check_
     if spec.process.terminal and not console_socket and not os.isatty(0):
         raise PyrunvError("cannot allocate tty if runc will detach without setting console socket")
     sandbox_id = pod.sandbox_of(container_id, spec.annotations)
+    pod.refuse_host_namespaces(container_id, spec.annotations, spec.namespaces)
     if sandbox_id and restore_from:
         raise PyrunvError(f"cannot restore {container_id}: a container of a pod has no VM of its own")
     if sandbox_id:

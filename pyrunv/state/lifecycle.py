@@ -35,6 +35,8 @@ TRANSITIONS: dict[str, tuple[frozenset[Status], Status | None]] = {
     "pause": (frozenset({S.RUNNING}), S.PAUSED),
     "resume": (frozenset({S.PAUSED}), S.RUNNING),
     "kill": (frozenset({S.CREATED, S.RUNNING, S.PAUSED}), None),
+    # runc 1.1 signals whatever is left of the container: of a stopped one, nothing, and that is no error.
+    "kill --all": (frozenset(STATUSES) - {S.CREATING}, None),
     "exec": (frozenset({S.CREATED, S.RUNNING}), None),
     "update": (frozenset({S.CREATED, S.RUNNING, S.PAUSED}), None),
     "checkpoint": (frozenset({S.RUNNING, S.PAUSED}), None),  # runc: CRIU dumps a frozen container too
