@@ -104,6 +104,25 @@ def test_capabilities_no_new_privileges_masked_readonly_paths_and_sysctl(runtime
         "0", "sys-readonly", "1", "root-readonly", "1", ""]
 
 
+def test_seccomp_filters_the_init_and_every_exec_in_the_guest(runtime, bundle):
+    """A filter with an errno rule and a rule on an argument's value, as the guest kernel applies them."""
+    def filtered(config):
+        config["linux"]["seccomp"] = {
+            "defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"],
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13},
+                         {"names": ["kill"], "action": "SCMP_ACT_ERRNO",
+                          "args": [{"index": 1, "value": 18, "op": "SCMP_CMP_EQ"}]}]}  # SIGCONT only
+    script = ("grep Seccomp: /proc/self/status; mkdir /tmp/new; echo mkdir=$?; "
+              "kill -CONT $$ 2>/dev/null; echo cont=$?; kill -0 $$; echo zero=$?")
+    result = runtime("run", "--bundle", bundle("sh", "-c", script, edit=filtered), "init")
+    assert result.stdout.decode().splitlines() == ["Seccomp:\t2", "mkdir=1", "cont=1", "zero=0"], result.stderr
+    assert result.stderr == b"mkdir: can't create directory '/tmp/new': Permission denied\n"
+    runtime.detached("run", "--detach", "--bundle", bundle("sleep", "600", edit=filtered), "execs")
+    exec_ = runtime("exec", "execs", "sh", "-c", "grep Seccomp: /proc/self/status; mkdir /tmp/x")
+    assert (exec_.returncode, exec_.stdout) == (1, b"Seccomp:\t2\n"), exec_.stderr
+    assert exec_.stderr == b"mkdir: can't create directory '/tmp/x': Permission denied\n"
+
+
 def test_the_vm_ends_with_its_container(runtime, bundle, subreaper, tmp_path):
     pid_file = tmp_path / "pid"
     runtime.detached("create", "--bundle", bundle("sh", "-c", "exit 3"), "--pid-file", pid_file, "quick")

@@ -25,6 +25,11 @@ struct spec {
     uint64_t caps[5]; /* bounding, effective, permitted, inheritable, ambient */
     int have_caps;
     int no_new_privs;
+    /* linux.seccomp compiled by the host: classic BPF, installed just before execve. An exec takes its
+     * container's, kept with the container's init (struct proc). */
+    const unsigned char *seccomp;
+    size_t seccomp_len;
+    unsigned seccomp_flags;
     int terminal;
     int oom_score_adj;
     int have_oom_score_adj;
@@ -99,6 +104,9 @@ struct proc {
     struct buf in_pending;
     int in_eof;
     int exited, code, sig;
+    unsigned char *seccomp;   /* an init's: its container's filter, for its execs */
+    size_t seccomp_len;
+    unsigned seccomp_flags;
 };
 
 struct stdio_pipes { int child[3]; int parent[3]; };

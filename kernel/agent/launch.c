@@ -10,6 +10,7 @@
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -134,6 +135,11 @@ void spawn(uint32_t type, uint32_t id, char *payload, uint32_t len)
         send_text(FR_ERROR, id, "container is not running");
         return;
     }
+    if (type == FR_EXEC) {  /* as runc: an exec gets its container's seccomp filter */
+        s.seccomp = init->seccomp;
+        s.seccomp_len = init->seccomp_len;
+        s.seccomp_flags = init->seccomp_flags;
+    }
     if (type == FR_CREATE) {
         for (int k = 0; k < 3; k++) {
             struct proc *other = s.join[k] ? running_init(s.join[k]) : NULL;
@@ -216,6 +222,13 @@ void spawn(uint32_t type, uint32_t id, char *payload, uint32_t len)
         goto fail_pipes;
     }
     p->is_init = type == FR_CREATE;
+    if (p->is_init && s.seccomp_len) {
+        p->seccomp = malloc(s.seccomp_len);
+        if (!p->seccomp) die("malloc");
+        memcpy(p->seccomp, s.seccomp, s.seccomp_len);
+        p->seccomp_len = s.seccomp_len;
+        p->seccomp_flags = s.seccomp_flags;
+    }
     p->terminal = s.terminal;
     int master = -1;
     int r = read_sync(p->sync, err, sizeof err, &master);

@@ -87,6 +87,7 @@ void release(struct proc *p)
     close_input(p);
     if (p->sync >= 0) close(p->sync);
     free(p->in_pending.data);
+    free(p->seccomp);
     memset(p, 0, sizeof *p);
 }
 

@@ -8,6 +8,8 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <linux/capability.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -116,6 +118,18 @@ int spec_parse(struct spec *s, char *buf, size_t len, char *err, size_t errlen)
             s->have_caps = 1;
         }
         else if (!strcmp(p, "nnp")) s->no_new_privs = atoi(v);
+        else if (!strcmp(p, "seccomp")) {
+            size_t n = strlen(v) / 2;
+            for (size_t i = 0; i < n; i++) {  /* hex, decoded in place: the record outlives the fork */
+                unsigned byte;
+                if (sscanf(v + 2 * i, "%2x", &byte) != 1) { snprintf(err, errlen, "bad seccomp record"); return -1; }
+                ((unsigned char *)v)[i] = (unsigned char)byte;
+            }
+            if (n % 8) { snprintf(err, errlen, "bad seccomp record"); return -1; }
+            s->seccomp = (const unsigned char *)v;
+            s->seccomp_len = n;
+        }
+        else if (!strcmp(p, "seccomp_flags")) s->seccomp_flags = (unsigned)strtoul(v, NULL, 10);
         else if (!strcmp(p, "terminal")) s->terminal = atoi(v);
         else if (!strcmp(p, "oom_score_adj")) { s->oom_score_adj = atoi(v); s->have_oom_score_adj = 1; }
         else if (!strcmp(p, "hostname")) s->hostname = v;
@@ -585,8 +599,19 @@ static void set_capabilities(const struct spec *s, int sync_fd)
         if (s->caps[4] & (1ULL << c)) prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, c, 0, 0);
 }
 
+/* The container's seccomp filter; what the process does after this is filtered, its execve included. */
+static void install_seccomp(const struct spec *s, int sync_fd)
+{
+    struct sock_fprog prog = { .len = (unsigned short)(s->seccomp_len / 8), .filter = (struct sock_filter *)s->seccomp };
+    if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, s->seccomp_flags, &prog) < 0)
+        fail(sync_fd, "seccomp: %s", strerror(errno));
+}
+
 void become_process(const struct spec *s, int sync_fd)
 {
+    /* As runc: without no_new_privs, installing a filter needs CAP_SYS_ADMIN, so it comes before the
+     * credentials change; with it, as late as possible, so that the filter sees the least of the set-up. */
+    if (s->seccomp && !s->no_new_privs) install_seccomp(s, sync_fd);
     if (s->have_caps) {
         for (int c = 0; c < 64; c++)
             if (!(s->caps[0] & (1ULL << c)) && prctl(PR_CAPBSET_DROP, c, 0, 0, 0) < 0 && errno != EINVAL)
@@ -599,6 +624,7 @@ void become_process(const struct spec *s, int sync_fd)
     if (s->have_caps) set_capabilities(s, sync_fd);
     if (s->no_new_privs && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
         fail(sync_fd, "no_new_privs: %s", strerror(errno));
+    if (s->seccomp && s->no_new_privs) install_seccomp(s, sync_fd);
     execve(resolved_path, s->args, s->env);
     fail(sync_fd, "exec %s: %s", resolved_path, strerror(errno));
 }

@@ -1,5 +1,6 @@
 """Documents pyrunv prints: the default config.json of `spec` and the `features` document."""
 from .. import config
+from . import seccomp
 from .spec import CAPABILITIES, HOOK_KINDS
 
 DEFAULT_CAPS = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
@@ -72,7 +73,10 @@ def features(checkpoint_refusal: str | None) -> dict:
             # The VM's processes in the host's cgroups, v1 or v2; the systemd form of cgroupsPath is mapped onto
             # cgroupfs (no scope is asked of systemd). The container's own limits are its cgroup's in the guest.
             "cgroup": {"v1": True, "v2": True, "systemd": False, "systemdUser": False, "rdma": False},
-            "seccomp": {"enabled": False},
+            # Compiled on the host for the guest's x86_64 kernel (oci/seccomp.py), installed by the agent.
+            "seccomp": {"enabled": True, "actions": sorted(seccomp.ACTIONS), "operators": list(seccomp.OPERATORS),
+                        "archs": list(seccomp.ARCHITECTURES), "knownFlags": list(seccomp.FLAGS),
+                        "supportedFlags": list(seccomp.FLAGS)},
             "apparmor": {"enabled": False},
             "selinux": {"enabled": False},
         },

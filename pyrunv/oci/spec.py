@@ -84,6 +84,7 @@ class Spec:
     devices: tuple = ()              # Device
     uid_mappings: tuple = ()         # (containerID, hostID, size) of a new user namespace
     gid_mappings: tuple = ()
+    seccomp: object = None           # seccomp.Filter, if the spec has linux.seccomp
 
 
 _validator = None
@@ -222,6 +223,10 @@ def parse(bundle: str, document) -> Spec:
         raise PyrunvError("invalid config.json: a new user namespace needs linux.uidMappings and linux.gidMappings")
     if any(mappings.values()) and ("user", "") not in namespaces:
         raise PyrunvError("invalid config.json: linux.uidMappings and gidMappings need a new user namespace")
+    seccomp = None
+    if "seccomp" in linux:
+        from . import seccomp as seccomp_mod
+        seccomp = seccomp_mod.parse(linux["seccomp"])
     return Spec(
         bundle=bundle, rootfs=os.path.realpath(rootfs), root_readonly=document["root"].get("readonly", False),
         process=parse_process(document["process"]), hostname=document.get("hostname", ""),
@@ -232,7 +237,7 @@ def parse(bundle: str, document) -> Spec:
         annotations=dict(document.get("annotations", {})),
         resources=resources_mod.parse(resources), cgroups_path=linux.get("cgroupsPath", ""),
         network_namespace=network[0] if network else None, namespaces=namespaces,
-        uid_mappings=mappings["uidMappings"], gid_mappings=mappings["gidMappings"],
+        uid_mappings=mappings["uidMappings"], gid_mappings=mappings["gidMappings"], seccomp=seccomp,
         # podman's fileMode carries the type bits too (0o60600 for a block device): the type is the entry's.
         devices=tuple(Device(d["path"], d["type"], d.get("major", 0), d.get("minor", 0),
                              d.get("fileMode", 0o666) & 0o7777, d.get("uid", 0), d.get("gid", 0))

@@ -152,6 +152,9 @@ def container(spec: Spec, share_prefix: str = "", joins=()) -> ContainerPlan:
         pairs.append(("mount", mount_record(m, name)))
     pairs += [("masked", p) for p in spec.masked_paths] + [("readonly", p) for p in spec.readonly_paths]
     pairs += [("sysctl", f"{k}={v}") for k, v in spec.sysctl]
+    if spec.seccomp:
+        from ..oci import seccomp
+        pairs += [("seccomp", seccomp.to_bpf(spec.seccomp).hex()), ("seccomp_flags", spec.seccomp.flags)]
     disks = []
     for d in spec.devices:
         serial = ""

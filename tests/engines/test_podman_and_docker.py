@@ -50,6 +50,12 @@ def test_run_rm_echo(engine, cid):
     assert gone(engine, cid)
 
 
+def test_the_engines_default_seccomp_profile_is_in_force(engine, cid):
+    """podman and docker put their default profile in every spec; the guest applies it to the container."""
+    result = engine("run", "--rm", "--name", cid, IMAGE, "grep", "Seccomp:", "/proc/self/status")
+    assert (result.returncode, result.stdout) == (0, "Seccomp:\t2\n"), result.stderr
+
+
 @pytest.mark.parametrize("code", [0, 3])
 def test_exit_code(engine, cid, code):
     result = engine("run", "--rm", "--name", cid, IMAGE, "sh", "-c", f"exit {code}")
