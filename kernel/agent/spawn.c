@@ -64,6 +64,24 @@ static long parse_num(const char *v, int base)
     return strtol(v, NULL, base);
 }
 
+static int nibble(char c)
+{
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+/* Lowercase hex, decoded in place (the record outlives the fork): the byte count, or -1. */
+static ssize_t unhex(char *text)
+{
+    size_t n = strlen(text);
+    if (n % 2) return -1;
+    for (size_t i = 0; i < n / 2; i++) {
+        int high = nibble(text[2 * i]), low = nibble(text[2 * i + 1]);
+        if (high < 0 || low < 0) return -1;
+        text[i] = (char)(high << 4 | low);
+    }
+    return (ssize_t)(n / 2);
+}
+
 int spec_parse(struct spec *s, char *buf, size_t len, char *err, size_t errlen)
 {
     memset(s, 0, sizeof *s);
@@ -119,15 +137,10 @@ int spec_parse(struct spec *s, char *buf, size_t len, char *err, size_t errlen)
         }
         else if (!strcmp(p, "nnp")) s->no_new_privs = atoi(v);
         else if (!strcmp(p, "seccomp")) {
-            size_t n = strlen(v) / 2;
-            for (size_t i = 0; i < n; i++) {  /* hex, decoded in place: the record outlives the fork */
-                unsigned byte;
-                if (sscanf(v + 2 * i, "%2x", &byte) != 1) { snprintf(err, errlen, "bad seccomp record"); return -1; }
-                ((unsigned char *)v)[i] = (unsigned char)byte;
-            }
-            if (n % 8) { snprintf(err, errlen, "bad seccomp record"); return -1; }
+            ssize_t n = unhex(v);
+            if (n <= 0 || n % 8) { snprintf(err, errlen, "bad seccomp record"); return -1; }
             s->seccomp = (const unsigned char *)v;
-            s->seccomp_len = n;
+            s->seccomp_len = (size_t)n;
         }
         else if (!strcmp(p, "seccomp_flags")) s->seccomp_flags = (unsigned)strtoul(v, NULL, 10);
         else if (!strcmp(p, "terminal")) s->terminal = atoi(v);
