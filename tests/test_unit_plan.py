@@ -241,3 +241,39 @@ def test_the_c_virtiofsd_gets_no_thread_pool_it_would_kill(monkeypatch):
     monkeypatch.setattr(versions, "cached_version", lambda binary: "virtiofsd version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u18)")
     with pytest.raises(PyrunvError, match=r"^share_threads = 4 needs the Rust virtiofsd: QEMU's C virtiofsd kills"):
         virtiofsd.daemon(Config(share_threads=4), "/share", 3, None)
+
+
+@pytest.mark.parametrize("room_mib, booted, fitted", [(None, 160, 160), (1024, 160, 160), (256, 160, 128), (192, 96, 64)])
+def test_a_vm_fits_in_the_memory_its_host_cgroups_allow(room_mib, booted, fitted):
+    """The guest gets the smallest limit above it less host_overhead_mib (128 by default): never more than planned."""
+    vm = plan.VmPlan(machine="microvm", accel="tcg", vcpus=1, memory_mib=booted, kernel="k", initrd="i",
+                     kernel_params="", shared=(), init_records=b"")
+    room = room_mib and room_mib * plan.MIB
+    assert plan.fit(vm, room, Config()).memory_mib == fitted
+
+
+def test_a_host_cgroup_too_small_for_any_vm_is_one_line():
+    vm = plan.VmPlan(machine="microvm", accel="tcg", vcpus=1, memory_mib=96, kernel="k", initrd="i",
+                     kernel_params="", shared=(), init_records=b"")
+    with pytest.raises(PyrunvError) as refused:
+        plan.fit(vm, 64 * plan.MIB, Config())
+    assert str(refused.value) == (
+        "a memory limit of 64 MiB on the host cgroup is too small for a VM: it needs 192 MiB at least (128 MiB for "
+        "QEMU, virtiofsd and the monitor, host_overhead_mib); give the pod's RuntimeClass an overhead "
+        "(docs/kubernetes.md)")
+
+
+@pytest.mark.parametrize("unified", [False, True])
+def test_the_room_of_a_host_cgroup_is_the_smallest_limit_up_to_the_root(tmp_path, monkeypatch, unified):
+    from pyrunv.host import cgroups
+    monkeypatch.setattr(cgroups, "ROOT", str(tmp_path))
+    hierarchy = tmp_path if unified else tmp_path / "memory"
+    name, unlimited = ("memory.max", "max") if unified else ("memory.limit_in_bytes", "9223372036854771712")
+    limits = {"": unlimited, "kubepods": unlimited, "kubepods/pod1": str(300 << 20), "kubepods/pod1/box": unlimited}
+    for path, value in limits.items():
+        (hierarchy / path).mkdir(parents=True, exist_ok=True)
+        (hierarchy / path / name).write_text(value + "\n")
+    box = cgroups.HostCgroup({"" if unified else "memory": str(hierarchy / "kubepods/pod1/box")}, [])
+    assert box.memory_room() == 300 << 20
+    (hierarchy / "kubepods/pod1" / name).write_text(unlimited)
+    assert box.memory_room() is None

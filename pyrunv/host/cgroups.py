@@ -12,6 +12,7 @@ from ..errors import PyrunvError
 
 ROOT = "/sys/fs/cgroup"
 CPU_TIME = ("cpu", "cpuacct")
+UNLIMITED_V1 = 1 << 62  # v1 reads "no limit" as the largest page-aligned counter, 9223372036854771712
 
 
 def version() -> int:
@@ -90,6 +91,20 @@ class HostCgroup:
             cls({}, created).remove()
             raise PyrunvError(f"cannot create cgroup {relative}: {e.strerror}") from None
         return cls(directories, created)
+
+    def memory_room(self) -> int | None:
+        """The smallest memory limit from this cgroup up to its hierarchy's root, in bytes: what all the
+        processes in it may use together (a kubelet's pod cgroup bounds its containers'); None if none."""
+        unified = "" in self.directories
+        directory = self.directories.get("" if unified else "memory")
+        limits = []
+        while directory and directory.startswith(ROOT + "/"):
+            with contextlib.suppress(OSError, ValueError):
+                with open(os.path.join(directory, "memory.max" if unified else "memory.limit_in_bytes")) as f:
+                    limits.append(int(f.read()))  # v2's "max" is no limit: ValueError
+            directory = os.path.dirname(directory)
+        limits = [limit for limit in limits if limit < UNLIMITED_V1]
+        return min(limits) if limits else None
 
     def set(self, files: list) -> None:
         """Writes (file, value) pairs; a file named controller.x goes to that controller's hierarchy."""

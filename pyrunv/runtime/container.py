@@ -79,7 +79,9 @@ class Container:
         plan = plan_mod.make(spec, config)
         incoming, stream = None, None
         if restore_from:
-            plan, incoming, stream = restore_from.open(self.id, plan, config)
+            plan, incoming, stream = restore_from.open(self.id, plan, config)  # its size is the saved VM's
+        elif cgroup:
+            plan = plan_mod.fit(plan, cgroup.memory_room(), config)
         log.debug("create %s: VM planned", self.id)
         self.record.ident, self.record.memory_mib = state.VM_INIT, plan.memory_mib
         try:

@@ -222,6 +222,27 @@ def make(spec: Spec, config: config_mod.Config) -> VmPlan:
         display=_display(spec, config))
 
 
+MIN_GUEST_MIB = 64  # below it the guest kernel and agent leave a container next to nothing
+
+
+def fit(plan: VmPlan, room: int | None, config: config_mod.Config) -> VmPlan:
+    """The VM within room, the smallest memory limit of its host cgroup and that cgroup's ancestors, in bytes.
+    A kubelet limits a pod's cgroup to the sum of its containers' limits (plus the RuntimeClass's overhead,
+    where set): the guest gets what is left of it once QEMU, virtiofsd and the monitor have
+    host_overhead_mib, so that a container that outgrows the VM meets the guest's OOM killer and QEMU
+    never meets the host's."""
+    if room is None:
+        return plan
+    guest = room // MIB - config.host_overhead_mib
+    if guest < MIN_GUEST_MIB:
+        raise PyrunvError(
+            f"a memory limit of {room // MIB} MiB on the host cgroup is too small for a VM: it needs "
+            f"{MIN_GUEST_MIB + config.host_overhead_mib} MiB at least ({config.host_overhead_mib} MiB for QEMU, "
+            f"virtiofsd and the monitor, host_overhead_mib); give the pod's RuntimeClass an overhead "
+            f"(docs/kubernetes.md)")
+    return plan if plan.memory_mib <= guest else dataclasses.replace(plan, memory_mib=guest)
+
+
 DISPLAYS = ("", "vnc")
 
 
