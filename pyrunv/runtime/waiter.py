@@ -38,6 +38,38 @@ def wait(sock, received: bytes = b"") -> dict:
     return reply if "exit" in reply else VM_GONE
 
 
+def die_of_oom() -> None:
+    """The guest's OOM killer took the container's init: the host process that stands for it dies the same
+    way, by its own host cgroup's OOM killer, so that an engine that learns of OOMs from that cgroup (the
+    runc shim, and through it the kubelet's OOMKilled) learns of this one. Only where the waiter is alone in
+    a cgroup of its own; otherwise, and if the kernel spares it, it dies of SIGKILL as the init did."""
+    unified = os.path.exists("/sys/fs/cgroup/cgroup.controllers")
+    try:
+        with open("/proc/self/cgroup") as f:
+            entries = [line.rstrip("\n").split(":", 2) for line in f]
+        path = next((p for _, controllers, p in entries
+                     if (controllers == "" if unified else "memory" in controllers.split(","))), None)
+        directory = ("/sys/fs/cgroup" if unified else "/sys/fs/cgroup/memory") + (path or "/")
+        with open(os.path.join(directory, "cgroup.procs")) as f:
+            if path in (None, "/") or f.read().split() != [str(os.getpid())]:
+                return
+        usage, limit, no_swap = (("memory.current", "memory.max", ("memory.swap.max", "0")) if unified else
+                                 ("memory.usage_in_bytes", "memory.limit_in_bytes", ("memory.swappiness", "0")))
+        with open(os.path.join(directory, usage)) as f:
+            room = int(f.read()) + (8 << 20)
+        for name, value in (no_swap, (limit, str(room))):
+            try:
+                with open(os.path.join(directory, name), "w") as f:
+                    f.write(value)
+            except OSError:
+                if name == limit:
+                    return
+        held = [b"\1" * (1 << 20) for _ in range(2 * (room >> 20))]  # touched pages, beyond the limit
+        del held
+    except (OSError, ValueError):
+        return
+
+
 def exec_argv(fd: int, exit_file: str, received: bytes) -> list:
     """The command line of a waiter on the connected socket fd."""
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -57,6 +89,8 @@ def main() -> None:
                     f.write(jsonlite.dumps(reply))
             except OSError:
                 pass  # a full disk must not change the status the engine sees
+        if reply["signal"] == signal.SIGKILL and reply.get("oom_kills"):
+            die_of_oom()
         exit_like(reply["exit"], reply["signal"])
     finally:
         os._exit(1)

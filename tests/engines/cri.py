@@ -53,12 +53,14 @@ class CRI:
                 for tag in image.repo_tags]
 
     # Pods.
-    def pod_config(self, name, hostname=None, annotations=None, log_directory=None):
-        """The PodSandboxConfig of pod `name` (namespace "default"); CreateContainer needs it again."""
+    def pod_config(self, name, hostname=None, annotations=None, log_directory=None, cgroup_parent=""):
+        """The PodSandboxConfig of pod `name` (namespace "default"); CreateContainer needs it again. A kubelet
+        gives every pod a `cgroup_parent` of its own, limited to the sum of its containers' limits."""
         return api.PodSandboxConfig(
             metadata=api.PodSandboxMetadata(name=name, uid=str(uuid.uuid4()), namespace="default"),
             hostname=hostname or name, log_directory=log_directory or "", annotations=annotations or {},
             linux=api.LinuxPodSandboxConfig(
+                cgroup_parent=cgroup_parent,
                 security_context=api.LinuxSandboxSecurityContext(namespace_options=NAMESPACES)))
 
     def run_pod(self, name=None, runtime_handler=None, hostname=None, annotations=None, log_directory=None,
@@ -95,15 +97,16 @@ class CRI:
 
     # Containers.
     def create_container(self, pod, pod_config, name, command=(), args=(), image="localhost/busybox:latest",
-                         log_path=None, envs=None, annotations=None, working_dir=""):
+                         log_path=None, envs=None, annotations=None, working_dir="", memory_limit=0, attempt=0):
         """CreateContainer in `pod` (with the pod's config, as the kubelet passes it); returns its ID.
         `log_path` is relative to the pod's log_directory; by default NAME.log."""
         config = api.ContainerConfig(
-            metadata=api.ContainerMetadata(name=name), image=api.ImageSpec(image=image),
+            metadata=api.ContainerMetadata(name=name, attempt=attempt), image=api.ImageSpec(image=image),
             command=list(command), args=list(args), working_dir=working_dir,
             envs=[api.KeyValue(key=k, value=v) for k, v in (envs or {}).items()],
             annotations=annotations or {}, log_path=log_path or f"{name}.log",
             linux=api.LinuxContainerConfig(
+                resources=api.LinuxContainerResources(memory_limit_in_bytes=memory_limit),
                 security_context=api.LinuxContainerSecurityContext(namespace_options=NAMESPACES)))
         request = api.CreateContainerRequest(pod_sandbox_id=pod, config=config, sandbox_config=pod_config)
         return self.runtime.CreateContainer(request, timeout=self.timeout).container_id

@@ -74,11 +74,11 @@ def make_pod(cri, name, tmp_path):
     Afterwards the pods are stopped and removed."""
     pods = []
 
-    def make(suffix=""):
+    def make(suffix="", cgroup_parent=""):
         logs = tmp_path / f"logs{suffix}"
         logs.mkdir()
         config = cri.pod_config(f"{name}{suffix}"[:63], hostname=f"pod{suffix}-{os.getpid()}",
-                                log_directory=str(logs))
+                                log_directory=str(logs), cgroup_parent=cgroup_parent)
         pod = Pod(cri, cri.run_pod(config=config), config, str(logs))
         pods.append(pod)
         return pod
@@ -93,6 +93,37 @@ def make_pod(cri, name, tmp_path):
 @pytest.fixture
 def pod(make_pod):
     return make_pod()
+
+
+@pytest.fixture
+def pod_cgroup():
+    """make(limit_mib) -> the cgroup_parent of a pod cgroup limited to limit_mib, as a kubelet makes one (the sum
+    of the containers' limits, and no RuntimeClass overhead); removed once the test's pods are gone."""
+    unified = os.path.exists("/sys/fs/cgroup/cgroup.controllers")
+    made = []
+
+    def make(limit_mib):
+        parent = f"/pyrunv-test-pod-{os.getpid()}-{len(made)}"
+        directory = ("/sys/fs/cgroup" if unified else "/sys/fs/cgroup/memory") + parent
+        os.mkdir(directory)
+        made.append(directory)
+        with open(os.path.join(directory, "memory.max" if unified else "memory.limit_in_bytes"), "w") as f:
+            f.write(str(limit_mib << 20))
+        return parent
+
+    yield make
+    for directory in made:
+        assert wait_for(lambda: _rmdir(directory), timeout=30), f"{directory} still holds processes"
+
+
+def _rmdir(directory):
+    try:
+        os.rmdir(directory)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True
 
 
 def test_pod_is_ready_with_an_ip(cri, pod):
@@ -198,3 +229,30 @@ def test_remove_pod_leaves_nothing_behind(cri, pod):
     assert wait_for(lambda: not gone(cri, ids), timeout=30), gone(cri, ids)
     assert wait_for(lambda: not vm_processes(cri.top), timeout=30), vm_processes(cri.top)
     assert netns and not any(os.path.exists(path) for path in netns), netns
+
+
+def test_a_pod_whose_cgroup_cannot_hold_a_vm_is_refused_in_one_line(cri, pod_cgroup, make_pod):
+    """A kubelet limits a 64Mi pod's cgroup to 64 MiB when its RuntimeClass has no overhead: no VM fits."""
+    if cri.handler != "pyrunv":
+        pytest.skip(f"the {cri.handler} handler runs no VM to fit")
+    with pytest.raises(grpc.RpcError) as refused:
+        make_pod(cgroup_parent=pod_cgroup(64))
+    assert "a memory limit of 64 MiB on the host cgroup is too small for a VM" in refused.value.details()
+    assert qemus(cri) == []
+
+
+def test_a_container_over_its_limit_is_oom_killed_in_the_pods_vm_and_restarts_there(cri, pod_cgroup, make_pod):
+    """The pod's cgroup holds the VM; the container's own limit is its cgroup's in the guest. The guest's OOM
+    killer takes the container, never the host's QEMU: containerd reports OOMKilled and 137, as with runc, and
+    the pod keeps its VM and its IP."""
+    pod = make_pod(cgroup_parent=pod_cgroup(64 + 160))  # 64 MiB of limits, and the overhead docs/kubernetes.md gives
+    vms, ip = qemus(cri), cri.pod_status(pod.id)[1]
+    cid = cri.run_container(pod.id, pod.config, "hungry", "dd", "if=/dev/zero", "of=/dev/null", "bs=96M", "count=1",
+                            memory_limit=64 << 20)
+    assert pod.wait_exited(cid) == 137
+    assert cri.container_status_full(cid).status.reason == "OOMKilled"
+    assert (qemus(cri), cri.pod_status(pod.id)) == (vms, ("ready", ip))
+    again = cri.run_container(pod.id, pod.config, "hungry", "sh", "-c", "echo fed; exit 3", memory_limit=64 << 20,
+                              attempt=1)
+    assert pod.wait_exited(again) == 3
+    assert ("stdout", "F", "fed") in pod.log(again) and qemus(cri) == vms
