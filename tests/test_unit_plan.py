@@ -277,3 +277,22 @@ def test_the_room_of_a_host_cgroup_is_the_smallest_limit_up_to_the_root(tmp_path
     assert box.memory_room() == 300 << 20
     (hierarchy / "kubepods/pod1" / name).write_text(unlimited)
     assert box.memory_room() is None
+
+
+def test_a_privileged_container_gets_the_hosts_character_devices_but_none_of_its_disks(tmp_path):
+    """Engines list every host device for a privileged container and allow all of them in its cgroup; in a VM
+    that is privilege over the VM's devices: the host's disks are left out, not attached."""
+    from pyrunv.oci import spec as spec_mod
+    (tmp_path / "rootfs").mkdir()
+    document = {"ociVersion": "1.0.2", "root": {"path": "rootfs"}, "process": {"args": ["sh"], "cwd": "/"},
+                "linux": {"devices": [{"path": "/dev/sda", "type": "b", "major": 8, "minor": 0},
+                                      {"path": "/dev/kmsg", "type": "c", "major": 1, "minor": 11}],
+                          "resources": {"devices": [{"allow": True, "access": "rwm"}]}}}
+    privileged = spec_mod.parse(str(tmp_path), document)
+    assert privileged.privileged
+    planned = plan.container(privileged)
+    assert planned.disks == ()
+    assert [v for k, v in decoded(planned.records) if k == "device"] == ["c 1 11 666 0 0 /dev/kmsg"]
+    document["linux"]["resources"]["devices"] = [{"allow": False, "access": "rwm"},
+                                                 {"allow": True, "type": "c", "major": 1, "minor": 11, "access": "rw"}]
+    assert not spec_mod.parse(str(tmp_path), document).privileged

@@ -85,6 +85,9 @@ class Spec:
     uid_mappings: tuple = ()         # (containerID, hostID, size) of a new user namespace
     gid_mappings: tuple = ()
     seccomp: object = None           # seccomp.Filter, if the spec has linux.seccomp
+    # Every device allowed in the container's cgroup, as engines write a privileged container's spec: it is
+    # privileged in its VM (docs/architecture.md#privileged-containers).
+    privileged: bool = False
 
 
 _validator = None
@@ -223,6 +226,8 @@ def parse(bundle: str, document) -> Spec:
         raise PyrunvError("invalid config.json: a new user namespace needs linux.uidMappings and linux.gidMappings")
     if any(mappings.values()) and ("user", "") not in namespaces:
         raise PyrunvError("invalid config.json: linux.uidMappings and gidMappings need a new user namespace")
+    privileged = any(rule.get("allow") and rule.get("type", "a") == "a" and "major" not in rule and "minor" not in rule
+                     and set("rwm") <= set(rule.get("access", "")) for rule in resources.get("devices", ()))
     seccomp = None
     if "seccomp" in linux:
         from . import seccomp as seccomp_mod
@@ -238,6 +243,7 @@ def parse(bundle: str, document) -> Spec:
         resources=resources_mod.parse(resources), cgroups_path=linux.get("cgroupsPath", ""),
         network_namespace=network[0] if network else None, namespaces=namespaces,
         uid_mappings=mappings["uidMappings"], gid_mappings=mappings["gidMappings"], seccomp=seccomp,
+        privileged=bool(privileged),
         # podman's fileMode carries the type bits too (0o60600 for a block device): the type is the entry's.
         devices=tuple(Device(d["path"], d["type"], d.get("major", 0), d.get("minor", 0),
                              d.get("fileMode", 0o666) & 0o7777, d.get("uid", 0), d.get("gid", 0))

@@ -157,6 +157,8 @@ def container(spec: Spec, share_prefix: str = "", joins=()) -> ContainerPlan:
         pairs += [("seccomp", seccomp.to_bpf(spec.seccomp).hex()), ("seccomp_flags", spec.seccomp.flags)]
     disks = []
     for d in spec.devices:
+        if d.type == "b" and spec.privileged:
+            continue  # the host's disks stay the host's: a privileged container is privileged in its VM
         serial = ""
         if d.type == "b":  # the host's device, as a virtio-blk disk the agent finds by its serial
             serial = f"pyrunv{len(disks)}"
