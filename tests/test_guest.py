@@ -123,6 +123,17 @@ def test_seccomp_filters_the_init_and_every_exec_in_the_guest(runtime, bundle):
     assert exec_.stderr == b"mkdir: can't create directory '/tmp/x': Permission denied\n"
 
 
+def test_the_guest_has_ipv6_a_bridge_and_netfilter(runtime, bundle):
+    script = ("ip -6 addr show dev lo | grep -o '::1/128'; brctl addbr pod0 && ip link show pod0 | grep -o pod0; "
+              "ls /proc/sys/net/netfilter | grep -c nf_conntrack_max")
+
+    def net_admin(config):
+        for kind in ("bounding", "effective", "permitted"):
+            config["process"]["capabilities"][kind].append("CAP_NET_ADMIN")
+    result = runtime("run", "--bundle", bundle("sh", "-c", script, edit=net_admin), "stack")
+    assert (result.returncode, result.stdout) == (0, b"::1/128\npod0\n1\n"), result.stderr
+
+
 def test_the_vm_ends_with_its_container(runtime, bundle, subreaper, tmp_path):
     pid_file = tmp_path / "pid"
     runtime.detached("create", "--bundle", bundle("sh", "-c", "exit 3"), "--pid-file", pid_file, "quick")

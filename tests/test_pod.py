@@ -4,6 +4,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -265,3 +266,38 @@ def test_a_member_with_a_terminal_gets_its_pty_over_the_console_socket(runtime, 
     os.write(master, b"tty; hostname; exit 3\n")
     assert b"pod-host" in read_until(master, b"pod-host\r\n")
     assert describe_status(wait_pid(result["pid"])) == "exit 3"
+
+
+def iptables_tree(directory):
+    """The host's iptables-nft with its libraries and extensions under directory (lib, lib64, usr), to bind into
+    a busybox container: an image with iptables, made without a registry."""
+    program = "/usr/sbin/xtables-nft-multi"
+    libraries = subprocess.run(["ldd", program], capture_output=True, text=True, check=True).stdout
+    for path in [program] + [p for p in libraries.split() if p.startswith("/")]:
+        target = directory / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.realpath(path), target)
+    extensions = "/usr/lib/x86_64-linux-gnu/xtables"
+    shutil.copytree(extensions, directory / extensions.lstrip("/"))
+    return [{"destination": f"/{top}", "type": "bind", "source": str(directory / top), "options": ["rbind", "ro"]}
+            for top in ("lib", "lib64", "usr") if (directory / top).exists()]
+
+
+def test_an_init_containers_iptables_redirect_holds_for_the_pods_other_containers(runtime, pod, tmp_path):
+    """A service mesh's init container redirects the pod's port 80 to its proxy's 15001 with iptables (here
+    iptables-nft, through nftables' compatibility); the pod's containers share the VM's network stack."""
+    binds = iptables_tree(tmp_path / "iptables")
+
+    def mesh(config):
+        config["mounts"] += binds
+        for kind in ("bounding", "effective", "permitted"):
+            config["process"]["capabilities"][kind].append("CAP_NET_ADMIN")
+    init = pod("mesh-init", "/usr/sbin/xtables-nft-multi", "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp",
+               "--dport", "80", "-j", "REDIRECT", "--to-ports", "15001", edit=mesh)
+    runtime("start", "mesh-init", check=True)
+    assert describe_status(wait_pid(init)) == "exit 0", pod.output("mesh-init")
+    app = pod("app", "sh", "-c", "mkdir /www; echo proxied > /www/index.html; httpd -p 15001 -h /www; "
+              "wget -qO- http://127.0.0.1/")
+    runtime("start", "app", check=True)
+    assert describe_status(wait_pid(app)) == "exit 0", pod.output("app")
+    assert pod.output("app") == b"proxied\n"
