@@ -2,6 +2,7 @@
 network namespace; driven here with a namespace and a veth pair made by hand."""
 import functools
 import http.server
+import socket
 import subprocess
 import threading
 import uuid
@@ -11,6 +12,7 @@ import pytest
 pytestmark = pytest.mark.vm
 
 HOST, GUEST = "10.213.7.1", "10.213.7.2"
+HOST6, GUEST6 = "fd00:213:7::1", "fd00:213:7::2"  # a unique local prefix of the test's own
 
 
 def ip(*args):
@@ -25,6 +27,10 @@ ROUTING = {
                    ["route", "add", "default", "via", HOST, "dev", "eth0"]],
     "onlink": [["addr", "add", f"{GUEST}/32", "dev", "eth0"],
                ["route", "add", "default", "via", HOST, "dev", "eth0", "onlink"]],
+    # Dual stack, as a CNI bridge with IPv6 ranges gives: both families' addresses and default routes.
+    "dual stack": [["addr", "add", f"{GUEST}/24", "dev", "eth0"], ["route", "add", "default", "via", HOST],
+                   ["-6", "addr", "add", f"{GUEST6}/64", "dev", "eth0", "nodad"],
+                   ["-6", "route", "add", "default", "via", HOST6]],
 }
 
 
@@ -34,6 +40,7 @@ def make_netns(routing):
     ip("netns", "add", name)
     ip("link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", name)
     ip("addr", "add", f"{HOST}/24", "dev", host_end)
+    ip("-6", "addr", "add", f"{HOST6}/64", "dev", host_end, "nodad")
     ip("link", "set", host_end, "up")
     ip("-n", name, "link", "set", "eth0", "mtu", "1400", "up")
     for command in ROUTING[routing]:
@@ -108,3 +115,25 @@ def test_an_empty_new_namespace_leaves_the_guest_with_a_loopback_only(runtime, b
     assert result.returncode == 0, result.stderr
     out = result.stdout.decode()
     assert "inet 127.0.0.1/8" in out and "eth0" not in out and "default" not in out, out
+
+
+@pytest.mark.parametrize("netns", ["dual stack"], indirect=True)
+def test_a_dual_stack_namespace_gives_the_guest_its_ipv6_address_and_route(runtime, bundle, netns, tmp_path):
+    root = tmp_path / "www6"
+    root.mkdir()
+    (root / "hello").write_text("hello over IPv6\n")
+
+    class Server(http.server.ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+    server = Server((HOST6, 0), functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        script = (f"ip -6 -o addr show dev eth0 scope global; ip -6 route show default; "
+                  f"timeout 30 wget -q -O- http://[{HOST6}]:{server.server_address[1]}/hello")
+        result = runtime("run", "--bundle", bundle("sh", "-c", script, edit=in_netns(f"/run/netns/{netns}")), "v6")
+    finally:
+        server.shutdown()
+    out = result.stdout.decode()
+    assert result.returncode == 0, (out, result.stderr)
+    assert f"inet6 {GUEST6}/64" in out and f"default via {HOST6} dev eth0" in out, out
+    assert out.endswith("hello over IPv6\n"), out

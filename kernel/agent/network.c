@@ -1,5 +1,5 @@
-/* The VM's network interface, configured as the host found the engine's veth: same MAC, MTU, IPv4
- * addresses and routes (docs/protocol.md, NETWORK). The host redirects every frame between that veth
+/* The VM's network interface, configured as the host found the engine's veth: same MAC, MTU, IPv4 and
+ * IPv6 addresses and routes (docs/protocol.md, NETWORK). The host redirects every frame between that veth
  * and the VM's tap, so the guest simply is the container's end of the veth. */
 #include "agent.h"
 
@@ -98,6 +98,51 @@ static int link_up(int s, struct ifreq *ifr, char *err, size_t errlen)
     return ioctl(s, SIOCSIFFLAGS, ifr) < 0 ? err_out(err, errlen, "up", ifr->ifr_name) : 0;
 }
 
+/* The kernel's struct in6_ifreq and struct in6_rtmsg (linux/ipv6.h, linux/ipv6_route.h), which musl lacks. */
+struct ifreq6 { struct in6_addr addr; uint32_t prefixlen; int ifindex; };
+struct rtmsg6 { struct in6_addr dst, src, gateway; uint32_t type; uint16_t dst_len, src_len; uint32_t metric;
+                unsigned long info; uint32_t flags; int ifindex; };
+
+/* "ADDR/BITS" (IPv6), or "DST/BITS GATEWAY", the gateway "-" for a route on the link. */
+static int parse6(char *text, struct in6_addr *addr, int *bits, char **gateway)
+{
+    char *slash = strchr(text, '/');
+    if (!slash) return -1;
+    *slash = 0;
+    char *rest = slash + 1, *space = strchr(rest, ' ');
+    if (space) { *space = 0; if (gateway) *gateway = space + 1; }
+    *bits = atoi(rest);
+    int ok = inet_pton(AF_INET6, text, addr) == 1 && *bits >= 0 && *bits <= 128 && (!gateway || space);
+    *slash = '/';
+    if (space) *space = ' ';
+    return ok ? 0 : -1;
+}
+
+static int add_address6(int s6, int index, char *text, char *err, size_t errlen)
+{
+    struct ifreq6 r = { .ifindex = index };
+    int bits;
+    if (parse6(text, &r.addr, &bits, NULL) < 0) { errno = EINVAL; return err_out(err, errlen, "address", text); }
+    r.prefixlen = (uint32_t)bits;
+    return ioctl(s6, SIOCSIFADDR, &r) < 0 && errno != EEXIST ? err_out(err, errlen, "address", text) : 0;
+}
+
+static int add_route6(int s6, int index, char *text, char *err, size_t errlen)
+{
+    struct rtmsg6 r = { .ifindex = index, .metric = 1024, .flags = RTF_UP };
+    char *gateway = NULL;
+    int bits;
+    if (parse6(text, &r.dst, &bits, &gateway) < 0
+        || (strcmp(gateway, "-") && inet_pton(AF_INET6, gateway, &r.gateway) != 1)) {
+        errno = EINVAL;
+        return err_out(err, errlen, "route", text);
+    }
+    r.dst_len = (uint16_t)bits;
+    if (strcmp(gateway, "-")) r.flags |= RTF_GATEWAY;
+    if (bits == 128) r.flags |= RTF_HOST;
+    return ioctl(s6, SIOCADDRT, &r) < 0 && errno != EEXIST ? err_out(err, errlen, "route", text) : 0;
+}
+
 /* The records come in the order the protocol gives: mac and mtu, which need the link down, then
  * addresses and routes, which need it up. */
 int configure_network(char *buf, size_t len, char *err, size_t errlen)
@@ -108,7 +153,7 @@ int configure_network(char *buf, size_t len, char *err, size_t errlen)
     if (s < 0) return err_out(err, errlen, "socket", "");
     struct ifreq ifr = {0};
     snprintf(ifr.ifr_name, IFNAMSIZ, "%s", nic);
-    int rc = 0, up = 0, naddr = 0;
+    int rc = 0, up = 0, naddr = 0, s6 = -1;
     for (char *rec = buf; rec < buf + len && rc == 0; rec += strlen(rec) + 1) {
         char *value = strchr(rec, '=');
         if (!value) continue;
@@ -136,9 +181,22 @@ int configure_network(char *buf, size_t len, char *err, size_t errlen)
             rc = add_address(s, nic, naddr++, value, err, errlen);
         } else if (!strcmp(rec, "route")) {
             rc = add_route(s, nic, value, err, errlen);
+        } else if (!strcmp(rec, "addr6") || !strcmp(rec, "route6")) {
+            if (s6 < 0) {
+                /* The pod's namespace has made sure of its addresses already: no second detection here. */
+                char path[96];
+                snprintf(path, sizeof path, "/proc/sys/net/ipv6/conf/%s/accept_dad", nic);
+                write_text(path, "0");
+                s6 = socket(AF_INET6, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+                if (s6 < 0) { rc = err_out(err, errlen, "socket", "inet6"); break; }
+            }
+            int index = (int)if_nametoindex(nic);
+            rc = !strcmp(rec, "addr6") ? add_address6(s6, index, value, err, errlen)
+                                       : add_route6(s6, index, value, err, errlen);
         }
     }
     if (rc == 0 && !up) rc = link_up(s, &ifr, err, errlen);
     close(s);
+    if (s6 >= 0) close(s6);
     return rc;
 }

@@ -27,6 +27,8 @@ RTPROT_KERNEL = 2
 RTNH_F_ONLINK = 4
 ARPHRD_ETHER = 1
 MAIN_TABLE = 254
+RT_SCOPE_UNIVERSE = 0
+RTN_UNICAST = 1
 
 
 def host_port(address: str) -> tuple:
@@ -88,6 +90,16 @@ def plumb(tap_name: str) -> dict:
                 routes.append(f"{gateway}/32 -")  # the guest's route ioctl knows no onlink: a link route to the gateway
             routes.append(f"{r.get_attr('RTA_DST') or '0.0.0.0'}/{r['dst_len']} {gateway or '-'}")
         routes = sorted(dict.fromkeys(routes), key=lambda route: not route.endswith(" -"))  # link routes first
+        # IPv6: the global addresses (the guest makes its own link-local one from the same MAC), and the
+        # routes the namespace was given; the kernel's own, for the addresses' prefixes and multicast, are made
+        # again in the guest.
+        addrs6 = [f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
+                  for a in ip.get_addr(family=socket.AF_INET6, index=index) if a["scope"] == RT_SCOPE_UNIVERSE]
+        routes6 = sorted(dict.fromkeys(
+            f"{r.get_attr('RTA_DST') or '::'}/{r['dst_len']} {r.get_attr('RTA_GATEWAY') or '-'}"
+            for r in ip.get_routes(family=socket.AF_INET6, table=MAIN_TABLE)
+            if r.get_attr("RTA_OIF") == index and r["proto"] != RTPROT_KERNEL and r["type"] == RTN_UNICAST),
+            key=lambda route: not route.endswith(" -"))
         ip.link("set", index=tap, mtu=link.get_attr("IFLA_MTU"))
         try:
             ip.tc("del", "ingress", index, "ffff:")  # with the filters of an earlier VM, if any
@@ -100,13 +112,14 @@ def plumb(tap_name: str) -> dict:
                   keys=["0x0/0x0+0"],
                   action={"kind": "mirred", "direction": "egress", "action": "redirect", "ifindex": target})
     return {"interface": link.get_attr("IFLA_IFNAME"), "mac": link.get_attr("IFLA_ADDRESS"),
-            "mtu": link.get_attr("IFLA_MTU"), "addrs": addrs, "routes": routes}
+            "mtu": link.get_attr("IFLA_MTU"), "addrs": addrs, "routes": routes, "addrs6": addrs6, "routes6": routes6}
 
 
 def agent_records(found: dict) -> list:
     """The agent's NETWORK records (docs/protocol.md) for what `plumb` found."""
     return ([("mac", found["mac"]), ("mtu", found["mtu"])] + [("addr", a) for a in found["addrs"]]
-            + [("route", r) for r in found["routes"]])
+            + [("route", r) for r in found["routes"]] + [("addr6", a) for a in found["addrs6"]]
+            + [("route6", r) for r in found["routes6"]])
 
 
 def plumb_command(tap_name: str) -> list:
