@@ -146,6 +146,8 @@ void signal_proc(uint32_t id, const uint32_t *payload, uint32_t len);
 /* cgroup.c */
 void remove_cgroups(void);
 void for_each_container_pid(uint32_t container, void (*fn)(pid_t, void *), void *arg);
+/* Sends sig to every process in the container's cgroup. */
+void signal_container(uint32_t container, int sig);
 unsigned long long cgroup_number(uint32_t container, const char *file, const char *key);
 void reply_stats(uint32_t container);
 void remove_container(uint32_t container);

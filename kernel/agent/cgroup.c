@@ -4,6 +4,7 @@
 #include "protocol.h"
 
 #include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,6 +36,16 @@ void for_each_container_pid(uint32_t container, void (*fn)(pid_t, void *), void 
 }
 
 static void count_one(pid_t pid, void *n) { (void)pid; ++*(long *)n; }
+
+static void kill_one(pid_t pid, void *sig) { kill(pid, *(int *)sig); }
+
+/* SIGKILL goes through cgroup.kill: a process forked while the list is read would escape the list. */
+void signal_container(uint32_t container, int sig)
+{
+    char path[128];
+    cgroup_path(path, sizeof path, container, "cgroup.kill");
+    if (sig != SIGKILL || write_text(path, "1") < 0) for_each_container_pid(container, kill_one, &sig);
+}
 
 /* The first number in a cgroup file, or in the line of it that starts with key; 0 for "max" or none. */
 unsigned long long cgroup_number(uint32_t container, const char *file, const char *key)

@@ -215,15 +215,13 @@ void reap(void)
     remove_cgroups();
 }
 
-static void kill_one(pid_t pid, void *sig) { kill(pid, *(int *)sig); }
-
 void signal_proc(uint32_t id, const uint32_t *payload, uint32_t len)
 {
     struct proc *p = find_proc(id);
     if (len < 8) { send_text(FR_ERROR, id, "bad signal frame"); return; }
     int sig = (int)payload[0];
     if (!p || p->exited) { send_text(FR_ERROR, id, "process is not running"); return; }
-    if (payload[1]) for_each_container_pid(p->container, kill_one, &sig);
+    if (payload[1]) signal_container(p->container, sig);
     if (kill(p->pid, sig) < 0 && errno != ESRCH) { send_text(FR_ERROR, id, strerror(errno)); return; }
     send_frame(FR_OK, id, NULL, 0);
 }
