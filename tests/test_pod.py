@@ -183,6 +183,24 @@ def test_a_member_whose_waiter_is_killed_ends_with_everything_in_it(runtime, pod
     assert runtime.state("sb")["status"] == "running"
 
 
+def in_pod_netns(pod, *argv):
+    """argv run on the host in the pod's network namespace, where containerd's port-forward dials."""
+    return subprocess.run(["nsenter", f"--net=/proc/{pod.sandbox_pid}/ns/net", *argv], capture_output=True,
+                          timeout=DEADLINE)
+
+
+def test_the_pods_localhost_on_the_host_reaches_the_guests_on_any_port(runtime, pod):
+    in_pod_netns(pod, "ip", "link", "set", "lo", "up")  # as CNI's loopback plugin leaves it
+    pod("web", "sh", "-c", "mkdir /tmp/www && echo hello from port 8080 > /tmp/www/index.html && "
+        "exec httpd -f -p 8080 -h /tmp/www")
+    runtime("start", "web", check=True)
+    url = ["busybox", "wget", "-q", "-O", "-", "http://127.0.0.1:8080/index.html"]
+    assert wait_until(lambda: in_pod_netns(pod, *url).stdout == b"hello from port 8080\n")  # once httpd listens
+    refused = in_pod_netns(pod, "busybox", "wget", "-q", "-O", "-", "http://127.0.0.1:8081/")
+    assert (refused.returncode, refused.stdout) == (1, b"")  # at once: the client hears the guest's refusal
+    assert runtime.state("sb")["status"] == "running"
+
+
 def test_deleting_a_member_removes_only_it(runtime, pod):
     app = pod("app", "sleep", "600")
     runtime("start", "app", check=True)

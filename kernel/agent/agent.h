@@ -95,6 +95,7 @@ struct proc {
     uint32_t container; /* the id of its container's init; its own id for an init */
     pid_t pid;
     int is_init, started, terminal;
+    int is_conn;       /* a CONNECT: no process; in_fd and out_fd[S_STDOUT] are the socket */
     int sync;          /* to the child until it has exec'd */
     int in_fd;         /* stdin pipe (or a dup of the tty master) */
     int out_fd[3];     /* [S_STDOUT], [S_STDERR]: read ends, or the tty master */
@@ -142,6 +143,7 @@ void pump_deferred(void);
 void pump_input(struct proc *p);
 void reap(void);
 void signal_proc(uint32_t id, const uint32_t *payload, uint32_t len);
+void connect_port(uint32_t id, const char *payload, uint32_t len);
 
 /* cgroup.c */
 void remove_cgroups(void);

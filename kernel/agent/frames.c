@@ -148,6 +148,7 @@ void handle_frame(const struct frame_header *h, char *payload)
     case FR_EXEC: spawn(h->type, h->id, payload, h->len); break;
     case FR_START: start(h->id); break;
     case FR_SIGNAL: signal_proc(h->id, (const uint32_t *)payload, h->len); break;
+    case FR_CONNECT: connect_port(h->id, payload, h->len); break;
     case FR_STDIN:
         if (!p || p->in_fd < 0) break;
         if (h->len) buf_append(&p->in_pending, payload, h->len);

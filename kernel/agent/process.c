@@ -5,11 +5,14 @@
 #include "protocol.h"
 
 #include <errno.h>
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/socket.h>
 #include <sys/ioctl.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -78,6 +81,7 @@ static void close_input(struct proc *p)
 {
     if (p->in_fd < 0) return;
     epoll_set(p->in_fd, 0, 0, &p->watching[S_STDIN]);
+    if (p->is_conn) shutdown(p->in_fd, SHUT_WR); /* the output's dup keeps the socket open */
     close(p->in_fd);
     p->in_fd = -1;
 }
@@ -93,10 +97,10 @@ void release(struct proc *p)
 
 /* The exit status goes out only after the last byte of output: nothing written before exit is lost. A
  * container's init also says how many of the container's processes the OOM killer took, so that the host
- * needs no STATS round trip while the VM ends. */
+ * needs no STATS round trip while the VM ends. A connection ends, with status 0, when its peer has closed. */
 static void maybe_finish(struct proc *p)
 {
-    if (!p->exited || p->out_fd[S_STDOUT] >= 0 || p->out_fd[S_STDERR] >= 0) return;
+    if (!(p->exited || p->is_conn) || p->out_fd[S_STDOUT] >= 0 || p->out_fd[S_STDERR] >= 0) return;
     uint32_t oom_kills = p->is_init ? (uint32_t)cgroup_number(p->container, "memory.events", "oom_kill") : 0;
     int32_t payload[3] = { p->code, p->sig, (int32_t)oom_kills };
     send_frame(FR_EXIT, p->id, payload, sizeof payload);
@@ -119,7 +123,7 @@ long long now_ms(void)
 int defer_output(struct proc *p, int s, uint32_t events)
 {
     int avail = 0;
-    if (p->terminal || p->exited || (events & (EPOLLHUP | EPOLLERR)) || ioctl(p->out_fd[s], FIONREAD, &avail) < 0
+    if (p->terminal || p->is_conn || p->exited || (events & (EPOLLHUP | EPOLLERR)) || ioctl(p->out_fd[s], FIONREAD, &avail) < 0
         || avail <= 0 || (uint32_t)avail >= frame_limit(p, s))
         return 0;
     p->deferred[s] = 1;
@@ -220,8 +224,36 @@ void signal_proc(uint32_t id, const uint32_t *payload, uint32_t len)
     struct proc *p = find_proc(id);
     if (len < 8) { send_text(FR_ERROR, id, "bad signal frame"); return; }
     int sig = (int)payload[0];
-    if (!p || p->exited) { send_text(FR_ERROR, id, "process is not running"); return; }
+    if (!p || p->exited || p->is_conn) { send_text(FR_ERROR, id, "process is not running"); return; }
     if (payload[1]) signal_container(p->container, sig);
     if (kill(p->pid, sig) < 0 && errno != ESRCH) { send_text(FR_ERROR, id, strerror(errno)); return; }
     send_frame(FR_OK, id, NULL, 0);
+}
+
+/* CONNECT: the host's side of a port-forward. What the host sends is the connection's input; what the peer
+ * sends, its output. A connection on the loopback is made or refused at once. */
+void connect_port(uint32_t id, const char *payload, uint32_t len)
+{
+    char err[96];
+    uint32_t port = 0;
+    if (len >= 4) memcpy(&port, payload, 4);
+    if (!port || port > 65535 || find_proc(id)) { send_text(FR_ERROR, id, "bad connect frame"); return; }
+    struct sockaddr_in to = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+                              .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    int sock = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    int out = sock < 0 ? -1 : fcntl(sock, F_DUPFD_CLOEXEC, 0);
+    struct proc *p = out < 0 ? NULL : new_proc(id);
+    if (!p || (connect(sock, (struct sockaddr *)&to, sizeof to) < 0 && errno != EINPROGRESS)) {
+        snprintf(err, sizeof err, "connect to 127.0.0.1:%u: %s", port, p ? strerror(errno) : "no room");
+        if (p) release(p);
+        if (out >= 0) close(out);
+        if (sock >= 0) close(sock);
+        send_text(FR_ERROR, id, err);
+        return;
+    }
+    p->is_conn = 1;
+    p->in_fd = sock;
+    p->out_fd[S_STDOUT] = out;
+    send_frame(FR_OK, id, NULL, 0);
+    watch_output(p, S_STDOUT);
 }

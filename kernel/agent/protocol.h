@@ -38,6 +38,7 @@ enum frame_type {
     FR_KMSG = 15,    /* the kernel log to the serial console, from its start, and from then on as it grows */
     FR_RESTORED = 16, /* payload: i64 seconds, u32 nanoseconds (the host's clock), then entropy: after a load */
     FR_SHARE = 17,   /* mounts the share, which the host plugs in after the boot (pyrunv.share=plugged) */
+    FR_CONNECT = 18, /* payload: u32 port; a TCP connection to the guest's 127.0.0.1, relayed as a process's stdio */
     /* guest -> host */
     FR_READY = 64,   /* payload: version text */
     FR_OK = 65,

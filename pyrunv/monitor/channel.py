@@ -24,7 +24,7 @@ STDIN, STDOUT, STDERR = 0, 1, 2
 
 class F(enum.IntEnum):
     (CREATE, EXEC, START, SIGNAL, STDIN, WINSIZE, CREDIT, PS, STATS, POWEROFF, NETWORK, REMOVE, FREEZE, UPDATE, KMSG,
-     RESTORED, SHARE) = range(1, 18)
+     RESTORED, SHARE, CONNECT) = range(1, 19)
     READY, OK, ERROR, STDOUT, STDERR, EXIT, REPLY = range(64, 71)
 
 
@@ -137,6 +137,7 @@ class ProcessIO:
         self._credit_changed = asyncio.Event()
         self._winsize = None
         self._tasks: list[asyncio.Task] = []
+        self._feeder: asyncio.Task | None = None
         self.exit: asyncio.Future = asyncio.get_running_loop().create_future()
         self.oom_kills = 0  # for a container's init, as the agent counted them when it exited
         channel.attach(self)
@@ -144,10 +145,12 @@ class ProcessIO:
     def start_relay(self) -> None:
         loop = asyncio.get_running_loop()
         self._credit = WINDOW
-        writers = [(STDOUT, self.stdout_fd)] + ([] if self.tty else [(STDERR, self.stderr_fd)])
+        # A tty's output is one stream; so is a connection's (forward.py), which has no stderr.
+        one_stream = self.tty or self.stderr_fd is None
+        writers = [(STDOUT, self.stdout_fd)] + ([] if one_stream else [(STDERR, self.stderr_fd)])
         self._tasks = [loop.create_task(self._drain(stream, fd)) for stream, fd in writers]
         if self.stdin_fd is not None:
-            loop.create_task(self._feed())
+            self._feeder = loop.create_task(self._feed())
         if self.tty:
             loop.create_task(self._follow_winsize())
 
@@ -183,6 +186,12 @@ class ProcessIO:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=30)
         return status
+
+    async def input_done(self) -> None:
+        """Once the process has exited: waits for the read of its input to return, so that the caller may
+        close the input's fd (a socket shut down, a pipe whose writer is gone)."""
+        if self._feeder:
+            await asyncio.wait([self._feeder], timeout=30)
 
     async def _drain(self, stream: int, fd: int | None) -> None:
         loop = asyncio.get_running_loop()

@@ -19,7 +19,7 @@ from ..oci import pod
 from ..oci import spec as spec_mod
 from ..state.store import VM_INIT as INIT_ID
 from ..vm import plan as plan_mod
-from . import saving
+from . import forward, saving
 from .channel import FLAG, PAIR, F, ProcessIO
 
 BALLOON_TIMEOUT = 10.0
@@ -34,6 +34,8 @@ async def op_start(service, request, fds, conn):
     await service.channel.request(F.START, ident)
     if ident == INIT_ID and pod.is_sandbox(service.monitor.record.annotations):
         service.executor.submit(spec_mod.schema_validator)  # the pod's containers will come: see op_validate
+        if service.monitor.tap_name:
+            service.forwarding = asyncio.get_running_loop().create_task(forward.listen(service))
     return {"ok": True}
 
 
@@ -133,6 +135,8 @@ async def op_create(service, request, fds, conn):
     names = request["shared"]
     if len(trees) != len(names):
         raise PyrunvError(f"create {name}: {len(trees)} mount trees for {len(names)} share entries")
+    if service.forwarding:
+        await service.forwarding  # in place before any container of the pod can listen
     service.members[name] = (ident, tuple(names))
     try:
         for tree, entry in zip(trees, names):

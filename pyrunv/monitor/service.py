@@ -21,6 +21,7 @@ from ..logs import log
 from ..state import store as state
 from ..vm import plan as plan_mod
 from . import control, ops, saving
+from .child import run_child
 from .channel import PAIR, STDERR, STDOUT, WINDOW, Channel, F, ProcessIO
 
 INIT_ID = state.VM_INIT
@@ -37,6 +38,7 @@ class Service:
         self.paused = False
         self.next_ident = INIT_ID + 1
         self.members: dict[str, tuple] = {}  # a pod's other containers: ID -> (ident, names in the share)
+        self.forwarding: asyncio.Task | None = None  # a pod's port forwarding, being set up (forward.listen)
         self._qmp = None
 
     def path(self, *names: str) -> str:
@@ -257,18 +259,7 @@ class Service:
         return ident
 
     async def plumb_network(self, tap_name: str) -> None:
-        child = await asyncio.create_subprocess_exec(*network.plumb_command(tap_name), stdin=asyncio.subprocess.DEVNULL,
-                                                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        try:
-            out, err = await asyncio.wait_for(child.communicate(), 30)
-        except asyncio.TimeoutError:
-            child.kill()
-            await child.wait()
-            raise PyrunvError("network: joining the namespace's interface to the VM took over 30s") from None
-        if child.returncode:
-            lines = err.decode(errors="replace").strip().splitlines()
-            raise PyrunvError(f"network: {lines[-1] if lines else 'failed'}")
-        found = json.loads(out)
+        found = json.loads(await run_child(network.plumb_command(tap_name), 30, "network"))
         if found:
             log.debug("network: %s", found)
             await self.channel.request(F.NETWORK, None, plan_mod.records(network.agent_records(found)))
@@ -288,3 +279,4 @@ class Service:
     async def resume_vm(self) -> None:
         await (await self.qmp_client()).execute("cont")
         self.paused = False
+
