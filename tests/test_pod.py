@@ -201,6 +201,34 @@ def test_the_pods_localhost_on_the_host_reaches_the_guests_on_any_port(runtime, 
     assert runtime.state("sb")["status"] == "running"
 
 
+@pytest.fixture
+def shared_volume(tmp_path):
+    """A host directory that is a shared mount of its own, as the kubelet makes a Bidirectional volume."""
+    path = tmp_path / "volume"
+    path.mkdir()
+    subprocess.run(["mount", "--bind", path, path], check=True)
+    subprocess.run(["mount", "--make-rshared", path], check=True)
+    yield path
+    subprocess.run(["umount", "--recursive", "--lazy", path], check=True)
+
+
+def test_a_mount_under_an_rshared_bind_reaches_the_host_and_so_does_its_unmount(runtime, pod, shared_volume):
+    def bidirectional(config):
+        config["mounts"].append({"destination": "/data", "type": "bind", "source": str(shared_volume),
+                                 "options": ["rbind", "rshared"]})
+        for kind in config["process"]["capabilities"].values():
+            kind.append("CAP_SYS_ADMIN")
+    pod("app", "sleep", "600", edit=bidirectional)
+    runtime("start", "app", check=True)
+    runtime("exec", "app", "sh", "-c", "mkdir /data/etc && mount --bind /etc /data/etc", check=True)
+    assert sorted(os.listdir(shared_volume / "etc")) == ["group", "passwd"]  # the container's /etc
+    runtime("exec", "app", "umount", "/data/etc", check=True)
+    assert os.listdir(shared_volume / "etc") == []
+    # A tmpfs has nothing on the host to bind: it stays the guest's, and the host's directory stays empty.
+    runtime("exec", "app", "sh", "-c", "mount -t tmpfs none /data/etc && touch /data/etc/in-tmpfs", check=True)
+    assert os.listdir(shared_volume / "etc") == []
+
+
 def test_deleting_a_member_removes_only_it(runtime, pod):
     app = pod("app", "sleep", "600")
     runtime("start", "app", check=True)

@@ -105,6 +105,8 @@ struct proc {
     struct buf in_pending;
     int in_eof;
     int exited, code, sig;
+    int mounts_fd;     /* an init's with a shared mount: its /proc/PID/mountinfo, watched for changes */
+    char *mounts_sent; /* what FR_MOUNTS said last */
     unsigned char *seccomp;   /* an init's: its container's filter, for its execs */
     size_t seccomp_len;
     unsigned seccomp_flags;
@@ -113,7 +115,7 @@ struct proc {
 struct stdio_pipes { int child[3]; int parent[3]; };
 
 /* What an epoll event is about: the role, and the slot in procs for a process's fds. */
-enum role { R_CHAN = 0, R_SIGNAL = 1, R_OUT = 2, R_ERR = 3, R_IN = 4, R_KMSG = 5 };
+enum role { R_CHAN = 0, R_SIGNAL = 1, R_OUT = 2, R_ERR = 3, R_IN = 4, R_KMSG = 5, R_MOUNTS = 6 };
 #define TAG(slot, role) (((uint64_t)(slot) << 8) | (role))
 
 /* frames.c */
@@ -144,6 +146,8 @@ void pump_input(struct proc *p);
 void reap(void);
 void signal_proc(uint32_t id, const uint32_t *payload, uint32_t len);
 void connect_port(uint32_t id, const char *payload, uint32_t len);
+void watch_mounts(struct proc *init);
+void report_mounts(struct proc *init);
 
 /* cgroup.c */
 void remove_cgroups(void);

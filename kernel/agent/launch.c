@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -120,6 +121,16 @@ static int map_user_namespace(const struct spec *s, pid_t pid, int sync, char *e
         if (write_text(path, value) < 0) { snprintf(err, errlen, "oom_score_adj: %s", strerror(errno)); return -1; }
     }
     return write(sync, "m", 1) == 1 ? 0 : (snprintf(err, errlen, "process set-up failed"), -1);
+}
+
+/* Whether a mount record ("flags\tpropagation\t...") makes its mount shared. */
+static int any_shared(const struct spec *s)
+{
+    for (int i = 0; i < s->nmounts; i++) {
+        const char *propagation = strchr(s->mounts[i], '\t');
+        if (propagation && strtoul(propagation + 1, NULL, 16) & MS_SHARED) return 1;
+    }
+    return 0;
 }
 
 /* Fork the process (a container's init into its namespaces, new or joined), wait for its set-up report. */
@@ -254,6 +265,7 @@ void spawn(uint32_t type, uint32_t id, char *payload, uint32_t len)
     }
     watch_output(p, S_STDOUT);
     watch_output(p, S_STDERR);
+    if (p->is_init && any_shared(&s)) watch_mounts(p);
     send_frame(FR_OK, id, NULL, 0);
     return;
 fail_pipes:

@@ -151,6 +151,7 @@ int main(int argc, char **argv)
             case R_ERR: if (p->used && !defer_output(p, S_STDERR, events[i].events)) pump_output(p, S_STDERR); break;
             case R_IN: if (p->used) pump_input(p); break;
             case R_KMSG: forward_kmsg(); break;
+            case R_MOUNTS: if (p->used && p->mounts_fd >= 0) report_mounts(p); break;
             }
         }
     }

@@ -42,7 +42,7 @@ struct proc *new_proc(uint32_t id)
         memset(p, 0, sizeof *p);
         p->used = 1;
         p->id = id;
-        p->sync = p->in_fd = p->out_fd[0] = p->out_fd[1] = p->out_fd[2] = -1;
+        p->sync = p->mounts_fd = p->in_fd = p->out_fd[0] = p->out_fd[1] = p->out_fd[2] = -1;
         p->credit[S_STDOUT] = p->credit[S_STDERR] = WINDOW;
         return p;
     }
@@ -90,6 +90,8 @@ void release(struct proc *p)
 {
     close_input(p);
     if (p->sync >= 0) close(p->sync);
+    if (p->mounts_fd >= 0) close(p->mounts_fd); /* epoll forgets a closed fd */
+    free(p->mounts_sent);
     free(p->in_pending.data);
     free(p->seccomp);
     memset(p, 0, sizeof *p);
@@ -101,6 +103,8 @@ void release(struct proc *p)
 static void maybe_finish(struct proc *p)
 {
     if (!(p->exited || p->is_conn) || p->out_fd[S_STDOUT] >= 0 || p->out_fd[S_STDERR] >= 0) return;
+    struct proc *init = p->is_init ? NULL : running_init(p->container);
+    if (init && init->mounts_fd >= 0) report_mounts(init); /* a `mount` is seen before its exit */
     uint32_t oom_kills = p->is_init ? (uint32_t)cgroup_number(p->container, "memory.events", "oom_kill") : 0;
     int32_t payload[3] = { p->code, p->sig, (int32_t)oom_kills };
     send_frame(FR_EXIT, p->id, payload, sizeof payload);
@@ -256,4 +260,37 @@ void connect_port(uint32_t id, const char *payload, uint32_t len)
     p->out_fd[S_STDOUT] = out;
     send_frame(FR_OK, id, NULL, 0);
     watch_output(p, S_STDOUT);
+}
+
+/* A container with a shared mount (rshared, Kubernetes' Bidirectional): the host mirrors what its
+ * processes mount under it (monitor/propagation.py). The first report is the container as it was made. */
+void watch_mounts(struct proc *init)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/mountinfo", init->pid);
+    init->mounts_fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (init->mounts_fd < 0) return;
+    int watching = 0;
+    /* A change of the namespace's mounts wakes it (EPOLLPRI); reading does not, and EPOLLIN is always on. */
+    epoll_set(init->mounts_fd, TAG(slot_of(init), R_MOUNTS), EPOLLPRI, &watching);
+    report_mounts(init);
+}
+
+void report_mounts(struct proc *init)
+{
+    struct buf text = { 0 };
+    static char chunk[4096];
+    ssize_t n;
+    if (lseek(init->mounts_fd, 0, SEEK_SET) < 0) return;
+    while ((n = read(init->mounts_fd, chunk, sizeof chunk)) > 0) buf_append(&text, chunk, (size_t)n);
+    if (n == 0 && text.len < MAX_PAYLOAD) {
+        buf_append(&text, "", 1);
+        if (!init->mounts_sent || strcmp(init->mounts_sent, text.data)) {
+            send_frame(FR_MOUNTS, init->id, text.data, (uint32_t)text.len - 1);
+            free(init->mounts_sent);
+            init->mounts_sent = text.data;
+            return;
+        }
+    }
+    free(text.data);
 }

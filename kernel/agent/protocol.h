@@ -47,6 +47,7 @@ enum frame_type {
     FR_STDERR = 68,
     FR_EXIT = 69,    /* payload: i32 exit code (128+N for signal N), u32 signal, u32 OOM kills (a container's init) */
     FR_REPLY = 70,   /* payload: text answer to PS / STATS */
+    FR_MOUNTS = 71,  /* id: a container's init; payload: its mountinfo, whenever it changed (shared mounts only) */
 };
 
 enum stream { S_STDIN = 0, S_STDOUT = 1, S_STDERR = 2 };

@@ -80,10 +80,15 @@ def bind(source: str, target: str, readonly: bool) -> None:
         raise PyrunvError(f"cannot share {source} with the VM: {e.strerror}") from None
 
 
+def unmount(target: str) -> None:
+    """Detaches the mount at target: its users keep what they hold."""
+    _call("umount2", target.encode(), MNT_DETACH)
+
+
 def unbind(target: str) -> None:
-    """Undoes `bind`: detaches the mount (its users keep what they hold) and removes the mount point."""
+    """Undoes `bind`: unmounts, and removes the mount point."""
     try:
-        _call("umount2", target.encode(), MNT_DETACH)
+        unmount(target)
     except OSError:
         pass  # not mounted (a bind that failed half way): the mount point still goes
     try:

@@ -25,7 +25,7 @@ STDIN, STDOUT, STDERR = 0, 1, 2
 class F(enum.IntEnum):
     (CREATE, EXEC, START, SIGNAL, STDIN, WINSIZE, CREDIT, PS, STATS, POWEROFF, NETWORK, REMOVE, FREEZE, UPDATE, KMSG,
      RESTORED, SHARE, CONNECT) = range(1, 19)
-    READY, OK, ERROR, STDOUT, STDERR, EXIT, REPLY = range(64, 71)
+    READY, OK, ERROR, STDOUT, STDERR, EXIT, REPLY, MOUNTS = range(64, 72)
 
 
 class ChannelClosed(PyrunvError):
@@ -41,6 +41,7 @@ class Channel:
         self._procs: dict[int, "ProcessIO"] = {}
         self._locks: dict[int, asyncio.Lock] = {}
         self._next_tag = 1 << 31
+        self.on_mounts = lambda ident, mountinfo: None  # a container's mounts changed (propagation.py)
         self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
 
@@ -96,6 +97,8 @@ class Channel:
     def _dispatch(self, kind: int, ident: int, payload: bytes) -> None:
         if kind == F.READY and not self.ready.done():
             self.ready.set_result(payload.decode(errors="replace"))
+        elif kind == F.MOUNTS:
+            self.on_mounts(ident, payload.decode(errors="surrogateescape"))  # at once: before what follows
         elif kind in (F.OK, F.ERROR, F.REPLY):
             future = self._pending.get(ident)
             if future and not future.done():

@@ -142,8 +142,10 @@ async def op_create(service, request, fds, conn):
         for tree, entry in zip(trees, names):
             mounts.attach(tree, service.path("share", entry))
         io = ProcessIO(service.channel, ident, stdio, service.executor, tty=terminal)
+        records = bytes.fromhex(request["records"])
+        service.propagation.expect(ident, records)
         try:
-            await service.channel.request(F.CREATE, ident, bytes.fromhex(request["records"]))
+            await service.channel.request(F.CREATE, ident, records)
         except BaseException:
             service.channel.detach(ident)
             raise
@@ -165,7 +167,8 @@ async def op_remove(service, request, fds, conn):
 
 
 def _unshare(service, name: str) -> None:
-    _, names = service.members.pop(name)
+    ident, names = service.members.pop(name)
+    service.propagation.forget(ident)
     for entry in reversed(names):
         mounts.unbind(service.path("share", entry))
     with contextlib.suppress(OSError):

@@ -22,6 +22,7 @@ from ..state import store as state
 from ..vm import plan as plan_mod
 from . import control, ops, saving
 from .child import run_child
+from .propagation import Propagation
 from .channel import PAIR, STDERR, STDOUT, WINDOW, Channel, F, ProcessIO
 
 INIT_ID = state.VM_INIT
@@ -63,6 +64,8 @@ class Service:
         self.qemu_gone = self._exit_of(self.qemu.pid)
         self.virtiofsd_gone = self._exit_of(self.virtiofsd.pid)
         self.channel = Channel(self.monitor.agent_socket)
+        self.propagation = Propagation(self.path("share"))
+        self.channel.on_mounts = self.propagation.report
         await self.channel.open()
         stack.push_async_callback(self._disconnect_qmp)
         stack.push_async_callback(self._power_off)
@@ -103,6 +106,7 @@ class Service:
             for stream in (STDOUT, STDERR):
                 self.channel.send(F.CREDIT, INIT_ID, PAIR.pack(stream, WINDOW))
         else:
+            self.propagation.expect(INIT_ID, self.plan.init_records)
             await asyncio.wait_for(self.channel.request(F.CREATE, INIT_ID, self.plan.init_records), 60)
             log.debug("init process prepared")
             self.init.start_relay()
