@@ -167,6 +167,18 @@ def test_output_nobody_reads_is_still_credited_so_the_guest_never_stalls(executo
     run(scenario)
 
 
+def test_a_relay_without_stderr_ends_with_stdouts_eof_and_the_exit(executor, pipe):
+    async def scenario(channel, agent):  # a port-forward's connection: one stream back
+        proc = ProcessIO(channel, PROC, (None, pipe[1], None), executor, stderr=False)
+        proc.start_relay()
+        agent.send(F.STDOUT, PROC, b"reply")
+        agent.send(F.STDOUT, PROC, b"")
+        agent.exit(0)
+        assert await asyncio.wait_for(proc.wait(), 5) == (0, 0)
+        assert os.read(pipe[0], 100) == b"reply"
+    run(scenario)
+
+
 def test_stdin_is_sent_within_the_credit_the_agent_grants(executor, pipe):
     data = os.urandom(WINDOW + 1000)
 

@@ -132,8 +132,9 @@ class ProcessIO:
     Blocking reads and writes run in threads, so the host fds (inherited from the engine) are never
     switched to non-blocking mode under the engine's feet."""
 
-    def __init__(self, channel: Channel, ident: int, fds: tuple, executor, tty: bool = False):
+    def __init__(self, channel: Channel, ident: int, fds: tuple, executor, tty: bool = False, stderr: bool = True):
         self.channel, self.ident, self.executor, self.tty = channel, ident, executor, tty
+        self.has_stderr = stderr and not tty  # a tty's output is one stream; so is a connection's (forward.py)
         self.stdin_fd, self.stdout_fd, self.stderr_fd = fds
         self._queues = {STDOUT: asyncio.Queue(), STDERR: asyncio.Queue()}
         self._credit = 0
@@ -148,9 +149,7 @@ class ProcessIO:
     def start_relay(self) -> None:
         loop = asyncio.get_running_loop()
         self._credit = WINDOW
-        # A tty's output is one stream; so is a connection's (forward.py), which has no stderr.
-        one_stream = self.tty or self.stderr_fd is None
-        writers = [(STDOUT, self.stdout_fd)] + ([] if one_stream else [(STDERR, self.stderr_fd)])
+        writers = [(STDOUT, self.stdout_fd)] + ([(STDERR, self.stderr_fd)] if self.has_stderr else [])
         self._tasks = [loop.create_task(self._drain(stream, fd)) for stream, fd in writers]
         if self.stdin_fd is not None:
             self._feeder = loop.create_task(self._feed())

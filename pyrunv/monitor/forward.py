@@ -55,7 +55,7 @@ async def _relay(service, conn: socket.socket) -> None:
         ident = service.new_ident()
         output = os.dup(conn.fileno())
         try:
-            io = ProcessIO(service.channel, ident, (conn.fileno(), output, None), service.executor)
+            io = ProcessIO(service.channel, ident, (conn.fileno(), output, None), service.executor, stderr=False)
             try:
                 await service.channel.request(F.CONNECT, ident, FLAG.pack(port))
             except PyrunvError as e:
