@@ -183,6 +183,14 @@ def test_a_member_whose_waiter_is_killed_ends_with_everything_in_it(runtime, pod
     assert runtime.state("sb")["status"] == "running"
 
 
+def test_a_member_sees_its_own_cgroup_not_the_sandboxs(runtime, pod):
+    pod("app", "sleep", "600", edit=lambda config: config["linux"].update(resources={"memory": {"limit": 80 << 20}}))
+    runtime("start", "app", check=True)
+    for name, limit in (("app", str(80 << 20).encode()), ("sb", b"max")):
+        assert runtime("exec", name, "cat", "/sys/fs/cgroup/memory.max", check=True).stdout.strip() == limit
+        assert runtime("exec", name, "cat", "/proc/self/cgroup", check=True).stdout.strip() == b"0::/"
+
+
 def in_pod_netns(pod, *argv):
     """argv run on the host in the pod's network namespace, where containerd's port-forward dials."""
     return subprocess.run(["nsenter", f"--net=/proc/{pod.sandbox_pid}/ns/net", *argv], capture_output=True,

@@ -12,8 +12,6 @@ from pyrunv.host import cgroups
 
 pytestmark = pytest.mark.vm
 MIB = 1 << 20
-CGROUP_MOUNT = {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-                "options": ["ro", "nosuid", "noexec", "nodev"]}
 
 
 def host_dir(controller, path):
@@ -21,8 +19,8 @@ def host_dir(controller, path):
 
 
 def limited(memory=None, pids=None, path=None, binds=(), **more):
-    """An edit for bundle(): the spec's limits, a cgroupsPath, the container's own cgroup mounted, binds of
-    host directories (destination, source)."""
+    """An edit for bundle(): the spec's limits, a cgroupsPath, binds of host directories (destination, source).
+    The container's own cgroup is mounted as `spec` writes it, as runc's does."""
     def edit(config):
         resources = config["linux"].setdefault("resources", {})
         if memory:
@@ -31,7 +29,6 @@ def limited(memory=None, pids=None, path=None, binds=(), **more):
             resources["pids"] = {"limit": pids}
         if path:
             config["linux"]["cgroupsPath"] = path
-        config["mounts"].append(CGROUP_MOUNT)
         config["mounts"] += [{"destination": d, "type": "bind", "source": str(s), "options": ["rbind"]} for d, s in binds]
         config.update(more)
     return edit
@@ -146,6 +143,22 @@ def test_update_on_running_paused_and_stopped_containers(runtime, bundle, cgroup
     runtime("kill", "upd", "KILL", check=True)
     assert wait_until(lambda: runtime.state("upd")["status"] == "stopped")
     assert "cannot update container upd in state stopped" in one_line_error(runtime("update", "--memory", "64m", "upd"))
+
+
+def test_a_container_sees_its_own_cgroup_as_with_a_cgroup_namespace_and_update_changes_it(runtime, bundle):
+    """What the JVM, Go, .NET and Node size their heaps and threads from."""
+    path = bundle("sleep", "600", edit=lambda config: config["linux"].update(resources={
+        "memory": {"limit": 96 * MIB}, "pids": {"limit": 40}, "cpu": {"quota": 50000, "period": 100000}}))
+    runtime.detached("run", "--detach", "--bundle", path, "own")
+
+    def read(name):
+        return runtime("exec", "own", "cat", name, check=True).stdout.strip()
+    assert read("/proc/self/cgroup") == b"0::/"
+    assert (read("/sys/fs/cgroup/memory.max"), read("/sys/fs/cgroup/pids.max")) == (str(96 * MIB).encode(), b"40")
+    assert read("/sys/fs/cgroup/cpu.max") == b"50000 100000"
+    runtime("update", "--memory", "64m", "--cpu-quota", "100000", "own", check=True)
+    assert (read("/sys/fs/cgroup/memory.max"), read("/sys/fs/cgroup/cpu.max")) == (str(64 * MIB).encode(),
+                                                                                     b"100000 100000")
 
 
 def test_events_stats_see_a_containers_memory_grow(runtime, bundle, tmp_path):
