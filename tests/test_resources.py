@@ -84,6 +84,18 @@ def run_on_trigger(runtime, bundle, tmp_path, name, then, memory):
     return trigger
 
 
+def test_a_container_without_a_limit_that_fills_its_vm_is_oom_killed_and_the_vm_ends(runtime, bundle):
+    """The containers' parent cgroup in the guest stops it, where the whole guest's reclaim could spin for
+    minutes; the container still sees no limit of its own."""
+    def may_read_the_kernel_log(config):
+        for kind in config["process"]["capabilities"].values():
+            kind.append("CAP_SYSLOG")
+    filler = "(x=a; while :; do x=$x$x; done); echo $?; dmesg | grep -c 'Memory cgroup out of memory'"
+    path = bundle("sh", "-c", f"cat /sys/fs/cgroup/memory.max; {filler}", edit=may_read_the_kernel_log)
+    result = runtime("run", "--bundle", path, "fill", timeout=DEADLINE * 4)
+    assert (result.returncode, result.stdout.split()) == (0, [b"max", b"137", b"1"]), (result.stdout, result.stderr)
+
+
 def test_events_reports_an_oom_of_a_running_container(runtime, bundle, tmp_path):
     trigger = run_on_trigger(runtime, bundle, tmp_path, "oom2", "dd if=/dev/zero of=/dev/null bs=100M count=1",
                              64 * MIB)

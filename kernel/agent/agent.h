@@ -150,6 +150,9 @@ void watch_mounts(struct proc *init);
 void report_mounts(struct proc *init);
 
 /* cgroup.c */
+#define CONTAINERS_CGROUP CGROUP_DIR "/containers" /* every container's cgroup is one of its children */
+#define GUEST_RESERVE_MIB 16 /* what the guest's kernel and agent keep beyond the containers' reach */
+void make_containers_cgroup(void);
 void remove_cgroups(void);
 void for_each_container_pid(uint32_t container, void (*fn)(pid_t, void *), void *arg);
 /* Sends sig to every process in the container's cgroup. */

@@ -9,7 +9,24 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/sysinfo.h>
 #include <unistd.h>
+
+/* The containers' parent cgroup, limited to the VM's memory but the guest's reserve: a container with no
+ * limit of its own that fills the VM meets this cgroup's OOM killer at once, where the whole guest's
+ * reclaim could spin for minutes first (under TCG). It sees its own memory.max ("max") as before. */
+void make_containers_cgroup(void)
+{
+    struct sysinfo si;
+    char limit[32];
+    mkdir(CONTAINERS_CGROUP, 0755);
+    write_text(CONTAINERS_CGROUP "/cgroup.subtree_control", "+memory +pids +cpu");
+    if (sysinfo(&si) < 0) return;
+    unsigned long long total = (unsigned long long)si.totalram * si.mem_unit, reserve = GUEST_RESERVE_MIB << 20;
+    if (total <= 2 * reserve) return;
+    snprintf(limit, sizeof limit, "%llu", total - reserve);
+    write_text(CONTAINERS_CGROUP "/memory.max", limit);
+}
 
 /* Containers removed while some of their processes were still exiting: their cgroups go once empty. */
 static uint32_t doomed[MAX_PROCS];
@@ -125,7 +142,7 @@ void freeze_container(uint32_t container, const char *payload, uint32_t len)
 
 void cgroup_path(char *out, size_t len, uint32_t container, const char *file)
 {
-    snprintf(out, len, CGROUP_DIR "/c%u%s%s", container, *file ? "/" : "", file);
+    snprintf(out, len, CONTAINERS_CGROUP "/c%u%s%s", container, *file ? "/" : "", file);
 }
 
 int cgroup_limits(uint32_t container, const char *const *records, int n, char *err, size_t errlen)

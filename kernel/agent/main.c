@@ -84,6 +84,7 @@ static void boot(void)
     /* Every container gets a cgroup of its own: its processes, its limits, its statistics. */
     mount_or_die("cgroup2", CGROUP_DIR, "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
     write_text(CGROUP_DIR "/cgroup.subtree_control", "+memory +pids +cpu");
+    make_containers_cgroup();
     /* A container's memory limit is its cgroup's, not the VM's size: an allocation beyond the VM's RAM is
      * not refused up front, and one beyond the limit meets the cgroup's OOM killer, as on a host. */
     write_text("/proc/sys/vm/overcommit_memory", "1");
