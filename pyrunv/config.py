@@ -22,6 +22,7 @@ class Config:
     kernel: str = os.path.join(GUEST_DIR, "vmlinux")
     initrd: str = os.path.join(GUEST_DIR, "initrd.img")
     vcpus: int = 1
+    max_vcpus: int = 0             # vCPUs `update` may bring online; 0: the host's cores, at most 16
     memory_mib: int = 128          # guest memory when the spec sets no limit
     guest_overhead_mib: int = 32   # added to a spec's memory limit: the guest kernel and agent
     # The host cgroup's memory limit is the guest's RAM plus this: QEMU itself, its TCG translation
@@ -77,5 +78,7 @@ def check(config: Config, where: str) -> None:
         raise PyrunvError(f"{where}: share_threads must be between 0 and 64, not {config.share_threads}")
     if not 1 <= int(config.vcpus) <= 16:
         raise PyrunvError(f"{where}: vcpus must be between 1 and 16, not {config.vcpus}")
+    if not 0 <= int(config.max_vcpus) <= 16:
+        raise PyrunvError(f"{where}: max_vcpus must be between 0 and 16, not {config.max_vcpus}")
     if not 32 <= int(config.memory_mib) <= 65536:
         raise PyrunvError(f"{where}: memory_mib must be between 32 and 65536, not {config.memory_mib}")

@@ -173,6 +173,40 @@ def test_a_container_sees_its_own_cgroup_as_with_a_cgroup_namespace_and_update_c
                                                                                      b"100000 100000")
 
 
+def test_a_cpu_quota_of_two_cpus_gives_the_guest_two_online_cpus(runtime, bundle):
+    path = bundle("sh", "-c", "nproc; cat /sys/devices/system/cpu/online", edit=lambda config: config["linux"].update(
+        resources={"cpu": {"quota": 200000, "period": 100000}}))
+    result = runtime("run", "--bundle", path, "two")
+    assert (result.returncode, result.stdout.split()) == (0, [b"2", b"0-1"]), result.stderr
+
+
+MAX_VCPUS = min(16, os.cpu_count() or 1)  # the config's default max_vcpus: the host's cores
+
+
+@pytest.mark.skipif(MAX_VCPUS < 2, reason="one core: a VM here may have one vCPU at most")
+def test_update_brings_vcpus_online_up_to_the_vms_maximum_running_or_paused(runtime, bundle):
+    path = bundle("sleep", "600", edit=lambda config: config["linux"].update(
+        resources={"cpu": {"quota": 100000, "period": 100000}}))
+    runtime.detached("run", "--detach", "--bundle", path, "grow")
+
+    def online():
+        return runtime("exec", "grow", "cat", "/sys/devices/system/cpu/online", check=True).stdout.strip()
+    assert online() == b"0"
+    runtime("update", "--cpu-quota", "200000", "grow", check=True)
+    assert (online(), runtime("exec", "grow", "nproc", check=True).stdout.strip()) == (b"0-1", b"2")
+    runtime("update", "--cpu-quota", "100000", "grow", check=True)
+    assert online() == b"0"
+    runtime("pause", "grow", check=True)
+    runtime("update", "--cpu-quota", "200000", "grow", check=True)
+    runtime("resume", "grow", check=True)
+    assert wait_until(lambda: online() == b"0-1")
+    if MAX_VCPUS < 16:
+        refused = runtime("update", "--cpu-quota", str((MAX_VCPUS + 1) * 100000), "grow")
+        assert one_line_error(refused).endswith(
+            f"needs {MAX_VCPUS + 1} vCPUs, beyond the {MAX_VCPUS} its VM has (max_vcpus)")
+    assert runtime("exec", "grow", "cat", "/sys/fs/cgroup/cpu.max", check=True).stdout.strip() == b"200000 100000"
+
+
 def test_events_stats_see_a_containers_memory_grow(runtime, bundle, tmp_path):
     trigger = run_on_trigger(runtime, bundle, tmp_path, "grow", "head -c 64m /dev/zero > /dev/shm/held; touch /t/done",
                              256 * MIB)

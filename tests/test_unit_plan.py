@@ -120,6 +120,18 @@ def test_the_cpu_quota_rounds_up_to_whole_vcpus(quota, period, vcpus):
     assert plan.make(make_spec(cpu_quota=quota, cpu_period=period), Config()).vcpus == vcpus
 
 
+def test_vcpus_beyond_those_online_are_present_from_boot_as_sockets_for_update():
+    config = Config(max_vcpus=4, machine="microvm")
+    vm = plan.make(make_spec(cpu_quota=150000, cpu_period=100000), config)
+    assert (vm.vcpus, plan.present_cpus(vm)) == (2, 4)
+    argv = qemu.qemu_argv(config, vm, "tcg", agent_fd=3, qmp_fd=4, fs_fd=5, console_fd=6)
+    assert argv[argv.index("-smp") + 1] == "4,sockets=4,cores=1,threads=1"  # the MP table's one core a socket
+    assert " maxcpus=2" in argv[argv.index("-append") + 1] and "thread=multi" in argv[argv.index("-accel") + 1]
+    fixed = plan.make(make_spec(), Config(max_vcpus=1, machine="microvm"))
+    argv = qemu.qemu_argv(config, fixed, "tcg", agent_fd=3, qmp_fd=4, fs_fd=5, console_fd=6)
+    assert argv[argv.index("-smp") + 1] == "1,sockets=1,cores=1,threads=1" and "maxcpus" not in " ".join(argv)
+
+
 def annotated(**annotations) -> Spec:
     return make_spec(annotations={f"io.pyrunv.vm.{k}": v for k, v in annotations.items()},
                      cpu_quota=150000, cpu_period=100000, memory_limit=256 * MIB)

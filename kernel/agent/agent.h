@@ -161,6 +161,7 @@ unsigned long long cgroup_number(uint32_t container, const char *file, const cha
 void reply_stats(uint32_t container);
 void remove_container(uint32_t container);
 void update_container(uint32_t container, char *payload, uint32_t len);
+int online_cpus(int n, char *err, size_t errlen);
 void freeze_container(uint32_t container, const char *payload, uint32_t len);
 
 /* channel.c */

@@ -4,6 +4,7 @@
 #include "protocol.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -123,11 +124,35 @@ void update_container(uint32_t container, char *payload, uint32_t len)
 {
     char err[256];
     const char *records[MAX_LIST];
-    int n = 0;
-    for (char *p = payload; p < payload + len && n < MAX_LIST; p += strlen(p) + 1)
+    int n = 0, vcpus = 0;
+    for (char *p = payload; p < payload + len && n < MAX_LIST; p += strlen(p) + 1) {
         if (!strncmp(p, "cgroup=", 7)) records[n++] = p + 7;
-    if (cgroup_limits(container, records, n, err, sizeof err) < 0) send_text(FR_ERROR, container, err);
+        if (!strncmp(p, "vcpus=", 6)) vcpus = atoi(p + 6);
+    }
+    if ((vcpus && online_cpus(vcpus, err, sizeof err) < 0) || cgroup_limits(container, records, n, err, sizeof err) < 0)
+        send_text(FR_ERROR, container, err);
     else send_frame(FR_OK, container, NULL, 0);
+}
+
+/* The guest's first n CPUs online, the rest of those present offline (the kernel moves their tasks). The
+ * VM has them all from its boot (maxcpus= kept the others offline): a guest without ACPI cannot be given
+ * a CPU later. */
+int online_cpus(int n, char *err, size_t errlen)
+{
+    char path[64], now[4];
+    for (int cpu = 1;; cpu++) {
+        snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu%d/online", cpu);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) return 0;
+        ssize_t got = read(fd, now, sizeof now);
+        close(fd);
+        const char *want = cpu < n ? "1" : "0";
+        if (got > 0 && now[0] == want[0]) continue;
+        if (write_text(path, want) < 0) {
+            snprintf(err, errlen, "cpu%d online=%s: %s", cpu, want, strerror(errno));
+            return -1;
+        }
+    }
 }
 
 void freeze_container(uint32_t container, const char *payload, uint32_t len)

@@ -84,6 +84,7 @@ class Container:
             plan = plan_mod.fit(plan, cgroup.memory_room(), config)
         log.debug("create %s: VM planned", self.id)
         self.record.ident, self.record.memory_mib = state.VM_INIT, plan.memory_mib
+        self.record.vcpus, self.record.max_vcpus = plan.vcpus, plan_mod.present_cpus(plan)
         try:
             if cgroup:
                 cgroup.set(self._host_limits(spec.resources, config, plan.memory_mib))
@@ -185,8 +186,9 @@ class Container:
             self.store.save(self.record)
 
     def update(self, limits) -> None:
-        """New limits (a resources.Resources of what changes) for the guest's cgroup, the VM's memory where
-        the container owns its VM (the balloon: never beyond the size it booted with), and the host cgroup."""
+        """New limits (a resources.Resources of what changes) for the guest's cgroup, the VM's memory and
+        online vCPUs where the container owns its VM (the balloon: never beyond the size it booted with;
+        vCPUs up to those present), and the host cgroup."""
         import dataclasses
         from ..host import cgroups
         from .. import config as config_mod
@@ -205,12 +207,24 @@ class Container:
                     raise PyrunvError(
                         f"cannot update {self.id}: a memory limit of {merged.memory_limit >> 20} MiB needs a VM of "
                         f"{memory_mib} MiB, beyond the {self.record.memory_mib} MiB it booted with")
-            self._control("update", records=plan_mod.records(resources.guest_records(limits)).hex(),
-                          memory_mib=memory_mib)
+            pairs = resources.guest_records(limits)
+            if self.record.max_vcpus and (limits.cpu_quota or limits.cpu_period):
+                pairs.append(("vcpus", self._vcpus_for(merged)))
+            self._control("update", records=plan_mod.records(pairs).hex(), memory_mib=memory_mib)
             if self.record.cgroup:  # after the guest: a smaller VM has given its memory back by now
                 cgroups.HostCgroup(**self.record.cgroup).set(self._host_limits(limits, config, memory_mib))
             self.record.resources = dataclasses.asdict(merged)
             self.store.save(self.record)
+
+    def _vcpus_for(self, limits) -> int:
+        """The vCPUs its VM needs online for these limits' CPU quota: without one, those it booted with."""
+        from ..vm import plan as plan_mod
+        wanted = plan_mod.vcpus_for(limits.cpu_quota, limits.cpu_period) or self.record.vcpus
+        if wanted > self.record.max_vcpus:
+            raise PyrunvError(
+                f"cannot update {self.id}: a CPU quota of {limits.cpu_quota} per {limits.cpu_period or 100000} us "
+                f"needs {wanted} vCPUs, beyond the {self.record.max_vcpus} its VM has (max_vcpus)")
+        return wanted
 
     def exit_status(self) -> dict:
         """How the container's init ended: {"exit", "signal", "oom_kills"}; empty if that is not known."""

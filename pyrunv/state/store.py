@@ -36,6 +36,8 @@ class Record:
         "cgroup": dict,
         "resources": dict,  # the limits in force (resources.Resources)
         "memory_mib": 0,    # the VM's RAM at boot, for a container that owns its VM: what `update` may not exceed
+        "vcpus": 0,         # its vCPUs online at boot, and those `update` may bring online
+        "max_vcpus": 0,
     }
 
     def __init__(self, id: str, bundle: str, rootfs: str, status: str, **fields):

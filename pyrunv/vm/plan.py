@@ -5,6 +5,7 @@ plan is made, not on that path."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from .. import config as config_mod
 from ..errors import PyrunvError
@@ -36,7 +37,7 @@ class SharedPath:
 class VmPlan:
     machine: str
     accel: str
-    vcpus: int
+    vcpus: int              # online at boot
     memory_mib: int
     kernel: str
     initrd: str
@@ -46,6 +47,7 @@ class VmPlan:
     network_namespace: str | None = None  # where the monitor and QEMU live (see host/mounts.py)
     disks: tuple = ()       # (host block device, serial): virtio-blk disks for the spec's block devices
     display: str = ""       # "vnc": a virtio-gpu display, served by QEMU's VNC server (runtime/vm_access.py)
+    max_vcpus: int = 0      # present, for `update` to bring online (qemu.py); 0: as many as vcpus
 
 
 def to_json(plan: VmPlan) -> dict:
@@ -196,13 +198,28 @@ def vm_memory_mib(limit: int, config: config_mod.Config) -> int:
     return -(-limit // MIB) + config.guest_overhead_mib  # exact: JSON integers are unbounded
 
 
+def present_cpus(plan: VmPlan) -> int:
+    """The VM's vCPUs, online or not: a guest without ACPI cannot be given more after its boot."""
+    return max(plan.vcpus, plan.max_vcpus)
+
+
+def vcpus_for(quota: int, period: int) -> int:
+    """The vCPUs a CPU quota needs (a period of 0 is the kernel's default); 0 for no quota."""
+    if quota <= 0:
+        return 0
+    return min(16, -(-quota // (period or 100000)))  # exact: JSON integers are unbounded
+
+
+def max_vcpus(config: config_mod.Config) -> int:
+    return int(config.max_vcpus) or min(16, os.cpu_count() or 1)
+
+
 def make(spec: Spec, config: config_mod.Config) -> VmPlan:
     """The VM of a container that has one of its own: a single container, or a pod's sandbox."""
     quota = spec.resources.cpu_quota or _pod_resource(spec, SANDBOX_CPU_QUOTA)
     period = spec.resources.cpu_period or _pod_resource(spec, SANDBOX_CPU_PERIOD)
-    vcpus = config.vcpus
-    if quota > 0 and period > 0:
-        vcpus = min(16, -(-quota // period))  # exact: JSON integers are unbounded
+    vcpus = vcpus_for(quota, period) if period > 0 else 0
+    vcpus = vcpus or config.vcpus
     limit = spec.resources.memory_limit or _pod_resource(spec, SANDBOX_MEMORY)
     memory = vm_memory_mib(limit, config) if limit > 0 else config.memory_mib
     sized = dataclasses.replace(
@@ -218,6 +235,7 @@ def make(spec: Spec, config: config_mod.Config) -> VmPlan:
     init = container(spec)
     return VmPlan(
         machine=sized.machine, accel=sized.accel, vcpus=int(sized.vcpus), memory_mib=int(sized.memory_mib),
+        max_vcpus=max(int(sized.vcpus), max_vcpus(config)),
         kernel=sized.kernel, initrd=config.initrd,
         kernel_params=" ".join(p for p in (config.kernel_params, extra_params) if p),
         shared=init.shared, init_records=init.records, network_namespace=spec.network_namespace, disks=init.disks,
