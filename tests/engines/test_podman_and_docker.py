@@ -238,6 +238,20 @@ def test_docker_update_memory_is_seen_in_the_guest_and_on_the_host(docker, name)
         docker("rm", "--force", name)
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="max_vcpus defaults to the host's cores: one here")
+def test_update_cpus_brings_a_second_vcpu_online(engine, cid):
+    engine("run", "-d", "--name", cid, "--cpus", "1", IMAGE, "sleep", "600", check=True)
+    try:
+        online = ("exec", cid, "cat", "/sys/devices/system/cpu/online")
+        assert engine(*online, check=True).stdout == "0\n"
+        result = engine("update", "--cpus", "2", cid)
+        assert result.returncode == 0, result.stderr
+        assert engine(*online, check=True).stdout == "0-1\n"
+        assert engine("exec", cid, "cat", "/sys/fs/cgroup/cpu.max", check=True).stdout == "200000 100000\n"
+    finally:
+        engine("rm", "--force", cid)
+
+
 def test_podman_tmpfs_copies_the_images_files_up(podman, name):
     result = podman("run", "--rm", "--name", name, "--tmpfs", "/etc", IMAGE, "sh", "-c",
                     "head -1 /etc/passwd; touch /etc/new; mount | grep -c ' /etc type tmpfs'")
