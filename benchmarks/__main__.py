@@ -1,11 +1,11 @@
 """The benchmark suite: python -m benchmarks [--iterations N] [--quick] [--out docs/performance.md]
 
-Twelve figures, each measured side by side with what it is compared with (runc, the bare-QEMU floor, the
+Thirteen figures, each measured side by side with what it is compared with (runc, the bare-QEMU floor, the
 bare interpreter, a booted VM), printed with their ratios and written to a markdown page with a PNG plot next
 to it. Figure 8 (pods) drives pyrunv and runc through containerd's CRI, as a kubelet would; figure 9 resizes a
 running VM's memory and saves and restores whole VMs; figure 10 loads VMs from templates where QEMU can;
 figure 11 starts containers with docker's default seccomp profile; figure 12 reaches a pod's port as containerd's
-port-forward does."""
+port-forward does; figure 13 grows a VM's vCPUs, and fills a VM."""
 import argparse
 import os
 import shlex
@@ -19,10 +19,11 @@ import traceback
 from pyrunv import config as config_mod
 from pyrunv.vm import accelerator
 
-from . import boot, figures, pods, portforward, report, resize, seccomp, templates
+from . import boot, figures, growth, pods, portforward, report, resize, seccomp, templates
 from .harness import REPO, BenchError, Workspace, process_table
 
-FIGURES = [*figures.ALL, pods.pods, resize.resize, templates.templates, seccomp.seccomp, portforward.portforward]
+FIGURES = [*figures.ALL, pods.pods, resize.resize, templates.templates, seccomp.seccomp, portforward.portforward,
+           growth.growth]
 
 
 def parse_args(argv):
@@ -34,7 +35,7 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="the smoke run: 1 iteration, small N and sizes (~1 min)")
     parser.add_argument("--out", default=os.path.join(REPO, "docs", "performance.md"),
                         help="the markdown page to write; the PNG goes next to it (default: docs/performance.md)")
-    parser.add_argument("--only", help="comma-separated figure numbers to run, e.g. 1,2 (default: all twelve)")
+    parser.add_argument("--only", help="comma-separated figure numbers to run, e.g. 1,2 (default: all thirteen)")
     parser.add_argument("--idle", type=int, help="idle containers for figure 3 (default 20; --quick: 2)")
     parser.add_argument("--density", type=int, help="the largest N of figure 4 (default 50; --quick: 3)")
     parser.add_argument("--parallel", type=int, help="containers started at once in figure 5 (default 10; --quick: 2)")
