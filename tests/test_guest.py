@@ -204,6 +204,20 @@ def test_a_namespace_path_of_another_type_is_refused(runtime, bundle, kind, path
     assert runtime.leftovers() == []
 
 
+@pytest.mark.parametrize("kind, name", [("ipc", "ipc"), ("mount", "mnt"), ("pid", "pid"), ("uts", "uts")])
+def test_a_namespace_path_no_container_of_a_vm_can_join_is_refused_not_ignored(runtime, bundle, kind, name):
+    """The host's own namespace of the right kind: runc would join it; a container in a VM cannot."""
+    def edit(config):
+        config["linux"]["namespaces"] = [ns for ns in config["linux"]["namespaces"] if ns["type"] != kind] + [
+            {"type": kind, "path": f"/proc/self/ns/{name}"}]
+    result = runtime.detached("create", "--bundle", bundle("true", edit=edit), "nsjoin", check=False)
+    assert result.returncode == 1
+    assert result.stderr.decode().strip() == (
+        f"pyrunv: container nsjoin: linux.namespaces {kind} path '/proc/self/ns/{name}' cannot be honoured: in a VM "
+        "only the pid, ipc, uts namespaces of another container of the pod can be joined")
+    assert runtime.leftovers() == []
+
+
 def test_tmpcopyup_fills_a_tmpfs_with_what_the_image_has_there(runtime, bundle):
     """podman's --tmpfs option, which runc and crun understand: owners, modes and links come along."""
     def edit(config):

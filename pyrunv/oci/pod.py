@@ -9,6 +9,7 @@ MARKS = (
     ("io.kubernetes.cri-o.ContainerType", "io.kubernetes.cri-o.SandboxID"),  # CRI-O, and podman's pods
 )
 JOINABLE = ("pid", "ipc", "uts")  # the namespaces one container of a pod can share with another in the VM
+PLACED_IN_THE_VM = ("ipc", "mount", "pid", "uts")  # a path of these kinds names a namespace of the guest's
 # A pod asks for the host's namespace of a kind by leaving it out of its sandbox's spec. A VM cannot share these
 # with the host: the pod's field that asks, by namespace kind.
 HOST_ONLY = {"network": "hostNetwork", "ipc": "hostIPC"}
@@ -54,6 +55,18 @@ def joins(namespaces, idents_by_pid: dict) -> list:
         if kind in JOINABLE and pid in idents_by_pid:
             found.append((kind, idents_by_pid[pid]))
     return found
+
+
+def refuse_unjoinable_paths(container_id: str, namespaces, idents_by_pid: dict) -> None:
+    """The runtime spec: a process MUST be placed in the namespace a path names, or create MUST fail. In a
+    VM the only such namespaces are the pid, IPC and UTS ones of another container of the pod (idents_by_pid:
+    their pid-file processes; none for a container that boots its VM). The network namespace's path is the
+    host's, where the VM's monitor lives."""
+    for kind, path in namespaces:
+        if path and kind in PLACED_IN_THE_VM and not (kind in JOINABLE and _proc_ns_pid(path) in idents_by_pid):
+            raise PyrunvError(f"container {container_id}: linux.namespaces {kind} path {path!r} cannot be honoured: "
+                              f"in a VM only the {', '.join(JOINABLE)} namespaces of another container of the pod "
+                              "can be joined")
 
 
 def _proc_ns_pid(path: str) -> int | None:

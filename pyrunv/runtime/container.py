@@ -123,6 +123,7 @@ class Container:
         idents = {sandbox.record.pid: sandbox.record.ident}
         for other in pod_members(self.store, sandbox.id):
             idents[other.record.pid] = other.record.ident
+        pod.refuse_unjoinable_paths(self.id, spec.namespaces, idents)
         plan = plan_mod.container(spec, share_prefix=f"{self.id}/", joins=pod.joins(spec.namespaces, idents))
         if plan.disks:
             raise PyrunvError(f"container {self.id}: a block device of the host reaches a VM at its boot only; "

@@ -49,6 +49,8 @@ def _create(store: state.Store, container_id: str, bundle: str, document, check_
         check_schema()  # it boots nothing to overlap with
     sandbox = _running_sandbox(store, sandbox_id) if sandbox_id else None
     spec_mod.check_namespace_paths(spec)
+    if not sandbox:
+        pod.refuse_unjoinable_paths(container_id, spec.namespaces, {})
     record = state.Record(id=container_id, bundle=spec.bundle, rootfs=spec.rootfs, status=Status.CREATING.value,
                           created=time.strftime("%Y-%m-%dT%H:%M:%S.000000000Z", time.gmtime()),
                           owner="root" if os.getuid() == 0 else str(os.getuid()), annotations=spec.annotations,
