@@ -218,6 +218,22 @@ def test_a_namespace_path_no_container_of_a_vm_can_join_is_refused_not_ignored(r
     assert runtime.leftovers() == []
 
 
+@pytest.mark.parametrize("propagation, seen", [("shared", "flag"), ("private", ""), ("slave", ""),
+                                               ("unbindable", "refused")])
+def test_rootfs_propagation_is_the_roots_in_the_guest(runtime, bundle, propagation, seen):
+    """runtime-tools' check: a mount made under the root shows in a bind of the root only if the root is
+    shared; an unbindable root cannot be bound."""
+    def edit(config):
+        config["root"]["readonly"] = False
+        config["linux"]["rootfsPropagation"] = propagation
+        for kind in config["process"]["capabilities"].values():
+            kind.append("CAP_SYS_ADMIN")
+    script = ("mkdir -p /t /m /d && touch /d/flag && { mount -o rbind / /t || { echo refused; exit; }; } && "
+              "mount -o bind /d /m && ls /t/m")
+    result = runtime("run", "--bundle", bundle("sh", "-c", script, edit=edit), "prop")
+    assert (result.returncode, result.stdout.strip()) == (0, seen.encode()), result.stderr
+
+
 def test_tmpcopyup_fills_a_tmpfs_with_what_the_image_has_there(runtime, bundle):
     """podman's --tmpfs option, which runc and crun understand: owners, modes and links come along."""
     def edit(config):

@@ -48,6 +48,7 @@ struct spec {
     const char *hostname;
     const char *root;
     int root_readonly;
+    unsigned long root_propagation; /* linux.rootfsPropagation's MS_ flags; 0: private */
     char *mounts[MAX_LIST]; /* "flags\tpropagation\ttype\tsource\tdest\tdata" */
     int nmounts;
     const char *masked[MAX_LIST];

@@ -148,6 +148,7 @@ int spec_parse(struct spec *s, char *buf, size_t len, char *err, size_t errlen)
         else if (!strcmp(p, "hostname")) s->hostname = v;
         else if (!strcmp(p, "root")) s->root = v;
         else if (!strcmp(p, "root_readonly")) s->root_readonly = atoi(v);
+        else if (!strcmp(p, "root_propagation")) s->root_propagation = strtoul(v, NULL, 16);
         else if (!strcmp(p, "container")) s->container = (uint32_t)strtoul(v, NULL, 10);
         else if (!strcmp(p, "join")) {
             static const char *kinds[] = {"pid", "ipc", "uts"};
@@ -567,6 +568,8 @@ void prepare_container(const struct spec *s, const pid_t join_pids[3], int sync_
     for (int i = 0; i < s->nsysctls; i++) apply_sysctl(s->sysctls[i], sync_fd);
     for (int i = 0; i < s->nmasked; i++) mask_path(s->masked[i], sync_fd);
     for (int i = 0; i < s->nreadonly; i++) readonly_path(s->readonly[i], sync_fd);
+    if (s->root_propagation && mount(NULL, "/", NULL, s->root_propagation, NULL) < 0)
+        fail(sync_fd, "rootfsPropagation: %s", strerror(errno));
     if (s->root_readonly && mount(NULL, "/", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) < 0)
         fail(sync_fd, "read-only root: %s", strerror(errno));
     common_setup(s, sync_fd);

@@ -74,6 +74,7 @@ class Spec:
     mounts: tuple = ()
     masked_paths: tuple = ()
     readonly_paths: tuple = ()
+    rootfs_propagation: str = ""  # linux.rootfsPropagation: private, shared, slave or unbindable (the schema's)
     sysctl: tuple = ()               # (key, value)
     hooks: dict = dataclasses.field(default_factory=dict)
     annotations: dict = dataclasses.field(default_factory=dict)
@@ -236,7 +237,7 @@ def parse(bundle: str, document) -> Spec:
         bundle=bundle, rootfs=os.path.realpath(rootfs), root_readonly=document["root"].get("readonly", False),
         process=parse_process(document["process"]), hostname=document.get("hostname", ""),
         mounts=tuple(mounts), masked_paths=tuple(linux.get("maskedPaths", ())),
-        readonly_paths=tuple(linux.get("readonlyPaths", ())),
+        readonly_paths=tuple(linux.get("readonlyPaths", ())), rootfs_propagation=linux.get("rootfsPropagation", ""),
         sysctl=tuple(sorted(linux.get("sysctl", {}).items())),
         hooks={k: tuple(hooks.get(k, ())) for k in HOOK_KINDS},
         annotations=dict(document.get("annotations", {})),

@@ -144,6 +144,8 @@ def container(spec: Spec, share_prefix: str = "", joins=()) -> ContainerPlan:
         pairs += [("gidmap", " ".join(map(str, m))) for m in spec.gid_mappings]
     if spec.root_readonly:
         pairs.append(("root_readonly", 1))
+    if spec.rootfs_propagation in _PROPAGATION:
+        pairs.append(("root_propagation", f"{_PROPAGATION[spec.rootfs_propagation]:x}"))
     if spec.hostname:
         pairs.append(("hostname", spec.hostname))
     for m in spec.mounts:
