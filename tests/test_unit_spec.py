@@ -98,6 +98,7 @@ INVALID = {
     "relative mount destination": (lambda d: d.update(mounts=[{"destination": "x", "type": "tmpfs"}]),
                                    "mounts.0.destination"),
     "long hostname": (lambda d: d.update(hostname="h" * 65), "hostname"),
+    "unknown rootfs propagation": (lambda d: d.update(linux={"rootfsPropagation": "sideways"}), "rootfsPropagation"),
     # Python's '$' matches before a final newline, so these get past the schema's patterns.
     "capability with a newline": (lambda d: d["process"].update(capabilities={"bounding": ["CAP_KILL\n"]}),
                                   "unknown capability"),
