@@ -25,11 +25,11 @@ async def listen(service) -> None:
     """Takes the pod's localhost connections from now on; returns once the redirect is in place. Without
     iptables on the host, port forwarding is off and the pod runs as it would."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(64)
-    listener.setblocking(False)
-    port = str(listener.getsockname()[1])
     try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        listener.setblocking(False)
+        port = str(listener.getsockname()[1])
         await run_child(["iptables", "-w", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "127.0.0.1",
                          "!", "--dport", port, "-j", "REDIRECT", "--to-ports", port], REDIRECT_TIMEOUT,
                         "port forwarding")
@@ -50,7 +50,10 @@ async def _accept(service, listener: socket.socket) -> None:
 
 async def _relay(service, conn: socket.socket) -> None:
     with conn:
-        port = struct.unpack_from("!2xH", conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16))[0]
+        try:
+            port = struct.unpack_from("!2xH", conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16))[0]
+        except OSError:
+            return  # made to the listener's own port: nothing was redirected
         conn.setblocking(True)  # the relay reads and writes it in threads, as it does a process's stdio
         ident = service.new_ident()
         output = os.dup(conn.fileno())
