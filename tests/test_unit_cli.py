@@ -132,6 +132,8 @@ def test_features_lists_pyrunvs_annotations(root):
     assert "CAP_SYS_ADMIN" in features["linux"]["capabilities"]
     assert features["ociVersionMax"] == "1.0.2"
     assert features["linux"]["cgroup"]["v1"] and "user" in features["linux"]["namespaces"]
+    not_applied = features["annotations"]["io.pyrunv.resources.not-applied"].split(", ")
+    assert {"linux.resources.memory.swappiness", "linux.resources.network", "linux.resources.devices"} <= set(not_applied)
 
 
 def test_features_say_whether_checkpoint_is_available(root, tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """Documents pyrunv prints: the default config.json of `spec` and the `features` document."""
 from .. import config
-from . import seccomp
+from . import resources, seccomp
 from .spec import CAPABILITIES, HOOK_KINDS
 
 DEFAULT_CAPS = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
@@ -87,5 +87,6 @@ def features(checkpoint_refusal: str | None) -> dict:
             **{config.ANNOTATION_PREFIX + k: v for k, v in ANNOTATIONS.items()},
             # checkpoint and restore save and resume the whole VM, where this host's QEMU and virtiofsd can
             "io.pyrunv.checkpoint": f"not available: {checkpoint_refusal}" if checkpoint_refusal else "available",
+            "io.pyrunv.resources.not-applied": ", ".join(f"linux.resources.{name}" for name in resources.NOT_APPLIED),
         },
     }

@@ -9,6 +9,11 @@ INT64_MAX = (1 << 63) - 1
 
 
 UNLIMITED = -1  # in an update: lift the limit
+# linux.resources fields accepted and not applied: the guest's cgroup v2 has no such file (swappiness, the
+# kernel memory limits, disabling the OOM killer, network class ids), or pyrunv does not write it yet.
+NOT_APPLIED = ("memory.swappiness", "memory.kernel", "memory.kernelTCP", "memory.disableOOMKiller",
+               "memory.useHierarchy", "cpu.realtimeRuntime", "cpu.realtimePeriod", "blockIO", "hugepageLimits",
+               "network", "rdma", "unified", "devices")
 
 
 @dataclasses.dataclass(frozen=True)
