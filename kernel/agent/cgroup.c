@@ -57,12 +57,18 @@ static void count_one(pid_t pid, void *n) { (void)pid; ++*(long *)n; }
 
 static void kill_one(pid_t pid, void *sig) { kill(pid, *(int *)sig); }
 
-/* SIGKILL goes through cgroup.kill: a process forked while the list is read would escape the list. */
-void signal_container(uint32_t container, int sig)
+/* Every process of the container, and any it forks meanwhile, SIGKILLed by the kernel: 0, or -1 with errno. */
+static int kill_cgroup(uint32_t container)
 {
     char path[128];
     cgroup_path(path, sizeof path, container, "cgroup.kill");
-    if (sig != SIGKILL || write_text(path, "1") < 0) for_each_container_pid(container, kill_one, &sig);
+    return write_text(path, "1");
+}
+
+/* SIGKILL goes through cgroup.kill: a process forked while the list is read would escape the list. */
+void signal_container(uint32_t container, int sig)
+{
+    if (sig != SIGKILL || kill_cgroup(container) < 0) for_each_container_pid(container, kill_one, &sig);
 }
 
 /* The first number in a cgroup file, or in the line of it that starts with key; 0 for "max" or none. */
@@ -110,9 +116,7 @@ void reply_stats(uint32_t container)
 /* Whatever of the container still runs is killed; its cgroup goes as soon as it is empty. */
 void remove_container(uint32_t container)
 {
-    char path[128];
-    cgroup_path(path, sizeof path, container, "cgroup.kill");
-    if (write_text(path, "1") < 0 && errno != ENOENT) { send_text(FR_ERROR, container, strerror(errno)); return; }
+    if (kill_cgroup(container) < 0 && errno != ENOENT) { send_text(FR_ERROR, container, strerror(errno)); return; }
     for (int i = 0; i < MAX_PROCS; i++)
         if (!doomed[i] || doomed[i] == container) { doomed[i] = container; break; }
     remove_cgroups();

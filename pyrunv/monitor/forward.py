@@ -42,8 +42,8 @@ async def listen(service) -> None:
 
 async def _accept(service, listener: socket.socket) -> None:
     loop = asyncio.get_running_loop()
-    with listener:
-        while not service.channel.closed.done():
+    with listener:  # for the VM's life: the monitor ends with it
+        while True:
             conn, _ = await loop.sock_accept(listener)
             loop.create_task(_relay(service, conn))
 
