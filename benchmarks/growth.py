@@ -1,5 +1,5 @@
-"""Figure 13: what growing costs: `update` bringing a vCPU online beside runc's update, a VM that can grow
-against one that cannot (start and memory), and a container that fills its VM, from start to its exit."""
+"""Figure 13: what growing costs: `update` bringing a vCPU online and adding memory beside runc's update, a VM
+that can grow against one that cannot (start and memory), and a container that fills its VM, until its exit."""
 import os
 import time
 
@@ -7,8 +7,12 @@ from .figures import TIME_HEADERS, Figure, Settings, Table, mib, ms, ratio, roun
 from .harness import Workspace, container_pss, median, process_table
 
 QUOTA = {"cpu": {"quota": 100000, "period": 100000}}
+MEMORY = {"memory": {"limit": 128 << 20}}
 FILL = ("sh", "-c", "(x=a; while :; do x=$x$x; done); true")  # the subshell dies; the container exits 0
 LIMIT = 96 << 20
+# (what grows, its limits at the start, the update's flags up and back down)
+UPDATES = (("cpu", QUOTA, ("--cpu-quota", "200000"), ("--cpu-quota", "100000")),
+           ("memory", MEMORY, ("--memory", "384m"), ("--memory", "128m")))
 
 
 def _config(ws: Workspace, name: str, text: str) -> dict:
@@ -18,21 +22,22 @@ def _config(ws: Workspace, name: str, text: str) -> dict:
     return dict(ws.env, PYRUNV_CONFIG=path)
 
 
-def _cpu_update(ws: Workspace, s: Settings, samples: dict) -> None:
-    bundles = ws.bundle_pair("quota1", "sleep", "3600", edit=lambda c: c["linux"].update(resources=QUOTA))
+def _update(ws: Workspace, s: Settings, samples: dict, what: str, limits: dict, up: tuple, down: tuple) -> None:
+    bundles = ws.bundle_pair(f"{what}-update", "sleep", "3600", edit=lambda c: c["linux"].update(resources=limits))
     for kind, bundle in zip(("pyrunv", "runc"), bundles):
         root = ws.root(kind, "growth")
-        cid, _ = ws.start_idle(kind, root, bundle, "cpu")
+        cid, _ = ws.start_idle(kind, root, bundle, what)
         try:
             for _ in range(s.iterations):
-                for direction, quota in (("up", "200000"), ("down", "100000")):
-                    samples[f"{kind} {direction}"].append(ws.command(kind, root, "update", "--cpu-quota", quota, cid)[0])
+                for direction, flags in (("up", up), ("down", down)):
+                    samples[f"{what} {kind} {direction}"].append(ws.command(kind, root, "update", *flags, cid)[0])
         finally:
             ws.delete(kind, root, cid)
 
 
 def _growable_against_fixed(ws: Workspace, s: Settings, samples: dict) -> dict:
-    envs = {"fixed": _config(ws, "fixed", "max_vcpus = 1\n"), "growable": _config(ws, "growable", "max_vcpus = 2\n")}
+    envs = {"fixed": _config(ws, "fixed", "max_vcpus = 1\nmax_memory_mib = 32\n"),
+            "growable": _config(ws, "growable", "max_vcpus = 2\nmax_memory_mib = 2048\n")}
     bundle = ws.bundle("grow-true", "/bin/true")
     idle = ws.bundle("grow-idle", "sleep", "3600")
     root = ws.root("pyrunv", "growable")
@@ -57,20 +62,25 @@ def _growable_against_fixed(ws: Workspace, s: Settings, samples: dict) -> dict:
 def growth(ws: Workspace, s: Settings, kvm: dict) -> Figure:
     fig = Figure(13, "Growing and filling a VM")
     fig.method = (
-        "CPU: a container with a quota of 1 CPU (`sleep`), then `update --cpu-quota 200000` and back to 100000, "
-        f"timed from exec to exit, {rounds(s.iterations)} each way, for pyrunv (the VM's second vCPU brought "
-        "online and offline) and runc. Growable against fixed: `run` of `/bin/true` with `max_vcpus = 2` (2 "
-        "vCPUs present, 1 online) and with `max_vcpus = 1`, in turn, after one untimed run of each (which saves "
-        f"each shape's template); then the host PSS of one idle VM of each (figure 3's way), after {s.settle:g} s. "
-        f"Filling: a shell doubling a string until the OOM killer takes it, from `run` to exit, {rounds(s.rounds)}: "
-        f"pyrunv without a limit (the containers' parent cgroup in the guest stops it), pyrunv and runc with a "
-        f"{LIMIT >> 20} MiB limit. Memory cannot grow beyond the VM's boot size yet: not measured.")
-    samples = {k: [] for k in ("pyrunv up", "pyrunv down", "runc up", "runc down", "start fixed", "start growable",
-                               "fill pyrunv", "fill pyrunv limited", "fill runc limited")}
-    if (os.cpu_count() or 1) >= 2:
-        _cpu_update(ws, s, samples)
-    else:
-        fig.notes.append("One core: max_vcpus is 1 here, the CPU update is not measured.")
+        "Updates: a container with a quota of 1 CPU (`sleep`), then `update --cpu-quota 200000` and back to 100000; "
+        "one with a memory limit of 128 MiB, then `update --memory 384m` (its VM grows by 256 MiB, from 160 to 416) "
+        f"and back to 128m; each timed from exec to exit, {rounds(s.iterations)} each way, for pyrunv (a vCPU "
+        "brought online and offline; memory added by the agent, then taken back by the balloon) and runc. "
+        "Growable against fixed: `run` of `/bin/true` with `max_vcpus = 2` and `max_memory_mib = 2048` (2 vCPUs "
+        "and 2 GiB in QEMU, 1 vCPU and 128 MiB in use) and with `max_vcpus = 1`, `max_memory_mib = 32`, in turn, "
+        "after one untimed run of each (which saves each shape's template); then the host PSS of one idle VM of "
+        f"each (figure 3's way), after {s.settle:g} s. Filling: a shell doubling a string until the OOM killer "
+        f"takes it, from `run` to exit, {rounds(s.rounds)}: pyrunv without a limit (the containers' parent cgroup "
+        f"in the guest stops it), pyrunv and runc with a {LIMIT >> 20} MiB limit.")
+    samples = {f"{what} {kind} {direction}": [] for what, *_ in UPDATES for kind in ("pyrunv", "runc")
+               for direction in ("up", "down")}
+    samples.update({k: [] for k in ("start fixed", "start growable", "fill pyrunv", "fill pyrunv limited",
+                                    "fill runc limited")})
+    for what, limits, up, down in UPDATES:
+        if what == "cpu" and (os.cpu_count() or 1) < 2:
+            fig.notes.append("One core: max_vcpus is 1 here, the CPU update is not measured.")
+            continue
+        _update(ws, s, samples, what, limits, up, down)
     pss = _growable_against_fixed(ws, s, samples)
     limited = lambda c: c["linux"].update(resources={"memory": {"limit": LIMIT}})  # noqa: E731
     fill = {"fill pyrunv": ("pyrunv", ws.bundle("fill", *FILL)),
@@ -87,9 +97,10 @@ def growth(ws: Workspace, s: Settings, kvm: dict) -> Figure:
                   ("idle PSS, growable / fixed", ratio(pss.get("growable", 0), pss.get("fixed", 0)), ""),
                   ("filling, no limit / a limit", ratio(med["fill pyrunv"], med["fill pyrunv limited"]),
                    f"{ms(med['fill pyrunv'])} against {ms(med['fill pyrunv limited'])}")]
-    if "pyrunv up" in med:
-        fig.ratios.insert(0, ("update one more CPU, pyrunv / runc", ratio(med["pyrunv up"], med["runc up"]),
-                              f"{ms(med['pyrunv up'])} against {ms(med['runc up'])}"))
+    for what, grown in (("memory", "256 MiB more"), ("cpu", "one more CPU")):
+        if f"{what} pyrunv up" in med:
+            mine, runc = med[f"{what} pyrunv up"], med[f"{what} runc up"]
+            fig.ratios.insert(0, (f"update {grown}, pyrunv / runc", ratio(mine, runc), f"{ms(mine)} against {ms(runc)}"))
     fig.data = {"medians": med, "pss_kib": pss}
     fig.summary = ("growth: " + ", ".join(f"{c} {x(v)}" for c, v, _ in fig.ratios) + " | ratio "
                    + " ".join(x(v) for _, v, _ in fig.ratios))

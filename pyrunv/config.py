@@ -24,6 +24,7 @@ class Config:
     vcpus: int = 1
     max_vcpus: int = 0             # vCPUs `update` may bring online; 0: the host's cores, at most 16
     memory_mib: int = 128          # guest memory when the spec sets no limit
+    max_memory_mib: int = 0        # guest memory `update` may grow to; 0: a quarter of the host's, at most 4096
     guest_overhead_mib: int = 32   # added to a spec's memory limit: the guest kernel and agent
     # The host cgroup's memory limit is the guest's RAM plus this: QEMU itself, its TCG translation
     # cache, virtiofsd and the monitor (docs/configuration.md has the measured figures).
@@ -82,3 +83,5 @@ def check(config: Config, where: str) -> None:
         raise PyrunvError(f"{where}: max_vcpus must be between 0 and 16, not {config.max_vcpus}")
     if not 32 <= int(config.memory_mib) <= 65536:
         raise PyrunvError(f"{where}: memory_mib must be between 32 and 65536, not {config.memory_mib}")
+    if not 0 <= int(config.max_memory_mib) <= 65536:
+        raise PyrunvError(f"{where}: max_memory_mib must be between 0 and 65536, not {config.max_memory_mib}")

@@ -149,9 +149,9 @@ def test_update_on_running_paused_and_stopped_containers(runtime, bundle, cgroup
 
     runtime("update", "--memory", "-1", "upd", check=True)  # lifts the limit: the VM's boot size again
     assert guest_memory_max(runtime, "upd") == b"max"
-    refused = runtime("update", "--memory", "1g", "upd")
-    assert "cannot update upd: a memory limit of 1024 MiB needs a VM of 1056 MiB, beyond the 160 MiB it booted" \
-        in one_line_error(refused)
+    refused = runtime("update", "--memory", "64g", "upd")
+    assert one_line_error(refused) == (f"pyrunv: cannot update upd: a memory limit of 65536 MiB needs a VM of 65568 "
+                                       f"MiB, beyond the {MAX_MEMORY_MIB} MiB its VM can grow to (max_memory_mib)")
     runtime("kill", "upd", "KILL", check=True)
     assert wait_until(lambda: runtime.state("upd")["status"] == "stopped")
     assert "cannot update container upd in state stopped" in one_line_error(runtime("update", "--memory", "64m", "upd"))
@@ -181,6 +181,7 @@ def test_a_cpu_quota_of_two_cpus_gives_the_guest_two_online_cpus(runtime, bundle
 
 
 MAX_VCPUS = min(16, os.cpu_count() or 1)  # the config's default max_vcpus: the host's cores
+MAX_MEMORY_MIB = min(4096, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4 // MIB)
 
 
 @pytest.mark.skipif(MAX_VCPUS < 2, reason="one core: a VM here may have one vCPU at most")
@@ -205,6 +206,29 @@ def test_update_brings_vcpus_online_up_to_the_vms_maximum_running_or_paused(runt
         assert one_line_error(refused).endswith(
             f"needs {MAX_VCPUS + 1} vCPUs, beyond the {MAX_VCPUS} its VM has (max_vcpus)")
     assert runtime("exec", "grow", "cat", "/sys/fs/cgroup/cpu.max", check=True).stdout.strip() == b"200000 100000"
+
+
+@pytest.mark.skipif(MAX_MEMORY_MIB < 800, reason="max_memory_mib defaults to a quarter of the host's memory")
+def test_update_adds_memory_beyond_the_boot_size_running_or_paused(runtime, bundle):
+    path = bundle("sleep", "600", edit=limited(memory=128 * MIB))
+    runtime.detached("run", "--detach", "--bundle", path, "more")
+
+    def allocates(mib):
+        return runtime("exec", "more", "dd", "if=/dev/zero", "of=/dev/null", f"bs={mib}M", "count=1").returncode == 0
+
+    def total_mib():
+        meminfo = runtime("exec", "more", "cat", "/proc/meminfo", check=True).stdout.split()
+        return int(meminfo[meminfo.index(b"MemTotal:") + 1]) >> 10
+    assert total_mib() < 160 and not allocates(400)
+    runtime("update", "--memory", "512m", "more", check=True)
+    assert total_mib() > 500 and guest_memory_max(runtime, "more") == str(512 * MIB).encode()
+    assert allocates(400)
+    runtime("update", "--memory", "128m", "more", check=True)  # the balloon takes the rest back
+    assert total_mib() < 160
+    runtime("pause", "more", check=True)
+    runtime("update", "--memory", "768m", "more", check=True)
+    runtime("resume", "more", check=True)
+    assert total_mib() > 750 and allocates(700)
 
 
 def test_events_stats_see_a_containers_memory_grow(runtime, bundle, tmp_path):

@@ -132,6 +132,17 @@ def test_vcpus_beyond_those_online_are_present_from_boot_as_sockets_for_update()
     assert argv[argv.index("-smp") + 1] == "1,sockets=1,cores=1,threads=1" and "maxcpus" not in " ".join(argv)
 
 
+def test_memory_beyond_the_boot_size_is_in_qemu_and_hidden_from_the_kernel_for_update():
+    config = Config(max_memory_mib=2048, machine="microvm")
+    vm = plan.make(make_spec(memory_limit=128 * MIB), config)
+    argv = qemu.qemu_argv(config, vm, "tcg", agent_fd=3, qmp_fd=4, fs_fd=5, console_fd=6)
+    assert (vm.memory_mib, plan.ram_mib(vm), argv[argv.index("-m") + 1]) == (160, 2048, "2048M")
+    assert "size=2048M" in argv[argv.index("-object") + 1] and " mem=160M" in argv[argv.index("-append") + 1]
+    fixed = plan.make(make_spec(memory_limit=128 * MIB), Config(max_memory_mib=64, machine="microvm"))
+    argv = qemu.qemu_argv(config, fixed, "tcg", agent_fd=3, qmp_fd=4, fs_fd=5, console_fd=6)
+    assert argv[argv.index("-m") + 1] == "160M" and " mem=" not in argv[argv.index("-append") + 1]
+
+
 def annotated(**annotations) -> Spec:
     return make_spec(annotations={f"io.pyrunv.vm.{k}": v for k, v in annotations.items()},
                      cpu_quota=150000, cpu_period=100000, memory_limit=256 * MIB)

@@ -154,6 +154,7 @@ void report_mounts(struct proc *init);
 #define CONTAINERS_CGROUP CGROUP_DIR "/containers" /* every container's cgroup is one of its children */
 #define GUEST_RESERVE_MIB 16 /* what the guest's kernel and agent keep beyond the containers' reach */
 void make_containers_cgroup(void);
+void limit_containers(unsigned long long added);
 void remove_cgroups(void);
 void for_each_container_pid(uint32_t container, void (*fn)(pid_t, void *), void *arg);
 /* Sends sig to every process in the container's cgroup. */
@@ -164,6 +165,9 @@ void remove_container(uint32_t container);
 void update_container(uint32_t container, char *payload, uint32_t len);
 int online_cpus(int n, char *err, size_t errlen);
 void freeze_container(uint32_t container, const char *payload, uint32_t len);
+
+/* memory.c */
+void grow_memory(uint32_t id, const char *payload, uint32_t len);
 
 /* channel.c */
 extern int chan, epfd, tracing;

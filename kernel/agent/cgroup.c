@@ -16,14 +16,24 @@
 /* The containers' parent cgroup, limited to the VM's memory but the guest's reserve: a container with no
  * limit of its own that fills the VM meets this cgroup's OOM killer at once, where the whole guest's
  * reclaim could spin for minutes first (under TCG). It sees its own memory.max ("max") as before. */
+static unsigned long long booted_ram;
+
 void make_containers_cgroup(void)
 {
     struct sysinfo si;
-    char limit[32];
     mkdir(CONTAINERS_CGROUP, 0755);
     write_text(CONTAINERS_CGROUP "/cgroup.subtree_control", "+memory +pids +cpu");
     if (sysinfo(&si) < 0) return;
-    unsigned long long total = (unsigned long long)si.totalram * si.mem_unit, reserve = GUEST_RESERVE_MIB << 20;
+    booted_ram = (unsigned long long)si.totalram * si.mem_unit;
+    limit_containers(0);
+}
+
+/* The parent's limit for the RAM the guest booted with and `added` since; the balloon's share is not
+ * counted out: a container's own limit keeps it within what the host gives. */
+void limit_containers(unsigned long long added)
+{
+    char limit[32];
+    unsigned long long total = booted_ram + added, reserve = GUEST_RESERVE_MIB << 20;
     if (total <= 2 * reserve) return;
     snprintf(limit, sizeof limit, "%llu", total - reserve);
     write_text(CONTAINERS_CGROUP "/memory.max", limit);

@@ -190,6 +190,7 @@ void handle_frame(const struct frame_header *h, char *payload)
     case FR_FREEZE: freeze_container(h->id, payload, h->len); break;
     case FR_RESTORED: restored(h->id, payload, h->len); break;
     case FR_SHARE: mount_share(h->id); break;
+    case FR_MEMORY: grow_memory(h->id, payload, h->len); break;
     case FR_POWEROFF:
         sync();
         reboot(RB_AUTOBOOT);

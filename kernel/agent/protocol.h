@@ -39,6 +39,7 @@ enum frame_type {
     FR_RESTORED = 16, /* payload: i64 seconds, u32 nanoseconds (the host's clock), then entropy: after a load */
     FR_SHARE = 17,   /* mounts the share, which the host plugs in after the boot (pyrunv.share=plugged) */
     FR_CONNECT = 18, /* payload: u32 port; a TCP connection to the guest's 127.0.0.1, relayed as a process's stdio */
+    FR_MEMORY = 19,  /* payload: decimal bytes; memory added since the boot, at least (the reply: those added) */
     /* guest -> host */
     FR_READY = 64,   /* payload: version text */
     FR_OK = 65,

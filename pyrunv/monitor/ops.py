@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import socket
-import time
 
 from ..errors import PyrunvError
 from ..host import mounts
@@ -22,7 +21,6 @@ from ..vm import plan as plan_mod
 from . import forward, saving
 from .channel import FLAG, PAIR, F, ProcessIO
 
-BALLOON_TIMEOUT = 10.0
 
 
 async def op_start(service, request, fds, conn):
@@ -101,23 +99,14 @@ async def op_kmsg(service, request, fds, conn):
 
 
 async def op_update(service, request, fds, conn):
-    """New limits: the container's cgroup in the guest and, for the VM's own container, the VM's memory
-    through the balloon. A frozen VM takes them when it thaws."""
+    """New limits: the container's cgroup in the guest, then the VM's memory (memory.py): exactly what the
+    VM's own container needs, or at least what a pod's members do. A frozen VM takes them when it thaws."""
     await service.to_agent(F.UPDATE, service.ident(request), bytes.fromhex(request["records"]))
     if request.get("memory_mib"):
-        await _balloon(service, request["memory_mib"] << 20)
+        await service.memory.set(request["memory_mib"])
+    elif request.get("grow_mib"):
+        await service.memory.at_least(request["grow_mib"])
     return {"ok": True}
-
-
-async def _balloon(service, target: int) -> None:
-    """Sets the guest's RAM to target bytes; a running guest is given BALLOON_TIMEOUT to get there."""
-    qmp = await service.qmp_client()
-    await qmp.execute("balloon", {"value": target})
-    deadline = time.monotonic() + BALLOON_TIMEOUT
-    while not service.paused and time.monotonic() < deadline:
-        if (await qmp.execute("query-balloon"))["actual"] <= target:
-            return
-        await asyncio.sleep(0.05)
 
 
 async def op_create(service, request, fds, conn):

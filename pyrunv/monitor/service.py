@@ -22,6 +22,7 @@ from ..state import store as state
 from ..vm import plan as plan_mod
 from . import control, ops, saving
 from .child import run_child
+from .memory import GuestMemory
 from .propagation import Propagation
 from .channel import PAIR, STDERR, STDOUT, WINDOW, Channel, F, ProcessIO
 
@@ -37,6 +38,7 @@ class Service:
         self.config, self.plan = monitor.config, monitor.plan
         self.qemu, self.virtiofsd = monitor.qemu, monitor.virtiofsd
         self.paused = False
+        self.memory = GuestMemory(self)
         self.next_ident = INIT_ID + 1
         self.members: dict[str, tuple] = {}  # a pod's other containers: ID -> (ident, names in the share)
         self.forwarding: asyncio.Task | None = None  # a pod's port forwarding, being set up (forward.listen)
@@ -283,4 +285,5 @@ class Service:
     async def resume_vm(self) -> None:
         await (await self.qmp_client()).execute("cont")
         self.paused = False
+        await self.memory.thawed()
 

@@ -85,6 +85,7 @@ class Container:
         log.debug("create %s: VM planned", self.id)
         self.record.ident, self.record.memory_mib = state.VM_INIT, plan.memory_mib
         self.record.vcpus, self.record.max_vcpus = plan.vcpus, plan_mod.present_cpus(plan)
+        self.record.max_memory_mib = plan_mod.ram_mib(plan)
         try:
             if cgroup:
                 cgroup.set(self._host_limits(spec.resources, config, plan.memory_mib))
@@ -188,8 +189,7 @@ class Container:
 
     def update(self, limits) -> None:
         """New limits (a resources.Resources of what changes) for the guest's cgroup, the VM's memory and
-        online vCPUs where the container owns its VM (the balloon: never beyond the size it booted with;
-        vCPUs up to those present), and the host cgroup."""
+        online vCPUs (up to the maxima it booted with), and the host cgroup."""
         import dataclasses
         from ..host import cgroups
         from .. import config as config_mod
@@ -200,22 +200,43 @@ class Container:
             self._check("update")
             config = config_mod.load()
             merged = resources.merge(resources.Resources(**self.record.resources), limits)
-            memory_mib = 0
-            if self.record.memory_mib and limits.memory_limit:  # without a limit, the VM's boot size again
-                memory_mib = (self.record.memory_mib if merged.memory_limit == resources.UNLIMITED
-                              else plan_mod.vm_memory_mib(merged.memory_limit, config))
-                if memory_mib > self.record.memory_mib:
-                    raise PyrunvError(
-                        f"cannot update {self.id}: a memory limit of {merged.memory_limit >> 20} MiB needs a VM of "
-                        f"{memory_mib} MiB, beyond the {self.record.memory_mib} MiB it booted with")
+            memory = self._vm_memory(merged, config) if limits.memory_limit else {}
             pairs = resources.guest_records(limits)
             if self.record.max_vcpus and (limits.cpu_quota or limits.cpu_period):
                 pairs.append(("vcpus", self._vcpus_for(merged)))
-            self._control("update", records=plan_mod.records(pairs).hex(), memory_mib=memory_mib)
+            self._control("update", records=plan_mod.records(pairs).hex(), **memory)
             if self.record.cgroup:  # after the guest: a smaller VM has given its memory back by now
-                cgroups.HostCgroup(**self.record.cgroup).set(self._host_limits(limits, config, memory_mib))
+                cgroups.HostCgroup(**self.record.cgroup).set(
+                    self._host_limits(limits, config, memory.get("memory_mib", 0)))
             self.record.resources = dataclasses.asdict(merged)
             self.store.save(self.record)
+
+    def _vm_memory(self, limits, config) -> dict:
+        """The VM's memory for these limits, as the monitor's update takes it: for a VM of its own, exactly what
+        the memory limit needs (without one, its boot size); for a pod's, at least what its members' limits
+        need together. Either within the most its VM can grow to."""
+        from ..vm import plan as plan_mod
+        from ..oci import resources
+
+        def limit(r) -> int:
+            return r.memory_limit if r.memory_limit != resources.UNLIMITED else 0
+        owner = self._vm_owner()
+        most = owner.record.max_memory_mib or owner.record.memory_mib
+        if self.record.sandbox:
+            others = [resources.Resources(**m.record.resources) for m in pod_members(self.store, owner.id)
+                      if m.id != self.id]
+            total = limit(limits) + sum(map(limit, others))
+            wanted, request = plan_mod.vm_memory_mib(total, config), "grow_mib"
+        elif self.record.memory_mib:
+            wanted = plan_mod.vm_memory_mib(limit(limits), config) if limit(limits) else self.record.memory_mib
+            request = "memory_mib"
+        else:
+            return {}
+        if wanted > most:
+            raise PyrunvError(
+                f"cannot update {self.id}: a memory limit of {limits.memory_limit >> 20} MiB needs a VM of "
+                f"{wanted} MiB, beyond the {most} MiB its VM can grow to (max_memory_mib)")
+        return {request: wanted}
 
     def _vcpus_for(self, limits) -> int:
         """The vCPUs its VM needs online for these limits' CPU quota: without one, those it booted with."""

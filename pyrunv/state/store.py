@@ -35,7 +35,8 @@ class Record:
         # The host cgroup: each hierarchy's directory, and those pyrunv created (removed by delete).
         "cgroup": dict,
         "resources": dict,  # the limits in force (resources.Resources)
-        "memory_mib": 0,    # the VM's RAM at boot, for a container that owns its VM: what `update` may not exceed
+        "memory_mib": 0,    # the VM's RAM at boot, for a container that owns its VM
+        "max_memory_mib": 0,  # the most `update` may grow it to
         "vcpus": 0,         # its vCPUs online at boot, and those `update` may bring online
         "max_vcpus": 0,
     }

@@ -48,6 +48,7 @@ class VmPlan:
     disks: tuple = ()       # (host block device, serial): virtio-blk disks for the spec's block devices
     display: str = ""       # "vnc": a virtio-gpu display, served by QEMU's VNC server (runtime/vm_access.py)
     max_vcpus: int = 0      # present, for `update` to bring online (qemu.py); 0: as many as vcpus
+    max_memory_mib: int = 0  # RAM QEMU holds for `update` to add (qemu.py); 0: as much as memory_mib
 
 
 def to_json(plan: VmPlan) -> dict:
@@ -216,6 +217,17 @@ def max_vcpus(config: config_mod.Config) -> int:
     return int(config.max_vcpus) or min(16, os.cpu_count() or 1)
 
 
+def ram_mib(plan: VmPlan) -> int:
+    """The VM's RAM in QEMU: the guest's kernel uses memory_mib of it at boot, and `update` adds the rest."""
+    return max(plan.memory_mib, plan.max_memory_mib)
+
+
+def max_memory_mib(config: config_mod.Config) -> int:
+    if config.max_memory_mib:
+        return int(config.max_memory_mib)
+    return min(4096, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4 // MIB)
+
+
 def make(spec: Spec, config: config_mod.Config) -> VmPlan:
     """The VM of a container that has one of its own: a single container, or a pod's sandbox."""
     quota = spec.resources.cpu_quota or _pod_resource(spec, SANDBOX_CPU_QUOTA)
@@ -237,7 +249,7 @@ def make(spec: Spec, config: config_mod.Config) -> VmPlan:
     init = container(spec)
     return VmPlan(
         machine=sized.machine, accel=sized.accel, vcpus=int(sized.vcpus), memory_mib=int(sized.memory_mib),
-        max_vcpus=max(int(sized.vcpus), max_vcpus(config)),
+        max_vcpus=max(int(sized.vcpus), max_vcpus(config)), max_memory_mib=max_memory_mib(config),
         kernel=sized.kernel, initrd=config.initrd,
         kernel_params=" ".join(p for p in (config.kernel_params, extra_params) if p),
         shared=init.shared, init_records=init.records, network_namespace=spec.network_namespace, disks=init.disks,

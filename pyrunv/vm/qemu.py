@@ -64,6 +64,8 @@ def kernel_cmdline(config: Config, plan: VmPlan, accel: str, extra: str = "") ->
             params.append("init_on_alloc=1")
     if plan_mod.present_cpus(plan) > plan.vcpus:  # the others wait, offline, for `update` to bring them online
         params.append(f"maxcpus={plan.vcpus}")
+    if plan_mod.ram_mib(plan) > plan.memory_mib:  # the rest waits, unused, for `update` to add it
+        params.append(f"mem={plan.memory_mib}M")
     params += [plan.kernel_params, extra]
     return " ".join(p for p in params if p)
 
@@ -81,7 +83,7 @@ def qemu_argv(config: Config, plan: VmPlan, accel: str, *, agent_fd: int, qmp_fd
     left out, to be plugged into an empty PCIe port after the boot or load (template.py)."""
     if plug_share:
         extra_params = " ".join(p for p in (extra_params, "pyrunv.share=plugged") if p)
-    cpus = plan_mod.present_cpus(plan)
+    cpus, ram = plan_mod.present_cpus(plan), plan_mod.ram_mib(plan)
     # The translation cache is each vCPU's room: with one shared by more vCPUs than are online, a start from
     # a template of 1 online vCPU of 2 took 1.11x as long (1.02x with this; the idle PSS did not change).
     tcg = f"tcg,thread={'multi' if cpus > 1 else 'single'},tb-size={config.tcg_tb_size_mib * cpus}"
@@ -90,8 +92,9 @@ def qemu_argv(config: Config, plan: VmPlan, accel: str, *, agent_fd: int, qmp_fd
             "-cpu", TCG_CPU if accel == "tcg" else "host",
             # One socket per vCPU: the guest has no ACPI, and the firmware's MP table, its only list of CPUs,
             # names one core per socket, while QEMU (6.2 and later) would make them cores of one socket.
-            "-smp", f"{cpus},sockets={cpus},cores=1,threads=1", "-m", f"{plan.memory_mib}M",
-            "-object", f"memory-backend-memfd,id=mem,size={plan.memory_mib}M,share=on",
+            "-smp", f"{cpus},sockets={cpus},cores=1,threads=1", "-m", f"{ram}M",
+            # Pages the guest never touches cost the host nothing: the memfd allocates them on first use.
+            "-object", f"memory-backend-memfd,id=mem,size={ram}M,share=on",
             "-machine", "memory-backend=mem",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", plan.kernel, "-initrd", plan.initrd,

@@ -120,6 +120,12 @@ class CRI:
         self.start_container(cid)
         return cid
 
+    def update_memory(self, cid, limit):
+        """UpdateContainerResources with a new memory limit in bytes, as an in-place pod resize sends it."""
+        resources = api.LinuxContainerResources(memory_limit_in_bytes=limit)
+        self.runtime.UpdateContainerResources(api.UpdateContainerResourcesRequest(container_id=cid, linux=resources),
+                                              timeout=self.timeout)
+
     def stop_container(self, cid, timeout=10):
         """StopContainer: SIGTERM (or the image's stop signal), SIGKILL after `timeout` seconds."""
         self.runtime.StopContainer(api.StopContainerRequest(container_id=cid, timeout=timeout),

@@ -256,3 +256,15 @@ def test_a_container_over_its_limit_is_oom_killed_in_the_pods_vm_and_restarts_th
                               attempt=1)
     assert pod.wait_exited(again) == 3
     assert ("stdout", "F", "fed") in pod.log(again) and qemus(cri) == vms
+
+
+def test_update_container_resources_grows_the_pods_vm_beyond_its_boot_size(cri, pod):
+    """A pod's VM boots with 128 MiB (no pod-level limits here); raising a member's limit to 400 MiB adds the
+    memory its 300 MiB needs, as an in-place resize would."""
+    cid = pod.run("grown", SLEEP)
+    allocate = ("dd", "if=/dev/zero", "of=/dev/null", "bs=300M", "count=1")
+    assert cri.exec_sync(cid, allocate)[2] != 0
+    cri.update_memory(cid, 400 << 20)
+    assert cri.exec_sync(cid, ("cat", "/sys/fs/cgroup/memory.max"))[0] == f"{400 << 20}\n"
+    out, err, code = cri.exec_sync(cid, allocate)
+    assert code == 0, err

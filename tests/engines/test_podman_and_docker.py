@@ -252,6 +252,20 @@ def test_update_cpus_brings_a_second_vcpu_online(engine, cid):
         engine("rm", "--force", cid)
 
 
+def test_update_memory_grows_the_vm_beyond_its_boot_size(engine, cid):
+    engine("run", "-d", "--name", cid, "--memory", "128m", IMAGE, "sleep", "600", check=True)
+    try:
+        allocate = ("exec", cid, "dd", "if=/dev/zero", "of=/dev/null", "bs=400M", "count=1")
+        assert engine(*allocate).returncode != 0  # its VM has 160 MiB
+        result = engine("update", "--memory", "512m", "--memory-swap", "-1", cid)
+        assert result.returncode == 0, result.stderr
+        assert engine("exec", cid, "cat", "/sys/fs/cgroup/memory.max", check=True).stdout == f"{512 << 20}\n"
+        result = engine(*allocate)
+        assert result.returncode == 0, result.stderr
+    finally:
+        engine("rm", "--force", cid)
+
+
 def test_podman_tmpfs_copies_the_images_files_up(podman, name):
     result = podman("run", "--rm", "--name", name, "--tmpfs", "/etc", IMAGE, "sh", "-c",
                     "head -1 /etc/passwd; touch /etc/new; mount | grep -c ' /etc type tmpfs'")
