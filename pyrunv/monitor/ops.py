@@ -13,6 +13,7 @@ import socket
 from ..errors import PyrunvError
 from ..host import mounts
 from ..host import network
+from ..host import waiter
 from ..logs import log
 from ..oci import pod
 from ..oci import spec as spec_mod
@@ -142,7 +143,22 @@ async def op_create(service, request, fds, conn):
         _unshare(service, name)
         raise  # _handle closes the fds and tells the waiter
     io.start_relay()
-    return await _serve_process(service, conn, ident, io, fds, {"ok": True, "ident": ident}, container=True)
+    try:
+        theirs, pid = waiter.fork(request.get("exit_file", ""))
+    except OSError as e:
+        await service.signal(ident, signal.SIGKILL, True)
+        raise PyrunvError(f"create {name}: {e}") from None
+    asyncio.get_running_loop().create_task(_serve_waiter(service, theirs, ident, io, fds))
+    return {"ok": True, "ident": ident, "pid": pid}
+
+
+async def _serve_waiter(service, sock: socket.socket, ident: int, io: ProcessIO, fds) -> None:
+    """A member's init for as long as it runs, then its exit status to its waiter."""
+    sock.setblocking(False)
+    reply = await _serve_process(service, sock, ident, io, fds, None, container=True)
+    with contextlib.suppress(OSError):
+        await asyncio.get_running_loop().sock_sendall(sock, json.dumps(reply).encode() + b"\n")
+    sock.close()
 
 
 async def op_remove(service, request, fds, conn):
@@ -186,10 +202,10 @@ async def op_exec(service, request, fds, conn):
     return await _serve_process(service, conn, ident, io, fds, {"ok": True})
 
 
-async def _serve_process(service, conn: socket.socket, ident: int, io: ProcessIO, fds, first_reply: dict,
+async def _serve_process(service, conn: socket.socket, ident: int, io: ProcessIO, fds, first_reply: dict | None,
                          container: bool = False) -> dict:
-    """Tells the waiter the process is there, relays its signals, and answers with the exit status (and for
-    a container's init, how many of its processes the OOM killer took).
+    """Tells the waiter the process is there (first_reply, unless it knows), relays its signals, and answers
+    with the exit status (and for a container's init, how many of its processes the OOM killer took).
 
     A waiter that goes before its process takes the process with it: nobody on the host stands for it any
     more. containerd kills an exec's waiter when the exec's timeout runs out (a Kubernetes exec probe), and
@@ -199,7 +215,8 @@ async def _serve_process(service, conn: socket.socket, ident: int, io: ProcessIO
     ended = asyncio.ensure_future(io.wait())
     relay = None
     with contextlib.suppress(OSError):
-        await loop.sock_sendall(conn, json.dumps(first_reply).encode() + b"\n")
+        if first_reply is not None:
+            await loop.sock_sendall(conn, json.dumps(first_reply).encode() + b"\n")
         relay = loop.create_task(_waiter_signals(service, conn, ident))
     if relay:
         await asyncio.wait([ended, relay], return_when=asyncio.FIRST_COMPLETED)

@@ -1,8 +1,8 @@
 """The host side of one container: what each verb does to it, whatever VM it runs in.
 
 A container either owns a VM (a single container, or a pod's sandbox: its pid-file process is the VM's
-monitor, see sandbox.py; create.py brings it to exist) or runs in its sandbox's VM (a member of a pod: its pid-file process is a waiter
-connected to that monitor, see execution.start_waiter). Either way the verbs reach the guest through
+monitor, see sandbox.py; create.py brings it to exist) or runs in its sandbox's VM (a member of a pod: its
+pid-file process is a waiter the monitor forked, see host/waiter.py). Either way the verbs reach the guest through
 the monitor's control socket, naming the container."""
 import os
 
@@ -116,8 +116,8 @@ class Container:
                                     config.host_pids_limit)
 
     def join_vm(self, sandbox: "Container", spec, console_socket, cgroup, config) -> None:
-        """Into the sandbox's running VM: the monitor shares the container's files and prepares its init; a
-        waiter of our own stands for that init on the host."""
+        """Into the sandbox's running VM: the monitor shares the container's files, prepares its init, and forks
+        the waiter that stands for that init on the host."""
         from . import execution
         from ..host import mounts
         from ..vm import plan as plan_mod
@@ -140,8 +140,8 @@ class Container:
             try:
                 conn = control.Connection(sandbox.vm_dir, timeout=60)
                 conn.send({"op": "create", "container": self.id, "records": plan.records.hex(),
-                           "shared": [entry.name for entry in plan.shared], "terminal": spec.process.terminal},
-                          stdio + trees)
+                           "shared": [entry.name for entry in plan.shared], "terminal": spec.process.terminal,
+                           "exit_file": self.store.path(self.id, state.EXIT_FILE)}, stdio + trees)
             finally:
                 if spec.process.terminal:
                     os.close(stdio[0])
@@ -149,11 +149,10 @@ class Container:
             for tree in trees:
                 os.close(tree)
         try:
-            self.record.ident = conn.receive()["ident"]
-        except BaseException:
+            reply = conn.receive()
+        finally:
             conn.close()
-            raise
-        self.record.pid = execution.start_waiter(conn, self.store.path(self.id, state.EXIT_FILE))
+        self.record.ident, self.record.pid = reply["ident"], reply["pid"]  # the monitor forked its waiter
         if cgroup:
             cgroup.set(self._host_limits(spec.resources, config, 0))
             cgroup.add(self.record.pid)

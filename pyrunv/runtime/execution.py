@@ -10,7 +10,7 @@ from ..host.terminal import open_console, raw_terminal
 from ..monitor import control
 from ..oci import spec as spec_mod
 from ..state import store as state
-from . import waiter
+from ..host import waiter
 
 
 def build_process(record: state.Record, process_file, command, *, cwd, env, tty, user, additional_gids,
@@ -83,11 +83,11 @@ def run(state_dir: str, container: str, process: dict, console_socket, detach: b
         return waiter.wait(conn.sock, conn.pending())["exit"]
 
 
-def start_waiter(conn: control.Connection, exit_file: str | None = None) -> int:
-    """Starts the waiter (waiter.py) on the connection, detached from the CLI; returns its pid. For a
-    container's init it writes the exit status to exit_file before it exits."""
+def start_waiter(conn: control.Connection) -> int:
+    """Starts a detached exec's waiter (host/waiter.py) on the connection, detached from the CLI; returns its
+    pid."""
     fd = conn.sock.fileno()
-    argv = waiter.exec_argv(fd, exit_file or "", conn.pending())
+    argv = waiter.exec_argv(fd, "", conn.pending())
     pid = os.fork()
     if pid:
         conn.close()

@@ -2,17 +2,19 @@
 container's: a pod member's init (its --pid-file process) or a detached exec. It forwards the signals it
 gets to the monitor, and exits as the guest process did.
 
-It is a fresh `python -S` that imports this module alone: a fork of the CLI would keep the memory of
-click and jsonschema, 15 MiB for every container of a pod. So it speaks the control socket's JSON lines
-by itself (docs/architecture.md). It imports the C modules behind signal, socket and json: their Python
-layers (enum, selectors, re) would make each waiter some 2 MiB bigger."""
+A pod member's waiter is a fork of its pod's monitor (fork()): its pages stay the monitor's until either
+writes them, so it costs the host a few hundred KiB where a Python of its own costs 3.7 MiB. A detached
+exec's is a fresh `python -S` that imports this module alone (exec_argv): a fork of the CLI would keep the
+memory of click and jsonschema. It speaks the control socket's JSON lines by itself
+(docs/architecture.md), with the C modules behind signal, socket and json: their Python layers (enum,
+selectors, re) would make each such waiter some 2 MiB bigger."""
 import _signal as signal
 import _socket
 import os
 import sys
 
 from .. import jsonlite
-from ..host.signals import FORWARDED, exit_like
+from .signals import FORWARDED, exit_like
 
 VM_GONE = {"exit": 128 + signal.SIGKILL, "signal": signal.SIGKILL}  # as if SIGKILLed, as the VM was
 
@@ -74,7 +76,7 @@ def exec_argv(fd: int, exit_file: str, received: bytes) -> list:
     """The command line of a waiter on the connected socket fd."""
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return [sys.executable, "-S", "-c", f"import sys; sys.path.insert(0, {here!r}); "
-            "from pyrunv.runtime.waiter import main; main()", str(fd), exit_file, received.hex()]
+            "from pyrunv.host.waiter import main; main()", str(fd), exit_file, received.hex()]
 
 
 def main() -> None:
@@ -82,15 +84,61 @@ def main() -> None:
         fd, exit_file, received = int(sys.argv[1]), sys.argv[2], bytes.fromhex(sys.argv[3])
         sock = _socket.socket(fileno=fd)
         sock.setblocking(True)  # the CLI's timeout left the shared file description non-blocking
-        reply = wait(sock, received)
-        if exit_file:
-            try:
-                with open(exit_file, "w") as f:
-                    f.write(jsonlite.dumps(reply))
-            except OSError:
-                pass  # a full disk must not change the status the engine sees
-        if reply["signal"] == signal.SIGKILL and reply.get("oom_kills"):
-            die_of_oom()
-        exit_like(reply["exit"], reply["signal"])
+        serve(sock, exit_file, received)
     finally:
         os._exit(1)
+
+
+def serve(sock, exit_file: str, received: bytes = b"") -> None:
+    """Waits for the exit status, writes it to exit_file (if any) and exits as the guest process did."""
+    reply = wait(sock, received)
+    if exit_file:
+        try:
+            with open(exit_file, "w") as f:
+                f.write(jsonlite.dumps(reply))
+        except OSError:
+            pass  # a full disk must not change the status the engine sees
+    if reply["signal"] == signal.SIGKILL and reply.get("oom_kills"):
+        die_of_oom()
+    exit_like(reply["exit"], reply["signal"])
+
+
+def fork(exit_file: str) -> tuple:
+    """A waiter forked from this process (a monitor), in a session of its own and not its child: the engine's
+    subreaper (containerd's shim, conmon) adopts it, as it adopts a waiter the CLI starts. Returns our end of
+    its socket and its pid. The child only waits on its socket: it starts no thread and imports nothing, and
+    the collector is off in it and has frozen our objects, so that neither copies the pages it would visit."""
+    import gc
+    import socket
+    ours, theirs = socket.socketpair()
+    reader, writer = os.pipe()
+    gc.freeze()
+    middle = os.fork()
+    if middle == 0:
+        try:
+            os.setsid()
+            pid = os.fork()
+            if pid == 0:
+                gc.disable()
+                signal.set_wakeup_fd(-1)  # the monitor's event loop's: not ours
+                for sig in FORWARDED:
+                    signal.signal(sig, signal.SIG_DFL)
+                null = os.open(os.devnull, os.O_RDWR)
+                for std in (0, 1, 2):
+                    os.dup2(null, std)
+                os.closerange(3, theirs.fileno())
+                os.closerange(theirs.fileno() + 1, 1 << 16)
+                theirs.setblocking(True)
+                serve(theirs, exit_file)
+            os.write(writer, str(pid).encode())
+        finally:
+            os._exit(1)
+    os.close(writer)
+    theirs.close()
+    try:
+        os.waitpid(middle, 0)
+        with os.fdopen(reader, "rb") as f:
+            return ours, int(f.read())
+    except (OSError, ValueError):
+        ours.close()
+        raise OSError("could not fork a waiter") from None
