@@ -2,12 +2,12 @@
 container's: a pod member's init (its --pid-file process) or a detached exec. It forwards the signals it
 gets to the monitor, and exits as the guest process did.
 
-A pod member's waiter is a fork of its pod's monitor (fork()): its pages stay the monitor's until either
-writes them, so it costs the host a few hundred KiB where a Python of its own costs 3.7 MiB. A detached
-exec's is a fresh `python -S` that imports this module alone (exec_argv): a fork of the CLI would keep the
-memory of click and jsonschema. It speaks the control socket's JSON lines by itself
-(docs/architecture.md), with the C modules behind signal, socket and json: their Python layers (enum,
-selectors, re) would make each such waiter some 2 MiB bigger."""
+A detached exec's is a fresh `python -S` that imports this module alone: a fork of the CLI would keep the
+memory of click and jsonschema. A pod member's is forked from its pod's zygote (zygote()). A fork of the
+monitor would not do: as the monitor runs, it writes its pages, and each waiter ended with its own copy of
+the heap (7 MiB each). It speaks the control socket's JSON lines by itself (docs/architecture.md), with
+the C modules behind signal, socket and json: their Python layers (enum, selectors, re) would make each
+waiter some 2 MiB bigger."""
 import _signal as signal
 import _socket
 import os
@@ -74,9 +74,18 @@ def die_of_oom() -> None:
 
 def exec_argv(fd: int, exit_file: str, received: bytes) -> list:
     """The command line of a waiter on the connected socket fd."""
+    return _python("main", str(fd), exit_file, received.hex())
+
+
+def zygote_argv(fd: int) -> list:
+    """The command line of a zygote (zygote()) on the connected socket fd."""
+    return _python("zygote", str(fd))
+
+
+def _python(function: str, *args: str) -> list:
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return [sys.executable, "-S", "-c", f"import sys; sys.path.insert(0, {here!r}); "
-            "from pyrunv.host.waiter import main; main()", str(fd), exit_file, received.hex()]
+            f"from pyrunv.host.waiter import {function}; {function}()", *args]
 
 
 def main() -> None:
@@ -103,42 +112,48 @@ def serve(sock, exit_file: str, received: bytes = b"") -> None:
     exit_like(reply["exit"], reply["signal"])
 
 
-def fork(exit_file: str) -> tuple:
-    """A waiter forked from this process (a monitor), in a session of its own and not its child: the engine's
-    subreaper (containerd's shim, conmon) adopts it, as it adopts a waiter the CLI starts. Returns our end of
-    its socket and its pid. The child only waits on its socket: it starts no thread and imports nothing, and
-    the collector is off in it and has frozen our objects, so that neither copies the pages it would visit."""
+def zygote() -> None:
+    """Forks a waiter for each request on its socket until the socket closes. A request is an exit file's path
+    (empty for none) and a newline, with the waiter's socket as its one fd; the reply, the waiter's pid. It does nothing else, so the pages its
+    waiters share with it stay shared: each costs the host a few hundred KiB, where a Python of its own costs
+    3.7 MiB. The collector is off: it would visit, and so copy, every page."""
     import gc
-    import socket
-    ours, theirs = socket.socketpair()
+    gc.disable()
+    try:
+        sock = _socket.socket(fileno=int(sys.argv[1]))
+        while True:
+            path, ancillary, _, _ = sock.recvmsg(4096, _socket.CMSG_SPACE(4))
+            fds = [int.from_bytes(data[:4], sys.byteorder) for level, kind, data in ancillary
+                   if (level, kind) == (_socket.SOL_SOCKET, _socket.SCM_RIGHTS)]
+            if not path.endswith(b"\n") or len(fds) != 1:
+                return  # the monitor is gone
+            sock.sendall(str(_fork(fds[0], path[:-1].decode())).encode())
+    finally:
+        os._exit(0)
+
+
+def _fork(fd: int, exit_file: str) -> int:
+    """A waiter on the socket fd, in a session of its own and not our child: the engine's subreaper
+    (containerd's shim, conmon) adopts it, as it adopts one the CLI starts."""
     reader, writer = os.pipe()
-    gc.freeze()
     middle = os.fork()
     if middle == 0:
         try:
             os.setsid()
             pid = os.fork()
             if pid == 0:
-                gc.disable()
-                signal.set_wakeup_fd(-1)  # the monitor's event loop's: not ours
-                for sig in FORWARDED:
-                    signal.signal(sig, signal.SIG_DFL)
-                null = os.open(os.devnull, os.O_RDWR)
-                for std in (0, 1, 2):
-                    os.dup2(null, std)
-                os.closerange(3, theirs.fileno())
-                os.closerange(theirs.fileno() + 1, 1 << 16)
-                theirs.setblocking(True)
-                serve(theirs, exit_file)
+                os.closerange(3, fd)
+                os.closerange(fd + 1, 1 << 16)
+                sock = _socket.socket(fileno=fd)
+                sock.setblocking(True)
+                serve(sock, exit_file)
             os.write(writer, str(pid).encode())
         finally:
             os._exit(1)
     os.close(writer)
-    theirs.close()
+    os.close(fd)
+    os.waitpid(middle, 0)
     try:
-        os.waitpid(middle, 0)
-        with os.fdopen(reader, "rb") as f:
-            return ours, int(f.read())
-    except (OSError, ValueError):
-        ours.close()
-        raise OSError("could not fork a waiter") from None
+        return int(os.read(reader, 32) or b"0")
+    finally:
+        os.close(reader)

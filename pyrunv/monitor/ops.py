@@ -13,7 +13,6 @@ import socket
 from ..errors import PyrunvError
 from ..host import mounts
 from ..host import network
-from ..host import waiter
 from ..logs import log
 from ..oci import pod
 from ..oci import spec as spec_mod
@@ -33,6 +32,7 @@ async def op_start(service, request, fds, conn):
     await service.channel.request(F.START, ident)
     if ident == INIT_ID and pod.is_sandbox(service.monitor.record.annotations):
         service.executor.submit(spec_mod.schema_validator)  # the pod's containers will come: see op_validate
+        service.executor.submit(service.zygote.start)  # and their waiters
         if service.monitor.tap_name:
             service.forwarding = asyncio.get_running_loop().create_task(forward.listen(service))
     return {"ok": True}
@@ -144,7 +144,8 @@ async def op_create(service, request, fds, conn):
         raise  # _handle closes the fds and tells the waiter
     io.start_relay()
     try:
-        theirs, pid = waiter.fork(request.get("exit_file", ""))
+        theirs, pid = await asyncio.get_running_loop().run_in_executor(
+            service.executor, service.zygote.fork, request.get("exit_file", ""))
     except OSError as e:
         await service.signal(ident, signal.SIGKILL, True)
         raise PyrunvError(f"create {name}: {e}") from None

@@ -23,6 +23,7 @@ from ..vm import plan as plan_mod
 from . import control, ops, saving
 from .child import run_child
 from .memory import GuestMemory
+from .zygote import Zygote
 from .propagation import Propagation
 from .channel import PAIR, STDERR, STDOUT, WINDOW, Channel, F, ProcessIO
 
@@ -39,6 +40,7 @@ class Service:
         self.qemu, self.virtiofsd = monitor.qemu, monitor.virtiofsd
         self.paused = False
         self.memory = GuestMemory(self)
+        self.zygote = Zygote()
         self.next_ident = INIT_ID + 1
         self.members: dict[str, tuple] = {}  # a pod's other containers: ID -> (ident, names in the share)
         self.forwarding: asyncio.Task | None = None  # a pod's port forwarding, being set up (forward.listen)
@@ -50,6 +52,7 @@ class Service:
     async def run(self, report_fd: int) -> tuple:
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=64)
         async with contextlib.AsyncExitStack() as stack:
+            stack.callback(self.zygote.close)
             await self._attach(stack)
             if not self.monitor.report(report_fd, f"ok {self.accel}"):
                 return (1, 0)  # create died before it could record us: tear everything down
