@@ -190,12 +190,39 @@ def test_a_host_block_device_is_a_disk_the_container_can_format_and_write(runtim
     assert runtime.leftovers() == []
 
 
-def test_a_block_device_the_host_does_not_have_is_one_line(runtime, bundle):
-    device = {"path": "/dev/xvdb", "type": "b", "major": 250, "minor": 99}
-    path = bundle("true", edit=lambda c: c["linux"].update(devices=[device]))
-    result = runtime.detached("create", "--bundle", path, "nodisk", check=False)
-    assert one_line_error(result) == "pyrunv: linux.devices /dev/xvdb: no block device 250:99 on the host"
-    assert runtime.leftovers() == []
+def test_a_block_device_the_host_does_not_have_is_a_node_as_runc_makes_it(runtime, bundle):
+    device = {"path": "/dev/xvdb", "type": "b", "major": 250, "minor": 99, "fileMode": 0o600}
+    path = bundle("stat", "-c", "%F %t:%T %a", "/dev/xvdb", edit=lambda c: c["linux"].update(devices=[device]))
+    result = runtime("run", "--bundle", path, "nodisk")
+    assert (result.returncode, result.stdout) == (0, b"block special file fa:63 600\n"), result.stderr
+
+
+def test_numbers_of_a_disk_of_the_vm_are_refused_in_one_line(runtime, bundle, tmp_path):
+    loops = []
+    for n in range(2):
+        image = tmp_path / f"disk{n}.img"
+        image.write_bytes(b"")
+        os.truncate(image, 8 << 20)
+        loops.append(subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True,
+                                    check=True).stdout.strip())
+    try:
+        disks = [{"path": f"/dev/xvd{n}", "type": "b", "major": os.major(os.stat(loop).st_rdev),
+                  "minor": os.minor(os.stat(loop).st_rdev)} for n, loop in enumerate(loops)]
+        path = bundle("stat", "-c", "%t %T", "/dev/xvd1", edit=lambda c: c["linux"].update(devices=disks))
+        result = runtime("run", "--bundle", path, "two")
+        assert result.returncode == 0, result.stderr
+        major, minor = (int(n, 16) for n in result.stdout.split())  # the second disk's numbers in the guest
+        if os.path.exists(f"/sys/dev/block/{major}:{minor}"):
+            pytest.skip(f"the host has a block device {major}:{minor} too")
+        other = {"path": "/dev/other", "type": "b", "major": major, "minor": minor}
+        path = bundle("true", edit=lambda c: c["linux"].update(devices=disks + [other]))
+        result = runtime.detached("create", "--bundle", path, "theirs", check=False)
+        assert one_line_error(result).endswith(f"device /dev/other: {major}:{minor} is a disk of the VM's, "
+                                               "not the container's")
+        assert runtime.leftovers() == []
+    finally:
+        for loop in loops:
+            subprocess.run(["losetup", "--detach", loop])
 
 
 def test_checkpoint_refuses_in_one_line_without_the_qemu_it_needs_and_leaves_the_container(runtime, bundle,

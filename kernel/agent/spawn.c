@@ -223,6 +223,12 @@ static void make_device(const char *root, const char *record, int sync_fd)
     if (sscanf(record, "%c %u %u %o %u %u %1024s %63s", &type, &major, &minor, &mode, &uid, &gid, path, serial) < 7)
         fail(sync_fd, "bad device record %s", record);
     if (*serial && disk_numbers(serial, &major, &minor) < 0) fail(sync_fd, "device %s: no disk %s in the VM", path, serial);
+    if (type == 'b' && !*serial) { /* numbers the host has no device for: a node, as runc makes, but never a VM's disk */
+        char sys[64];
+        snprintf(sys, sizeof sys, "/sys/dev/block/%u:%u", major, minor);
+        if (access(sys, F_OK) == 0)
+            fail(sync_fd, "device %s: %u:%u is a disk of the VM's, not the container's", path, major, minor);
+    }
     snprintf(full, sizeof full, "%s%s", root, path);
     mode_t kind = type == 'b' ? S_IFBLK : type == 'p' ? S_IFIFO : S_IFCHR;
     mode_t old = umask(0);

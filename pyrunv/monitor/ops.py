@@ -143,6 +143,8 @@ async def op_create(service, request, fds, conn):
         _unshare(service, name)
         raise  # _handle closes the fds and tells the waiter
     io.start_relay()
+    if not request.get("fork_waiter"):  # the CLI starts the waiter on this connection
+        return await _serve_process(service, conn, ident, io, fds, {"ok": True, "ident": ident}, container=True)
     try:
         theirs, pid = await asyncio.get_running_loop().run_in_executor(
             service.executor, service.zygote.fork, request.get("exit_file", ""))

@@ -2,7 +2,7 @@
 
 A container either owns a VM (a single container, or a pod's sandbox: its pid-file process is the VM's
 monitor, see sandbox.py; create.py brings it to exist) or runs in its sandbox's VM (a member of a pod: its
-pid-file process is a waiter the monitor forked, see host/waiter.py). Either way the verbs reach the guest through
+pid-file process is a waiter connected to that monitor, see join_vm and host/waiter.py). Either way the verbs reach the guest through
 the monitor's control socket, naming the container."""
 import os
 
@@ -116,8 +116,10 @@ class Container:
                                     config.host_pids_limit)
 
     def join_vm(self, sandbox: "Container", spec, console_socket, cgroup, config) -> None:
-        """Into the sandbox's running VM: the monitor shares the container's files, prepares its init, and forks
-        the waiter that stands for that init on the host."""
+        """Into the sandbox's running VM: the monitor shares the container's files and prepares its init. The
+        waiter that stands for that init on the host must be adopted by our parent, the engine's subreaper
+        (containerd's shim: one per pod; conmon and CRI-O's: one per container). Where that is the monitor's
+        parent too, the pod's zygote forks it, which costs the host far less; otherwise we start it."""
         from . import execution
         from ..host import mounts
         from ..vm import plan as plan_mod
@@ -131,6 +133,8 @@ class Container:
                               f"the VM of pod {sandbox.id} runs already")
         # The VM's monitor lives in a mount namespace copied before the engine mounted this container's rootfs:
         # copies of the mount trees carry them there.
+        exit_file = self.store.path(self.id, state.EXIT_FILE)
+        fork_waiter = _same_parent(sandbox.record.pid)
         trees = []
         try:
             for entry in plan.shared:
@@ -141,7 +145,7 @@ class Container:
                 conn = control.Connection(sandbox.vm_dir, timeout=60)
                 conn.send({"op": "create", "container": self.id, "records": plan.records.hex(),
                            "shared": [entry.name for entry in plan.shared], "terminal": spec.process.terminal,
-                           "exit_file": self.store.path(self.id, state.EXIT_FILE)}, stdio + trees)
+                           "exit_file": exit_file, "fork_waiter": fork_waiter}, stdio + trees)
             finally:
                 if spec.process.terminal:
                     os.close(stdio[0])
@@ -150,9 +154,15 @@ class Container:
                 os.close(tree)
         try:
             reply = conn.receive()
-        finally:
+        except BaseException:
             conn.close()
-        self.record.ident, self.record.pid = reply["ident"], reply["pid"]  # the monitor forked its waiter
+            raise
+        self.record.ident = reply["ident"]
+        if fork_waiter:
+            conn.close()
+            self.record.pid = reply["pid"]
+        else:
+            self.record.pid = execution.start_waiter(conn, exit_file)
         if cgroup:
             cgroup.set(self._host_limits(spec.resources, config, 0))
             cgroup.add(self.record.pid)
@@ -341,6 +351,15 @@ class Container:
             sandbox.stop_process(self.record.pid, self.record.pid_start or state.process_start_time(self.record.pid))
         if self.record.cgroup:
             cgroups.HostCgroup(**self.record.cgroup).remove()
+
+
+def _same_parent(pid: int) -> bool:
+    """Whether process pid (a monitor, which its engine's subreaper adopted) has our parent for its parent."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1]) == os.getppid()
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def pod_members(store: state.Store, sandbox_id: str) -> list:

@@ -83,11 +83,11 @@ def run(state_dir: str, container: str, process: dict, console_socket, detach: b
         return waiter.wait(conn.sock, conn.pending())["exit"]
 
 
-def start_waiter(conn: control.Connection) -> int:
-    """Starts a detached exec's waiter (host/waiter.py) on the connection, detached from the CLI; returns its
-    pid."""
+def start_waiter(conn: control.Connection, exit_file: str = "") -> int:
+    """Starts the waiter (host/waiter.py) on the connection, detached from the CLI; returns its pid. For a
+    container's init it writes the exit status to exit_file before it exits."""
     fd = conn.sock.fileno()
-    argv = waiter.exec_argv(fd, "", conn.pending())
+    argv = waiter.exec_argv(fd, exit_file, conn.pending())
     pid = os.fork()
     if pid:
         conn.close()

@@ -165,22 +165,23 @@ def container(spec: Spec, share_prefix: str = "", joins=()) -> ContainerPlan:
         if d.type == "b" and spec.privileged:
             continue  # the host's disks stay the host's: a privileged container is privileged in its VM
         serial = ""
-        if d.type == "b":  # the host's device, as a virtio-blk disk the agent finds by its serial
+        host_device = host_block_device(d) if d.type == "b" else None
+        if host_device:  # the host's device, as a virtio-blk disk the agent finds by its serial
             serial = f"pyrunv{len(disks)}"
-            disks.append((host_block_device(d), serial))
+            disks.append((host_device, serial))
         pairs.append(("device", f"{d.type} {d.major} {d.minor} {d.mode:o} {d.uid} {d.gid} {d.path} {serial}".rstrip()))
     return ContainerPlan(shared=tuple(shared), records=records(pairs), disks=tuple(disks))
 
 
-def host_block_device(device) -> str:
-    """The host's block device with the spec's numbers (engines name devices by numbers, not paths)."""
+def host_block_device(device) -> str | None:
+    """The host's block device with the spec's numbers (engines name devices by numbers, not paths); None if
+    the host has none: then, as runc does, the container gets a node with those numbers (the agent refuses
+    numbers of a disk of the VM's)."""
     try:
         with open(f"/sys/dev/block/{device.major}:{device.minor}/uevent") as f:
-            name = dict(line.strip().split("=", 1) for line in f if "=" in line)["DEVNAME"]
+            return "/dev/" + dict(line.strip().split("=", 1) for line in f if "=" in line)["DEVNAME"]
     except (OSError, KeyError):
-        raise PyrunvError(f"linux.devices {device.path}: no block device {device.major}:{device.minor} "
-                          "on the host") from None
-    return "/dev/" + name
+        return None
 
 
 # What containerd's CRI plugin says of a pod's resources in the sandbox's spec (where it knows them).
