@@ -175,7 +175,7 @@ def test_a_display_needs_the_config_to_allow_it_and_then_gets_a_gpu_and_vnc():
         plan.make(annotated(display="sdl"), allowed)
     shown = plan.make(annotated(display="vnc"), allowed)
     argv = qemu.qemu_argv(allowed, shown, "tcg", agent_fd=3, qmp_fd=4, fs_fd=5, console_fd=6)
-    assert argv[argv.index("-vnc") + 1] == "none" and "virtio-gpu-device" in argv
+    assert argv[argv.index("-vnc") + 1] == "none,password=on" and "virtio-gpu-device" in argv
     assert argv[argv.index("-append") + 1].startswith("console=tty0 vt.global_cursor_default=0 console=ttyS0 ")
     plain = qemu.qemu_argv(allowed, plan.make(annotated(), allowed), "tcg", agent_fd=3, qmp_fd=4, fs_fd=5, console_fd=6)
     assert "-vnc" not in plain and not any("virtio-gpu" in arg or "tty0" in arg for arg in plain)

@@ -99,12 +99,14 @@ def console(obj, follow, container_id):
 
 
 @click.command()
-@click.option("--listen", metavar="HOST:PORT", help="relay this TCP port to the display while the VM runs")
+@click.option("--listen", metavar="HOST:PORT", help="hand this TCP port's clients to the display while the VM runs")
+@click.option("--password-file", metavar="FILE",
+              help="ask --listen's clients for the password on the file's first line (needed but on loopback)")
 @click.argument("container_id")
 @pass_ctx
-def display(obj, listen, container_id):
-    """Print the path of the VM's VNC socket (annotation io.pyrunv.vm.display=vnc), or relay a TCP port to it."""
-    obj.container(container_id).display(listen)
+def display(obj, listen, password_file, container_id):
+    """Print the path of the VM's VNC socket (annotation io.pyrunv.vm.display=vnc), or serve it on a TCP port."""
+    obj.container(container_id).display(listen, password_file)
 
 
 VERBS = (checkpoint, restore, check, qmp, console, display)

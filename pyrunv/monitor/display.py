@@ -2,6 +2,7 @@
 import asyncio
 import socket
 
+from ..errors import PyrunvError
 from ..logs import log
 from ..vm import migration
 
@@ -19,3 +20,19 @@ async def serve(service, listener: socket.socket) -> None:
                 await qmp.execute("add_client", {"protocol": "vnc", "fdname": "vnc", "skipauth": True})
             except Exception as e:  # one client's failure must not end the display for the next
                 log.warning("display client: %s", e)
+
+
+async def op_display_client(service, request, fds, conn):
+    """A client of `display --listen`, handed to QEMU's VNC server: asked for the password where one is set."""
+    if len(fds) != 1:
+        raise PyrunvError("display_client: one socket expected")
+    with socket.socket(fileno=fds[0]) as client:
+        qmp = await service.qmp_client()
+        await migration.hand_fd(qmp, client, "vnc")
+        await qmp.execute("add_client", {"protocol": "vnc", "fdname": "vnc", "skipauth": not request.get("auth")})
+    return {"ok": True}
+
+
+async def op_display_password(service, request, fds, conn):
+    await (await service.qmp_client()).execute("set_password", {"protocol": "vnc", "password": request["password"]})
+    return {"ok": True}

@@ -18,7 +18,7 @@ from ..oci import pod
 from ..oci import spec as spec_mod
 from ..state.store import VM_INIT as INIT_ID
 from ..vm import plan as plan_mod
-from . import forward, saving
+from . import display, forward, saving
 from .channel import FLAG, PAIR, F, ProcessIO
 
 
@@ -254,4 +254,5 @@ async def _waiter_signals(service, conn: socket.socket, ident: int) -> None:
 
 OPS = {"start": op_start, "validate": op_validate, "signal": op_signal, "pause": op_pause, "resume": op_resume,
        "ps": op_ps, "stats": op_stats, "kmsg": op_kmsg, "update": op_update, "create": op_create,
-       "remove": op_remove, "shutdown": op_shutdown, "exec": op_exec, "checkpoint": saving.op_checkpoint}
+       "remove": op_remove, "shutdown": op_shutdown, "exec": op_exec, "checkpoint": saving.op_checkpoint,
+       "display_client": display.op_display_client, "display_password": display.op_display_password}

@@ -292,11 +292,12 @@ class Container:
                 log.debug("kmsg of %s: %s", owner.id, e)  # what the console has so far is still worth showing
         vm_access.console(owner.vm_dir, follow, lambda: owner.status is not Status.STOPPED)
 
-    def display(self, listen: str | None) -> None:
-        """The VM's display: its VNC socket's path, or with listen a TCP port relayed to it while the VM runs."""
+    def display(self, listen: str | None, password_file: str | None) -> None:
+        """The VM's display: its VNC socket's path, or with listen a TCP port whose clients go to it while the VM
+        runs."""
         from . import vm_access
         owner = self._vm_running()
-        vm_access.display(owner.vm_dir, listen, lambda: owner.status is not Status.STOPPED)
+        vm_access.display(owner.vm_dir, listen, password_file, lambda: owner.status is not Status.STOPPED)
 
     def checkpoint(self, image_path: str | None, leave_running: bool, page_server: str | None = None) -> None:
         """The VM saved to image_path, or streamed to a `restore --listen` at page_server (checkpoint.py);

@@ -8,7 +8,6 @@ import os
 import select
 import socket
 import sys
-import threading
 import time
 
 from ..errors import PyrunvError
@@ -76,8 +75,10 @@ def console(vm_dir: str, follow: bool, alive) -> None:
             time.sleep(0.2)
 
 
-def display(vm_dir: str, listen: str | None, alive) -> None:
-    """Prints the VNC socket's path; with listen (HOST:PORT), relays that TCP port to it while alive()."""
+def display(vm_dir: str, listen: str | None, password_file: str | None, alive) -> None:
+    """Prints the VNC socket's path; with listen (HOST:PORT), hands each client of that TCP port to the VM's VNC
+    server while alive(): with a password, QEMU asks each for it (VNC authentication). Anywhere but on a
+    loopback address a password is required: the port would show the VM's screen to whoever reaches it."""
     _require_root()
     if not os.path.exists(os.path.join(vm_dir, qemu.VNC_SOCKET)):
         raise PyrunvError("the VM has no display (annotation io.pyrunv.vm.display=vnc)")
@@ -85,36 +86,60 @@ def display(vm_dir: str, listen: str | None, alive) -> None:
         print(os.path.join(vm_dir, qemu.VNC_SOCKET))
         return
     try:
-        server = socket.create_server(network.host_port(listen))
-    except (ValueError, OSError) as e:
-        raise PyrunvError(f"display: cannot listen on {listen!r}: {getattr(e, 'strerror', None) or e}") from None
+        host, port = network.host_port(listen)
+    except ValueError:
+        raise PyrunvError(f"display: cannot listen on {listen!r}: not HOST:PORT") from None
+    password = _password(password_file) if password_file else None
+    if password is None and not _is_loopback(host):
+        raise PyrunvError(f"display: listening on {listen} needs --password-file: the VM's screen would be open "
+                          "to anyone who can reach the port (loopback addresses need none)")
+    try:
+        server = socket.create_server((host, port))
+    except OSError as e:
+        raise PyrunvError(f"display: cannot listen on {listen!r}: {e.strerror or e}") from None
+    from ..monitor import control
     with server:
+        if password is not None:
+            _display_request(control, vm_dir, {"op": "display_password", "password": password})
         print("%s:%d" % server.getsockname()[:2], flush=True)  # the port chosen, where PORT was 0
         while alive():
             if not select.select([server], [], [], 0.2)[0]:
                 continue
             client, _ = server.accept()
-            vnc = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                with socket_path(vm_dir, qemu.VNC_SOCKET) as path:
-                    vnc.connect(path)
-            except OSError:
-                client.close()
-                vnc.close()
-                continue  # the VM is ending; alive() says so next
-            for source, sink in ((client, vnc), (vnc, client)):
-                threading.Thread(target=_copy, args=(source, sink), daemon=True).start()
+            with client:
+                try:
+                    _display_request(control, vm_dir, {"op": "display_client", "auth": password is not None},
+                                     [client.fileno()])
+                except (OSError, PyrunvError):
+                    continue  # the VM is ending; alive() says so next
 
 
-def _copy(source: socket.socket, sink: socket.socket) -> None:
-    """One direction of a relayed connection; its end ends the other direction's writes."""
+def _display_request(control, vm_dir: str, request: dict, fds=()) -> None:
+    conn = control.Connection(vm_dir, timeout=10)
     try:
-        while data := source.recv(65536):
-            sink.sendall(data)
-    except OSError:
-        pass
+        conn.send(request, fds)
+        conn.receive()
     finally:
-        try:
-            sink.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        conn.close()
+
+
+def _password(path: str) -> str:
+    """The first line of the file: QEMU's VNC authentication uses its first 8 characters."""
+    try:
+        with open(path) as f:
+            password = f.readline().rstrip("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise PyrunvError(f"display: --password-file {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not password:
+        raise PyrunvError(f"display: --password-file {path}: its first line is empty")
+    return password
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+

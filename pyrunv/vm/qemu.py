@@ -126,8 +126,9 @@ def qemu_argv(config: Config, plan: VmPlan, accel: str, *, agent_fd: int, qmp_fd
             argv += ["-add-fd", f"fd={fd},set={number}"]
         argv += ["-drive", f"file=/dev/fdset/{number},file.driver=host_device,format=raw,if=none,id={serial}",
                  "-device", f"{device(plan, 'virtio-blk')},drive={serial},serial={serial}"]
-    if plan.display:  # a VNC server without a socket: the monitor hands it each client (QMP add_client)
-        argv += ["-device", device(plan, "virtio-gpu"), "-vnc", "none"]
+    if plan.display:  # a VNC server without a socket: the monitor hands it each client (QMP add_client), which
+        # skips the password on the owner-only unix socket and is asked for it on `display --listen`'s port
+        argv += ["-device", device(plan, "virtio-gpu"), "-vnc", "none,password=on"]
     if incoming:  # a saved VM's state comes through QMP's migrate-incoming (snapshot.py)
         argv += ["-incoming", "defer"]
     if tap_fd is not None:
