@@ -1,6 +1,8 @@
 """VM templates (pyrunv/template.py): the first VM of a shape is saved once booted, and the next ones of that
 shape load it instead of booting. Both kinds: on Debian 12 (QEMU 7.2) the template holds no share, which is
 plugged in after the load, on q35; on Debian 13 (tools/debian13 runs these there) it is the whole VM."""
+import contextlib
+import glob
 import os
 import time
 
@@ -53,6 +55,22 @@ def test_the_first_vm_of_a_shape_is_saved_and_the_next_ones_load_it(runtime, bun
     assert result.returncode == 0 and "VM saved as template" in log
     assert len(saved(templates)) == 2
     assert runtime.leftovers() == []
+
+
+def test_a_vm_whose_host_cgroup_limits_its_memory_saves_its_template_and_lives(runtime, bundle, templates, tmp_path):
+    """QEMU's save reads all of the VM's RAM, up to max_memory_mib: far beyond the cgroup's limit of the VM's
+    boot size, which the save's room lifts while the VM is stopped and sets back after."""
+    cgroup = f"pyrunv-tests/{os.getpid()}-template"
+    path = bundle("sh", "-c", "echo fits", edit=lambda c: (
+        c["linux"].update(cgroupsPath=cgroup, resources={"memory": {"limit": 64 << 20}})))
+    try:
+        result, log = run_logged(runtime, tmp_path, path, "limited")
+        assert (result.returncode, result.stdout) == (0, b"fits\n"), result.stderr
+        assert "VM saved as template" in log
+    finally:
+        for directory in glob.glob(f"/sys/fs/cgroup/*/{cgroup}") + glob.glob(f"/sys/fs/cgroup/{cgroup}"):
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
 
 
 def test_vms_from_one_template_have_the_hosts_clock_and_their_own_randomness(runtime, bundle, templates):

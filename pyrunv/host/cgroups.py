@@ -106,6 +106,12 @@ class HostCgroup:
         limits = [limit for limit in limits if limit < UNLIMITED_V1]
         return min(limits) if limits else None
 
+    def memory_limit_path(self) -> str | None:
+        """The file of this cgroup's own memory limit (v2's memory.max, v1's memory.limit_in_bytes)."""
+        unified = "" in self.directories
+        directory = self.directories.get("" if unified else "memory")
+        return os.path.join(directory, "memory.max" if unified else "memory.limit_in_bytes") if directory else None
+
     def set(self, files: list) -> None:
         """Writes (file, value) pairs; a file named controller.x goes to that controller's hierarchy."""
         if "" in self.directories:

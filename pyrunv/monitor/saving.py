@@ -86,15 +86,48 @@ async def save(service, qmp, uri: str, what: str, capability: str | None) -> Non
     except OSError as e:
         log.warning("%s: the guest RAM the save reads stays allocated: %s", what, e)
         ram = None
+    with _room_to_read(service, what):
+        try:
+            await migration.save(qmp, uri, what, capability)
+        finally:
+            if ram:
+                try:
+                    ram.punch(holes)
+                except OSError as e:
+                    log.warning("%s: the guest RAM the save reads stays allocated: %s", what, e)
+                ram.close()
+
+
+@contextlib.contextmanager
+def _room_to_read(service, what: str):
+    """QEMU's save reads every page of the VM's RAM, and so allocates those the guest never had, up to
+    max_memory_mib. While the VM is stopped, the host cgroup's own memory limit makes room for them, and it is
+    set back once they are given back. An ancestor's limit (a kubelet's pod) that cannot hold them refuses
+    the save, which would otherwise end the VM with the host's OOM killer."""
+    from ..host.cgroups import UNLIMITED_V1, HostCgroup
+    hidden = (plan_mod.ram_mib(service.plan) - service.plan.memory_mib) * plan_mod.MIB
+    cgroup = HostCgroup(**service.monitor.record.cgroup) if service.monitor.record.cgroup else None
+    path = cgroup.memory_limit_path() if cgroup and hidden else None
     try:
-        await migration.save(qmp, uri, what, capability)
+        with open(path) as f:
+            limit = int(f.read())
+    except (TypeError, OSError, ValueError):  # no cgroup, nothing hidden, or no limit of its own ("max")
+        limit = UNLIMITED_V1
+    if limit >= UNLIMITED_V1:
+        yield
+        return
+    parent = os.path.dirname(os.path.dirname(path))
+    room = HostCgroup({"" if "" in cgroup.directories else "memory": parent}, []).memory_room()
+    if room is not None and room < limit + hidden:
+        raise PyrunvError(f"{what}: the save reads all {plan_mod.ram_mib(service.plan)} MiB of the VM's RAM, more "
+                          f"than the host cgroup's parents allow ({room >> 20} MiB); lower max_memory_mib")
+    with open(path, "w") as f:
+        f.write(str(limit + hidden))
+    try:
+        yield
     finally:
-        if ram:
-            try:
-                ram.punch(holes)
-            except OSError as e:
-                log.warning("%s: the guest RAM the save reads stays allocated: %s", what, e)
-            ram.close()
+        with open(path, "w") as f:
+            f.write(str(limit))
 
 
 async def plug_share(service, qmp) -> None:
