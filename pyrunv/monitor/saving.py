@@ -24,7 +24,11 @@ async def restore(service, incoming: dict) -> None:
     stream = socket.socket(fileno=service.monitor.incoming_fd) if service.monitor.incoming_fd is not None else None
     try:
         uri = await migration.hand_fd(qmp, stream, "incoming") if stream else incoming["uri"]
-        await migration.load(qmp, uri, migration.MAPPED_RAM if incoming["mapped_ram"] else None)
+        if incoming["mapped_ram"]:  # only the pages that are not zero are loaded
+            await migration.load(qmp, uri, migration.MAPPED_RAM)
+        else:
+            await migration.load(qmp, uri, loaded=lambda: asyncio.get_running_loop().run_in_executor(
+                service.executor, _give_back_zeros, service))
         await refresh(service)
         if stream:
             stream.setblocking(False)  # QEMU's channel shared the file's flags
@@ -75,6 +79,20 @@ async def save_template(service, template) -> None:
                 os.unlink(saving)
     finally:
         await qmp.execute("cont")
+
+
+def _give_back_zeros(service) -> None:
+    """QEMU's load of a stream checks every page it is sent as zero by reading it, which allocates it: the
+    RAM the guest never had, up to max_memory_mib. What holds only zeros is given back, before the VM runs."""
+    from ..vm import guest_ram
+    try:
+        ram = guest_ram.GuestRam(service.qemu.pid)
+        try:
+            ram.punch(ram.zero_runs())
+        finally:
+            ram.close()
+    except OSError as e:
+        log.warning("restore: the guest RAM the load allocated stays allocated: %s", e)
 
 
 async def save(service, qmp, uri: str, what: str, capability: str | None) -> None:

@@ -48,6 +48,16 @@ class GuestRam:
             for offset in range(start, end, COPY_CHUNK):
                 os.pwrite(self.fd, os.pread(fd, min(COPY_CHUNK, end - offset), offset), offset)
 
+    def zero_runs(self) -> list:
+        """(offset, length) of every COPY_CHUNK of the RAM that holds only zeros, allocated or not: what a load
+        that wrote or checked every page (a migration stream's) allocated for nothing."""
+        found = []
+        for start, end in _data_runs(self.fd, self.size):
+            for offset in range(start - start % COPY_CHUNK, end, COPY_CHUNK):
+                if os.pread(self.fd, COPY_CHUNK, offset) == ZERO_CHUNK:
+                    found.append((offset, COPY_CHUNK))
+        return found
+
     def punch(self, holes: list) -> None:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
@@ -64,6 +74,7 @@ FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 PAGE = 4096
 ZERO_PAGE = bytes(PAGE)
 COPY_CHUNK = 2 << 20
+ZERO_CHUNK = bytes(COPY_CHUNK)
 
 
 def _data_runs(fd: int, end: int):

@@ -31,13 +31,16 @@ async def save(qmp, uri: str, what: str, capability: str | None = None) -> None:
             await _capability(qmp, capability, False)  # the next save may not want it
 
 
-async def load(qmp, uri: str, capability: str | None = None, plug: dict | None = None) -> None:
+async def load(qmp, uri: str, capability: str | None = None, plug: dict | None = None, loaded=None) -> None:
     """QEMU, started with -incoming defer, loads a saved VM from uri, which then runs; plug is a device to
-    add before it runs (the share of a template that has none)."""
+    add before it runs (the share of a template that has none), loaded() a coroutine to await before then
+    (the VM was saved stopped, so it waits for our `cont`)."""
     if capability:
         await _capability(qmp, capability, True)
     await qmp.execute("migrate-incoming", {"uri": uri})
     await _done(qmp, "restore", loading=True)
+    if loaded:
+        await loaded()
     if plug:
         await qmp.execute("device_add", plug)
     await qmp.execute("cont")
