@@ -57,9 +57,20 @@ def to_json(plan: VmPlan) -> dict:
 
 
 def from_json(data: dict) -> VmPlan:
-    return VmPlan(**dict(data, init_records=bytes.fromhex(data["init_records"]),
+    """The plan to_json wrote; ValueError, KeyError or TypeError for anything else (a checkpoint's metadata may
+    come from a peer on the network)."""
+    plan = VmPlan(**dict(data, init_records=bytes.fromhex(data["init_records"]),
                          shared=tuple(SharedPath(**shared) for shared in data["shared"]),
                          disks=tuple(map(tuple, data["disks"]))))
+    numbers = (plan.vcpus, plan.memory_mib, plan.max_vcpus, plan.max_memory_mib)
+    texts = (plan.machine, plan.accel, plan.kernel, plan.initrd, plan.kernel_params, plan.display)
+    paths = [field for entry in plan.shared for field in (entry.source, entry.name)]
+    if (any(type(n) is not int or not 0 <= n <= 65536 for n in numbers) or not 1 <= plan.vcpus <= 16
+            or any(type(t) is not str for t in texts + tuple(paths) + tuple(f for d in plan.disks for f in d))
+            or any(len(d) != 2 for d in plan.disks) or any(type(e.readonly) is not bool for e in plan.shared)
+            or type(plan.network_namespace) not in (str, type(None))):
+        raise ValueError("not a VM plan")
+    return plan
 
 
 def records(pairs) -> bytes:

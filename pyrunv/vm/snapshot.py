@@ -27,6 +27,7 @@ PODMAN_PROBE = "inventory.img"  # CRIU's file, whose presence podman checks befo
 FORMAT = "pyrunv-checkpoint/1"
 STREAM_MAGIC = b"PYRUNVCK"
 HEADER = struct.Struct("!8sI")  # the magic, then the length of the metadata's JSON
+MAX_METADATA = 4 << 20  # a plan with docker's seccomp profile is about 30 KB: a peer may not make us hold GiBs
 CONNECT_TIMEOUT = 30.0  # the restoring side may be started a little after the checkpoint
 LISTEN_TIMEOUT = 300.0  # a restore waits this long for its checkpoint to arrive
 
@@ -91,16 +92,29 @@ def receive(address: str, container_id: str, fresh: VmPlan, config) -> tuple:
             raise PyrunvError(f"{what}: no checkpoint came to {address} within {LISTEN_TIMEOUT:g}s") from None
     try:
         stream.settimeout(CONNECT_TIMEOUT)
+        plan = from_stream(stream, f"what {peer[0]} sent", container_id, fresh)
+        stream.settimeout(None)
+        return plan, stream
+    except BaseException:
+        stream.close()
+        raise
+
+
+def from_stream(stream: socket.socket, source: str, container_id: str, fresh: VmPlan) -> VmPlan:
+    """The saved plan in the metadata a stream begins with (stream_header), shaped like fresh; the user's error
+    if it holds none."""
+    try:
         head = stream.recv(HEADER.size, socket.MSG_WAITALL)
         magic, length = HEADER.unpack(head) if len(head) == HEADER.size else (None, 0)
-        saved = json.loads(stream.recv(length, socket.MSG_WAITALL)) if magic == STREAM_MAGIC else None
-        stream.settimeout(None)
-        return _shaped_like(saved, f"what {peer[0]} sent", container_id, fresh), stream
-    except BaseException as e:
-        stream.close()
-        if isinstance(e, (OSError, ValueError)):
-            raise PyrunvError(f"what {peer[0]} sent is not a pyrunv checkpoint") from None
-        raise
+        if magic != STREAM_MAGIC or length > MAX_METADATA:
+            raise ValueError
+        data = stream.recv(length, socket.MSG_WAITALL)
+        if len(data) != length:
+            raise ValueError
+        saved = json.loads(data)
+    except (OSError, ValueError, RecursionError):
+        raise PyrunvError(f"{source} is not a pyrunv checkpoint") from None
+    return _shaped_like(saved, source, container_id, fresh)
 
 
 def load(image_path: str, container_id: str, fresh: VmPlan, config) -> tuple:
@@ -112,7 +126,7 @@ def load(image_path: str, container_id: str, fresh: VmPlan, config) -> tuple:
             saved = json.load(f)
         if not os.path.isfile(os.path.join(image_path, STATE)):
             raise ValueError
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         raise PyrunvError(f"{image_path} is not a pyrunv checkpoint") from None
     refuse_without_support(f"restore {container_id}", config)
     return (_shaped_like(saved, image_path, container_id, fresh), os.path.join(image_path, STATE),
