@@ -92,11 +92,14 @@ class HostCgroup:
             raise PyrunvError(f"cannot create cgroup {relative}: {e.strerror}") from None
         return cls(directories, created)
 
-    def memory_room(self) -> int | None:
-        """The smallest memory limit from this cgroup up to its hierarchy's root, in bytes: what all the
-        processes in it may use together (a kubelet's pod cgroup bounds its containers'); None if none."""
+    def memory_room(self, above: bool = False) -> int | None:
+        """The smallest memory limit from this cgroup (above: from its parent) up to its hierarchy's root, in
+        bytes: what all the processes in it may use together (a kubelet's pod cgroup bounds its containers');
+        None if none."""
         unified = "" in self.directories
         directory = self.directories.get("" if unified else "memory")
+        if directory and above:
+            directory = os.path.dirname(directory)
         limits = []
         while directory and directory.startswith(ROOT + "/"):
             with contextlib.suppress(OSError, ValueError):

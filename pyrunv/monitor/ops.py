@@ -22,7 +22,6 @@ from . import display, forward, saving
 from .channel import FLAG, PAIR, F, ProcessIO
 
 
-
 async def op_start(service, request, fds, conn):
     ident = service.ident(request)
     # The engine's network is in place by now: CNI and netavark set it up before create, docker in

@@ -134,8 +134,7 @@ def _room_to_read(service, what: str):
     if limit >= UNLIMITED_V1:
         yield
         return
-    parent = os.path.dirname(os.path.dirname(path))
-    room = HostCgroup({"" if "" in cgroup.directories else "memory": parent}, []).memory_room()
+    room = cgroup.memory_room(above=True)
     if room is not None and room < limit + hidden:
         raise PyrunvError(f"{what}: the save reads all {plan_mod.ram_mib(service.plan)} MiB of the VM's RAM, more "
                           f"than the host cgroup's parents allow ({room >> 20} MiB); lower max_memory_mib")

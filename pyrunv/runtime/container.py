@@ -2,8 +2,8 @@
 
 A container either owns a VM (a single container, or a pod's sandbox: its pid-file process is the VM's
 monitor, see sandbox.py; create.py brings it to exist) or runs in its sandbox's VM (a member of a pod: its
-pid-file process is a waiter connected to that monitor, see join_vm and host/waiter.py). Either way the verbs reach the guest through
-the monitor's control socket, naming the container."""
+pid-file process is a waiter connected to that monitor, see join_vm and host/waiter.py). Either way the
+verbs reach the guest through the monitor's control socket, naming the container."""
 import os
 
 from .. import logs
